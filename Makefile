@@ -1,0 +1,23 @@
+# mmrest: the two commands of the README, and their building blocks.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test test-fast bench clean
+
+install:  ## virtual environment with the pinned stack (builds mmcv once, then cached)
+	bash tools/install.sh
+
+demo: install  ## train and evaluate RetinaNet-ResT on the built-in synthetic data (CPU)
+	$(PY) tools/demo.py
+
+test: install  ## the whole test suite, slow end-to-end tests included
+	$(PY) -m pytest tests
+
+test-fast: install  ## the suite without the tests marked slow
+	$(PY) -m pytest tests -m "not slow"
+
+bench: install  ## speed and memory table (issue: EMSA performance)
+	$(PY) tools/analysis/benchmark.py
+
+clean:
+	rm -rf work_dirs data/synthetic

@@ -1,0 +1,3 @@
+from .rest import ResT
+
+__all__ = ['ResT']

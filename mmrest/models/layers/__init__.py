@@ -1,0 +1,9 @@
+"""Building blocks of ResT."""
+from .block import Mlp, ResTBlock
+from .embed import ConvStem, PatchEmbed, PixelAttention
+from .emsa import EMSA, emsa_reference
+
+__all__ = [
+    'EMSA', 'emsa_reference', 'Mlp', 'ResTBlock', 'ConvStem', 'PatchEmbed',
+    'PixelAttention'
+]

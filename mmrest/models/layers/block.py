@@ -1,0 +1,84 @@
+"""The ResT transformer block: pre-norm EMSA and MLP with stochastic depth."""
+from typing import Optional, Tuple
+
+from mmcv.cnn import build_norm_layer
+from mmcv.cnn.bricks import DropPath
+from torch import Tensor, nn
+
+from .emsa import EMSA
+
+
+class Mlp(nn.Module):
+    """fc, GELU, fc (with optional dropout), as in the authors' ``Mlp``.
+
+    Args:
+        in_features (int): Input and output channels.
+        hidden_features (int): Hidden channels.
+        drop (float): Dropout after each fc. Defaults to 0.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class ResTBlock(nn.Module):
+    """``x + DropPath(EMSA(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``.
+
+    Args:
+        embed_dims (int): Channels of the tokens.
+        num_heads (int): Attention heads.
+        mlp_ratio (float): Hidden / input channels of the MLP. Defaults to 4.
+        sr_ratio (int): Spatial reduction ratio of EMSA. Defaults to 1.
+        qkv_bias (bool): Bias in the q and kv projections. Defaults to True.
+        qk_scale (float, optional): Override of ``head_dim ** -0.5``. Defaults to None.
+        drop (float): Dropout after the projections and fcs. Defaults to 0.
+        attn_drop (float): Dropout on the attention map. Defaults to 0.
+        drop_path (float): Stochastic depth probability. Defaults to 0.
+        apply_transform (bool): EMSA head mixing and instance norm. Defaults to True.
+        norm_cfg (dict, optional): Config of the LayerNorms. Defaults to
+            ``dict(type='LN')``.
+        attn_impl (str): EMSA implementation, ``'fused'`` or ``'reference'``.
+            Defaults to 'fused'.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 mlp_ratio: float = 4.,
+                 sr_ratio: int = 1,
+                 qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 drop: float = 0.,
+                 attn_drop: float = 0.,
+                 drop_path: float = 0.,
+                 apply_transform: bool = True,
+                 norm_cfg: Optional[dict] = None,
+                 attn_impl: str = 'fused') -> None:
+        super().__init__()
+        norm_cfg = dict(type='LN') if norm_cfg is None else norm_cfg
+        self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.attn = EMSA(
+            embed_dims,
+            num_heads=num_heads,
+            sr_ratio=sr_ratio,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            apply_transform=apply_transform,
+            norm_cfg=norm_cfg,
+            impl=attn_impl)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop)
+
+    def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

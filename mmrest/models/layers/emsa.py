@@ -1,0 +1,161 @@
+"""Efficient Multi-head Self-Attention (EMSA) of ResT.
+
+ResT: An Efficient Transformer for Visual Recognition (Zhang & Yang, NeurIPS 2021,
+https://arxiv.org/abs/2105.13677); authors' code: https://github.com/wofmanaf/ResT.
+
+Parameter names (``q``, ``kv``, ``sr``, ``sr_norm``, ``transform_conv``, ``proj``) follow the
+authors' models so that their checkpoints load without renaming.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from mmcv.cnn import build_norm_layer
+from torch import Tensor, nn
+
+#: ``eps`` of the InstanceNorm2d applied to the attention map (PyTorch's default).
+INSTANCE_NORM_EPS = 1e-5
+
+ATTN_IMPLS = ('fused', 'reference')
+
+
+def emsa_reference(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                   transform_weight: Optional[Tensor] = None,
+                   transform_bias: Optional[Tensor] = None,
+                   attn_drop: float = 0.,
+                   training: bool = False,
+                   eps: float = INSTANCE_NORM_EPS) -> Tensor:
+    """The straightforward EMSA attention core, as the equations are written.
+
+    Args:
+        q (Tensor): Queries of shape (B, heads, N, head_dim).
+        k (Tensor): Keys of shape (B, heads, M, head_dim).
+        v (Tensor): Values of shape (B, heads, M, head_dim).
+        scale (float): Multiplier of the scores ``q @ k^T``.
+        transform_weight (Tensor, optional): Weight (heads, heads, 1, 1) of the 1x1 conv
+            that mixes the heads of the score tensor. ``None`` means plain softmax
+            attention. Defaults to None.
+        transform_bias (Tensor, optional): Bias (heads,) of that conv. Defaults to None.
+        attn_drop (float): Dropout probability on the attention map. Defaults to 0.
+        training (bool): Whether dropout is active. Defaults to False.
+        eps (float): ``eps`` of the instance norm. Defaults to 1e-5.
+
+    Returns:
+        Tensor: Output of shape (B, heads, N, head_dim).
+
+    Note:
+        Where a head's score map has a single element (one query and one key), the
+        instance norm of it is 0/sqrt(0 + eps) = 0, the limit of the formula; PyTorch's
+        ``InstanceNorm2d`` refuses such a map, so the normalisation is written out here.
+    """
+    attn = (q @ k.transpose(-2, -1)) * scale
+    if transform_weight is not None:
+        attn = F.conv2d(attn, transform_weight, transform_bias)
+        attn = attn.softmax(dim=-1)
+        mean = attn.mean(dim=(-2, -1), keepdim=True)
+        var = attn.var(dim=(-2, -1), keepdim=True, unbiased=False)
+        attn = (attn - mean) / torch.sqrt(var + eps)
+    else:
+        attn = attn.softmax(dim=-1)
+    attn = F.dropout(attn, attn_drop, training)
+    return attn @ v
+
+
+class EMSA(nn.Module):
+    """Efficient multi-head self-attention.
+
+    Keys and values come from the input map shrunk by a depthwise conv (kernel
+    ``sr_ratio + 1``, stride ``sr_ratio``, padding ``sr_ratio // 2``) and a LayerNorm; with
+    more than one head, a 1x1 conv mixes the heads of the score tensor ("transform") before
+    the softmax, and an instance norm follows it.
+
+    Args:
+        embed_dims (int): Channels of the tokens.
+        num_heads (int): Number of attention heads. Defaults to 1.
+        sr_ratio (int): Spatial reduction ratio of keys and values. Defaults to 1.
+        qkv_bias (bool): Bias in the q and kv projections. Defaults to True.
+        qk_scale (float, optional): Override of ``head_dim ** -0.5``. Defaults to None.
+        attn_drop (float): Dropout on the attention map. Defaults to 0.
+        proj_drop (float): Dropout after the output projection. Defaults to 0.
+        apply_transform (bool): Mix heads and instance-normalise the attention map
+            (used only where ``num_heads > 1``). Defaults to True.
+        norm_cfg (dict, optional): Config of the norm after the reduction conv.
+            Defaults to ``dict(type='LN')``.
+        impl (str): ``'fused'`` (default, query-blocked and memory-lean) or
+            ``'reference'`` (the equations as written; kept for tests and benchmarks).
+            Both compute the same function. Defaults to 'fused'.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int = 1,
+                 sr_ratio: int = 1,
+                 qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 attn_drop: float = 0.,
+                 proj_drop: float = 0.,
+                 apply_transform: bool = True,
+                 norm_cfg: Optional[dict] = None,
+                 impl: str = 'fused') -> None:
+        super().__init__()
+        if embed_dims % num_heads != 0:
+            raise ValueError(f'embed_dims ({embed_dims}) must be divisible by '
+                             f'num_heads ({num_heads})')
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f'impl must be one of {ATTN_IMPLS}, got {impl!r}')
+        norm_cfg = dict(type='LN') if norm_cfg is None else norm_cfg
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.head_dims = embed_dims // num_heads
+        self.scale = qk_scale or self.head_dims**-0.5
+        self.sr_ratio = sr_ratio
+        self.impl = impl
+
+        self.q = nn.Linear(embed_dims, embed_dims, bias=qkv_bias)
+        self.kv = nn.Linear(embed_dims, embed_dims * 2, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(
+                embed_dims,
+                embed_dims,
+                kernel_size=sr_ratio + 1,
+                stride=sr_ratio,
+                padding=sr_ratio // 2,
+                groups=embed_dims)
+            self.sr_norm = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.apply_transform = apply_transform and num_heads > 1
+        if self.apply_transform:
+            self.transform_conv = nn.Conv2d(num_heads, num_heads, kernel_size=1)
+
+    def reduce_tokens(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        """Tokens (B, N, C) -> the tokens keys and values are computed from (B, M, C)."""
+        if self.sr_ratio == 1:
+            return x
+        B, N, C = x.shape
+        x_map = x.transpose(1, 2).reshape(B, C, *hw_shape)
+        x_map = self.sr(x_map)
+        return self.sr_norm(x_map.flatten(2).transpose(1, 2))
+
+    def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        """Forward.
+
+        Args:
+            x (Tensor): Tokens of shape (B, N, C), N = H * W.
+            hw_shape (tuple[int, int]): (H, W) of the token map.
+
+        Returns:
+            Tensor: Tokens of shape (B, N, C).
+        """
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dims
+        q = self.q(x).reshape(B, N, h, d).transpose(1, 2)
+        kv = self.kv(self.reduce_tokens(x, hw_shape))
+        k, v = kv.reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        weight = self.transform_conv.weight if self.apply_transform else None
+        bias = self.transform_conv.bias if self.apply_transform else None
+        out = emsa_reference(q, k, v, self.scale, weight, bias,
+                             self.attn_drop.p, self.training)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(out))

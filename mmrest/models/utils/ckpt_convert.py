@@ -1,0 +1,94 @@
+"""Conversion of ResT checkpoints from every layout they are published in.
+
+The one conversion used by :class:`mmrest.models.ResT` (``init_cfg`` and its
+load-state-dict hook) and by ``tools/model_converters/rest_to_mmrest.py``.
+
+Layouts understood (keys as in the authors' repository, https://github.com/wofmanaf/ResT):
+
+- the authors' ImageNet files: ``{'model': state_dict, ...}`` with ``stem.conv1.weight``,
+  ``stage3.4.attn.q.weight``, ``norm.weight``, ``head.weight`` ...;
+- their detectron2 detectors: prefix ``backbone.bottom_up.``;
+- mmdet / mmseg / mmpretrain models: ``{'state_dict': ...}`` with prefix ``backbone.``;
+- any of those saved from DistributedDataParallel: prefix ``module.``;
+- a plain backbone state dict (what the CLI writes).
+"""
+import re
+from collections import OrderedDict
+from typing import Dict, Mapping, Optional
+
+import torch
+
+#: Prefixes stripped, in this order, from the keys of a whole-model checkpoint.
+BACKBONE_PREFIXES = ('module.', 'backbone.bottom_up.', 'backbone.')
+
+# A key of the ResT backbone itself (after the prefixes are stripped).
+_BACKBONE_KEY = re.compile(r'^(stem|patch_embed_[234]|stage[1-4]|norm[123]?)\.')
+# The authors' ImageNet classifier.
+_CLS_HEAD_KEY = re.compile(r'^head\.(weight|bias)$')
+
+
+def normalize_rest_key(key: str) -> Optional[str]:
+    """Map one checkpoint key to the ResT backbone's key, or None if it is not one.
+
+    Args:
+        key (str): A key of any supported layout.
+
+    Returns:
+        str | None: The backbone key, e.g. ``'stage1.0.attn.q.weight'``.
+    """
+    for prefix in BACKBONE_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key if _BACKBONE_KEY.match(key) else None
+
+
+def _unwrap(checkpoint: Mapping) -> Mapping:
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError('a ResT checkpoint must be a dict of tensors or a dict with '
+                        f"'state_dict' or 'model', got {type(checkpoint).__name__}")
+    for field in ('state_dict', 'model'):
+        inner = checkpoint.get(field)
+        if isinstance(inner, Mapping):
+            return inner
+    return checkpoint
+
+
+def convert_rest_checkpoint(checkpoint: Mapping,
+                            target: str = 'backbone') -> Dict[str, torch.Tensor]:
+    """Convert a ResT checkpoint of any supported layout.
+
+    Args:
+        checkpoint (Mapping): The loaded checkpoint (see the module docstring).
+        target (str): ``'backbone'`` for the keys of :class:`mmrest.models.ResT`, or
+            ``'classifier'`` for an mmpretrain ``ImageClassifier`` with a
+            ``LinearClsHead`` (``backbone.*`` and ``head.fc.*``). Defaults to 'backbone'.
+
+    Returns:
+        OrderedDict[str, Tensor]: The converted state dict.
+
+    Raises:
+        TypeError: If the checkpoint is not a mapping or holds non-tensor weights.
+        ValueError: If no ResT weight is found, or ``target`` is unknown.
+    """
+    if target not in ('backbone', 'classifier'):
+        raise ValueError(f"target must be 'backbone' or 'classifier', got {target!r}")
+    state_dict = _unwrap(checkpoint)
+    out: Dict[str, torch.Tensor] = OrderedDict()
+    for key, value in state_dict.items():
+        new_key = normalize_rest_key(key)
+        head_key = _CLS_HEAD_KEY.match(key.replace('module.', '', 1))
+        if new_key is None and not (target == 'classifier' and head_key):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f'checkpoint entry {key!r} is a {type(value).__name__}, '
+                            'not a tensor')
+        if new_key is not None:
+            out['backbone.' + new_key if target == 'classifier' else new_key] = value
+        else:
+            out['head.fc.' + head_key.group(1)] = value
+    if not any(normalize_rest_key(k) for k in state_dict):
+        sample = ', '.join(list(map(str, state_dict))[:5]) or '<empty>'
+        raise ValueError('no ResT backbone weights found in the checkpoint (expected keys '
+                         "like 'stem.conv1.weight' or 'stage1.0.attn.q.weight', with an "
+                         f"optional 'backbone.' or 'module.' prefix); its keys start: {sample}")
+    return out

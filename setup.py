@@ -1,0 +1,34 @@
+"""mmrest: the ResT vision transformer as an OpenMMLab backbone.
+
+Install the pinned stack with ``make install`` (see README); this file installs mmrest
+itself (``pip install -e . --no-build-isolation --no-deps``).
+"""
+from setuptools import find_packages, setup
+
+
+def _version() -> str:
+    scope: dict = {}
+    with open('mmrest/version.py', encoding='utf-8') as f:
+        exec(f.read(), scope)
+    return scope['__version__']
+
+
+setup(
+    name='mmrest',
+    version=_version(),
+    description='ResT (NeurIPS 2021) as an OpenMMLab backbone for mmdet, mmseg and '
+    'mmpretrain',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    packages=find_packages(include=['mmrest', 'mmrest.*']),
+    python_requires='>=3.8',
+    install_requires=['torch>=1.13', 'mmengine>=0.10.0,<1.0', 'mmcv>=2.0.0,<2.2.0'],
+    extras_require={
+        'det': ['mmdet==3.3.0'],
+        'seg': ['mmsegmentation==1.2.2', 'ftfy', 'regex'],
+        'cls': ['mmpretrain==1.2.0'],
+        'tests': ['pytest', 'hypothesis'],
+    },
+    zip_safe=False,
+)
