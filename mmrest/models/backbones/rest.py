@@ -5,6 +5,7 @@ NeurIPS 2021, https://arxiv.org/abs/2105.13677). Module names follow the authors
 (https://github.com/wofmanaf/ResT) so that their ImageNet and detectron2 checkpoints load
 as they are.
 """
+import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,6 +14,7 @@ from mmcv.cnn import build_norm_layer
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
+from mmengine.registry import MODELS as MMENGINE_MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -274,8 +276,10 @@ class ResT(BaseModule):
     def load_pretrained(self, checkpoint: str) -> None:
         """Load ResT weights of any supported layout from a file, safely.
 
-        Missing and unexpected keys are logged by name (the new output norms
-        ``norm1``-``norm3`` are the expected misses).
+        Missing and unexpected keys are logged by name. Only the new output norms
+        ``norm1``-``norm3`` (and BN ``num_batches_tracked``) may be missing, and only
+        output norms of unselected stages may be extra; any other difference means
+        another architecture and raises.
 
         Args:
             checkpoint (str): Path of the checkpoint file.
@@ -302,6 +306,18 @@ class ResT(BaseModule):
         matched = [k for k in state_dict if k in own]
         if not matched:
             raise CheckpointError(f'{checkpoint}: none of its keys match this ResT')
+        # Only the new output norms (and BN counters) may be absent, and only output
+        # norms of unselected stages may be extra; anything else is another arch (e.g.
+        # small weights into large would leave 12 blocks at their random init).
+        absent = [k for k in own if k not in state_dict and
+                  not re.match(r'^norm[123]\.|.*\.num_batches_tracked$', k)]
+        extra = [k for k in state_dict if k not in own and not re.match(r'^norm[123]\.', k)]
+        if absent or extra:
+            raise CheckpointError(
+                f'{checkpoint} does not fit this ResT (arch embed_dims={self.embed_dims}, '
+                f'depths={self.depths}): {len(absent)} of its weights are missing from the '
+                f'checkpoint {absent[:5]}, {len(extra)} checkpoint weights are not in the '
+                f'model {extra[:5]}')
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
         logger.info(f'Loaded {len(matched)} ResT tensors from {checkpoint}')
         if missing:
@@ -371,3 +387,9 @@ class ResT(BaseModule):
                 # A free view in channels-last memory layout; the next conv accepts it.
                 x = tokens.reshape(B, H, W, C).permute(0, 3, 1, 2)
         return tuple(outs)
+
+
+# A scope's registry searches itself and its parents, never its siblings: for ``type='ResT'``
+# (no ``mmrest.`` prefix) to resolve from an mmdet, mmseg or mmpretrain config once
+# ``custom_imports`` has imported mmrest, the class is also in mmengine's root MODELS.
+MMENGINE_MODELS.register_module(module=ResT)

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from torch import Tensor, nn
 
-#: ``eps`` of the InstanceNorm2d applied to the attention map (PyTorch's default).
-INSTANCE_NORM_EPS = 1e-5
+# INSTANCE_NORM_EPS: ``eps`` of the InstanceNorm2d applied to the attention map (1e-5,
+# PyTorch's default).
+from .emsa_ops import INSTANCE_NORM_EPS, emsa_fused
 
 ATTN_IMPLS = ('fused', 'reference')
 
@@ -81,9 +82,11 @@ class EMSA(nn.Module):
             (used only where ``num_heads > 1``). Defaults to True.
         norm_cfg (dict, optional): Config of the norm after the reduction conv.
             Defaults to ``dict(type='LN')``.
-        impl (str): ``'fused'`` (default, query-blocked and memory-lean) or
-            ``'reference'`` (the equations as written; kept for tests and benchmarks).
-            Both compute the same function. Defaults to 'fused'.
+        impl (str): ``'fused'`` (default, query-blocked and memory-lean, see
+            :func:`mmrest.models.layers.emsa_ops.emsa_fused`) or ``'reference'`` (the
+            equations as written; kept for tests and benchmarks). Both compute the same
+            function; ``'fused'`` falls back to the reference while training with
+            attention dropout. Defaults to 'fused'.
     """
 
     def __init__(self,
@@ -134,7 +137,12 @@ class EMSA(nn.Module):
         if self.sr_ratio == 1:
             return x
         B, N, C = x.shape
-        x_map = x.transpose(1, 2).reshape(B, C, *hw_shape)
+        # A channels-last view of the token map (no copy). Built this way its strides
+        # are unambiguous even for B = 1, so the depthwise conv takes oneDNN's
+        # channels-last kernel (an order of magnitude faster here than the NCHW
+        # fallback that ``x.transpose(1, 2).reshape(B, C, H, W)`` triggers for B = 1),
+        # and its channels-last output flattens back to tokens without a copy.
+        x_map = x.reshape(B, *hw_shape, C).permute(0, 3, 1, 2)
         x_map = self.sr(x_map)
         return self.sr_norm(x_map.flatten(2).transpose(1, 2))
 
@@ -150,12 +158,18 @@ class EMSA(nn.Module):
         """
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dims
+        # (B, heads, N, head_dim) views of the projections; no copies
         q = self.q(x).reshape(B, N, h, d).transpose(1, 2)
         kv = self.kv(self.reduce_tokens(x, hw_shape))
         k, v = kv.reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         weight = self.transform_conv.weight if self.apply_transform else None
         bias = self.transform_conv.bias if self.apply_transform else None
-        out = emsa_reference(q, k, v, self.scale, weight, bias,
-                             self.attn_drop.p, self.training)
+        if self.impl == 'reference' or (self.training and self.attn_drop.p > 0):
+            out = emsa_reference(q, k, v, self.scale, weight, bias,
+                                 self.attn_drop.p, self.training)
+        else:
+            # a transposed view of a (B, N, heads, head_dim) tensor: the reshape below
+            # is free
+            out = emsa_fused(q, k, v, self.scale, weight, bias, INSTANCE_NORM_EPS)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out))

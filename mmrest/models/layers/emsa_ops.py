@@ -1,27 +1,29 @@
-"""Fused, query-blocked and memory-lean EMSA attention core.
+r"""Fused, query-blocked and memory-lean EMSA attention core.
 
 :func:`emsa_fused` computes the same function as
 :func:`mmrest.models.layers.emsa.emsa_reference` (without attention dropout) but never
 holds a whole (B, heads, N, M) score tensor, neither in the forward nor in the backward
-pass. Per batch item, with :math:`S_h = \\mathrm{scale}\\, Q_h K_h^T` (N x M) for head
+pass. Per batch item, with :math:`S_h = \mathrm{scale}\, Q_h K_h^T` (N x M) for head
 :math:`h`, the reference computes
 
 .. math::
 
-    S'_g = \\sum_h W_{gh} S_h + b_g, \\qquad P_g = \\mathrm{softmax}(S'_g), \\qquad
-    \\mathrm{out}_g = \\mathrm{IN}(P_g)\\, V_g.
+    S'_g = \sum_h W_{gh} S_h + b_g, \qquad P_g = \mathrm{softmax}(S'_g), \qquad
+    \mathrm{out}_g = \mathrm{IN}(P_g)\, V_g.
 
 Three exact identities make it cheap:
 
 1. The bias :math:`b_g` is constant along the keys, so it cancels in the softmax (its
    gradient is exactly 0).
 2. Every softmax row sums to 1, so the instance-norm mean of :math:`P_g` is exactly
-   :math:`1/M` and its (biased) variance is :math:`\\overline{P_g^2} - 1/M^2`. Hence
-   :math:`\\mathrm{IN}(P_g) V_g = (P_g V_g - 1 \\otimes \\bar V_g) / s_g` with
-   :math:`s_g = \\sqrt{\\overline{P_g^2} - 1/M^2 + \\epsilon}` and :math:`\\bar V_g` the
-   mean of the values over the keys. Only the scalar :math:`\\sum P_g^2` needs the whole
-   map; it is accumulated block by block over the queries, and the normalisation is
-   applied to the small N x head_dim output instead of the N x M map.
+   :math:`1/M` and its (biased) variance is :math:`\overline{P_g^2} - 1/M^2`. Hence
+   :math:`\mathrm{IN}(P_g) V_g = ((P_g - 1/M) V_g) / s_g` with
+   :math:`s_g = \sqrt{\overline{(P_g - 1/M)^2} + \epsilon}`. Only the scalar
+   :math:`\sum (P_g - 1/M)^2` needs the whole map; it is accumulated block by block over
+   the queries, and the division by :math:`s_g` is applied to the small N x head_dim
+   output instead of the N x M map. Centring each block on 1/M first (rather than using
+   :math:`\overline{P^2} - 1/M^2` and :math:`P V - \bar V`) avoids catastrophic
+   cancellation in float32 when the attention is nearly uniform.
 3. Without head mixing (one head) EMSA is plain softmax attention, for which PyTorch's
    ``scaled_dot_product_attention`` has a memory-lean (flash) CPU kernel.
 
@@ -30,23 +32,24 @@ scores; folding it into the ``Q K^T`` matmul instead multiplies that matmul's co
 number of heads and measured 2-4x slower here.
 
 Backward (:class:`EMSATransformFunction`) saves q, k, v, the mixing weight, the output
-and per-(batch, head) and per-row statistics only, and recomputes the scores block by
-block. With :math:`G` the output gradient, :math:`O = P V` and
-:math:`\\mu = \\bar V`:
+and the per-(batch, head) std only, and recomputes the scores block by block. With
+:math:`G` the output gradient, :math:`W' = \mathrm{scale}\, W` and
+:math:`R_h = Q_h K_h^T` (so :math:`S'_g = \sum_h W'_{gh} R_h`):
 
 .. math::
 
-    \\partial V &= P^T G / s + \\tfrac{1}{M} 1 \\otimes \\partial\\mu, \\quad
-    \\partial\\mu = -\\tfrac{1}{s} \\textstyle\\sum_n G_n, \\\\
-    \\partial P &= G V^T / s + c P, \\quad
-    c = -\\frac{\\sum (G \\circ \\mathrm{out})}{s^2 N M}, \\\\
-    \\partial S' &= P \\circ (\\partial P - D), \\quad
-    D_n = \\langle G_n, \\mathrm{out}_n\\rangle + \\langle G_n, \\mu\\rangle / s
-    + c \\textstyle\\sum_m P_{nm}^2,
+    \partial V &= (P - 1/M)^T G / s, \\
+    \partial P &= G V^T / s + c P, \quad
+    c = -\frac{\sum (G \circ \mathrm{out})}{s^2 N M}, \\
+    \partial S' &= P \circ (\partial P - \textstyle\sum_m P \circ \partial P)
+    \quad \text{(softmax backward, row sums over the keys)}, \\
+    \partial W'_{gh} &= \textstyle\sum_{n,m} \partial S'_{g,nm} R_{h,nm}, \quad
+    \partial R = W'^T \partial S', \quad
+    \partial Q = \partial R\, K, \quad \partial K = \partial R^T Q,
 
-then :math:`\\partial W = \\partial S' S^T`, :math:`\\partial S = W^T \\partial S'`,
-:math:`\\partial Q = \\mathrm{scale}\\,\\partial S K`,
-:math:`\\partial K = \\mathrm{scale}\\,\\partial S^T Q`.
+with :math:`\partial W = \mathrm{scale}\, \partial W'`. The first line folds the
+gradient through the mean of the values into the block, so that with a single key it is
+exactly 0, as in the reference.
 
 Limits: where a head's map has one element (N = M = 1), and wherever there is a single
 key (M = 1), the variance is 0 and the normalised map and the output are exactly 0, as in
@@ -57,22 +60,26 @@ and values are cast to bfloat16 and the score blocks, softmax and matmuls run in
 bfloat16 (as the reference does under autocast), while the sums of squared
 probabilities, the instance-norm statistics and the gradient accumulators are float32,
 so the result stays finite. The output is bfloat16; the normalisation divides by
-``s >= sqrt(eps)``, which amplifies bfloat16 rounding, so expect errors of a few 1e-2
-relative to the output's scale compared with float32.
+``s >= sqrt(eps)``, which amplifies bfloat16 rounding: errors are about 1e-2 of the
+output's scale against float32, the same order as the reference's under autocast.
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 #: ``eps`` of the InstanceNorm2d applied to the attention map (PyTorch's default).
 INSTANCE_NORM_EPS = 1e-5
 
 #: Bytes of one block of scores (batch x heads x query rows x keys) that the blocked
-#: kernel aims at when ``block_size`` is None. Measured on a 2-core AVX2 machine
-#: (1 MB L2 per core, 8 MB L3); see ``tools/analysis/bench_emsa.py``.
-DEFAULT_BLOCK_BYTES = 2 * 1024 * 1024
+#: kernel aims at when ``block_size`` is None. On a 2-core AVX2 machine (1 MB L2 per
+#: core, 8 MB L3) blocks of 2 to 16 MB ran within a few per cent of each other on one
+#: thread (the block's matmuls and exps are compute-bound); larger blocks mean fewer
+#: ops, hence fewer OpenMP fork/joins, which made them much faster with two threads on
+#: busy cores. See ``tools/analysis/bench_emsa.py`` (``--block-size``).
+DEFAULT_BLOCK_BYTES = 8 * 1024 * 1024
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -88,6 +95,12 @@ def _block_rows(block_size: Optional[int], batch_heads: int, num_keys: int,
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of statistics: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scaled_mixing(weight: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """The (heads, heads) mixing matrix with the score scale folded in, in ``dtype``."""
+    h = weight.shape[0]
+    return (weight.detach().reshape(h, h).to(_acc_dtype(dtype)) * scale).to(dtype)
 
 
 def _softmax_(x: Tensor) -> Tensor:
@@ -124,72 +137,71 @@ def _scores_block(qb: Tensor, kt: Tensor, weight: Tensor, raw: Tensor,
     return _softmax_(mixed.view(raw.shape))
 
 
-def _emsa_transform_forward(
-        q: Tensor, k: Tensor, v: Tensor, weight: Tensor, eps: float, rows: int,
-        need_rowsq: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def _emsa_transform_forward(q: Tensor, k: Tensor, v: Tensor, weight: Tensor,
+                            eps: float, rows: int) -> Tuple[Tensor, Tensor]:
     """Query-blocked forward of EMSA with head mixing and instance norm.
 
     Args:
         q (Tensor): Queries (B, heads, N, head_dim), any strides.
-        k (Tensor): Contiguous keys (B, heads, M, head_dim).
-        v (Tensor): Contiguous values (B, heads, M, head_dim).
+        k (Tensor): Keys (B, heads, M, head_dim), any strides.
+        v (Tensor): Values (B, heads, M, head_dim), any strides.
         weight (Tensor): Mixing matrix (heads, heads) with the score scale folded in,
             in the dtype of q.
         eps (float): ``eps`` of the instance norm.
         rows (int): Query rows per block.
-        need_rowsq (bool): Whether to return the per-row sums of squared probabilities
-            (the backward pass needs them).
 
     Returns:
-        tuple[Tensor, Tensor, Tensor | None]: The output, contiguous in the layout
-        (B, N, heads, head_dim); the instance-norm std ``s`` (B, heads); if
-        ``need_rowsq``, the per-row sums of squared probabilities (B, heads, N). The
-        statistics are float32 (float64 for float64 inputs).
+        tuple[Tensor, Tensor]: The output, contiguous in the layout
+        (B, N, heads, head_dim), and the instance-norm std ``s`` (B, heads) in float32
+        (float64 for float64 inputs).
     """
     B, h, N, d = q.shape
     M = k.shape[2]
     bh = B * h
-    acc = _acc_dtype(q.dtype)
-    kt = k.view(bh, M, d).transpose(1, 2)
-    vv = v.view(bh, M, d)
-    out = q.new_empty(B, N, h, d)
+    dtype = q.dtype
+    acc = _acc_dtype(dtype)
+    # (B * heads, L, head_dim) views (copies only where B > 1 makes them necessary)
+    qq = q.reshape(bh, N, d)
+    kt = k.reshape(bh, M, d).transpose(1, 2)
+    vv = v.reshape(bh, M, d)
+    o_raw = q.new_empty(bh, N, d)
+    rownorm = q.new_empty(bh, N, dtype=acc)
     raw_buf = q.new_empty(bh * rows * M)
     mixed_buf = q.new_empty(bh * rows * M)
-    o_buf = q.new_empty(bh * rows * d)
-    rowsq = q.new_empty(B, h, N, dtype=acc)
     for start in range(0, N, rows):
         n = min(rows, N - start)
-        qb = q[:, :, start:start + n].reshape(bh, n, d)
-        probs = _scores_block(qb, kt, weight, raw_buf[:bh * n * M].view(bh, n, M),
+        probs = _scores_block(qq[:, start:start + n], kt, weight,
+                              raw_buf[:bh * n * M].view(bh, n, M),
                               mixed_buf[:bh * n * M].view(B, h, n * M))
-        rowsq[:, :, start:start + n] = torch.linalg.vector_norm(
-            probs, dim=-1, dtype=acc).view(B, h, n)
-        ob = torch.bmm(probs, vv, out=o_buf[:bh * n * d].view(bh, n, d))
-        out[:, start:start + n] = ob.view(B, h, n, d).transpose(1, 2)
-    rowsq.square_()
-    var = rowsq.sum(-1).div_(N * M).sub_(1.0 / (M * M)).clamp_(min=0)
-    std = var.add_(eps).sqrt_()
-    mean_v = v.mean(2, dtype=acc)
-    # out = (P V - mean_v) / s, in place in the (B, N, h, d) layout.
-    out.sub_(mean_v.to(out.dtype).unsqueeze(1))
-    out.mul_(std.reciprocal().to(out.dtype)[:, None, :, None])
-    return out, std, (rowsq if need_rowsq else None)
+        # Centre the block on the exact instance-norm mean 1/M before squaring and
+        # before the product with V: with nearly uniform attention, P V - mean(V) and
+        # mean(P^2) - 1/M^2 would cancel catastrophically in float32.
+        probs.sub_(1.0 / M)
+        torch.linalg.vector_norm(probs, dim=-1, dtype=acc,
+                                 out=rownorm[:, start:start + n])
+        torch.bmm(probs, vv, out=o_raw[:, start:start + n])
+    # instance-norm variance: mean((P - 1/M)^2)
+    std = rownorm.square_().sum(-1).div_(N * M).add_(eps).sqrt_()
+    # out = (P - 1/M) V / s, written in the (B, N, h, d) layout
+    out = q.new_empty(B, N, h, d)
+    torch.mul(o_raw.view(B, h, N, d).transpose(1, 2),
+              std.reciprocal().to(dtype).view(B, 1, h, 1), out=out)
+    return out, std.view(B, h)
 
 
 def _emsa_transform_backward(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, weight: Tensor, out: Tensor,
-        std: Tensor, rowsq: Tensor, rows: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        std: Tensor, rows: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Query-blocked backward of :func:`_emsa_transform_forward`.
 
     Args:
         grad_out (Tensor): Gradient of the output, (B, N, heads, head_dim).
         q (Tensor): Queries (B, heads, N, head_dim), any strides.
-        k (Tensor): Contiguous keys (B, heads, M, head_dim).
-        v (Tensor): Contiguous values (B, heads, M, head_dim).
+        k (Tensor): Keys (B, heads, M, head_dim), any strides.
+        v (Tensor): Values (B, heads, M, head_dim), any strides.
         weight (Tensor): Mixing matrix (heads, heads) with the score scale folded in.
         out (Tensor): Output of the forward pass, (B, N, heads, head_dim).
         std (Tensor): Instance-norm std (B, heads) of the forward pass.
-        rowsq (Tensor): Per-row sums of squared probabilities (B, heads, N).
         rows (int): Query rows per block.
 
     Returns:
@@ -203,26 +215,21 @@ def _emsa_transform_backward(
     dtype = q.dtype
     acc = _acc_dtype(dtype)
     low = dtype in _LOW_PRECISION
-    grad_out = grad_out.contiguous()
     inv = std.reciprocal()  # (B, h)
-    mean_v = v.mean(2, dtype=acc)  # (B, h, d)
-    g_acc = grad_out.to(acc)
-    g_dot_out = torch.einsum('bnhd,bnhd->bnh', g_acc, out.to(acc))  # (B, N, h)
-    c = g_dot_out.sum(1).mul_(inv.square()).div_(-N * M)  # (B, h)
-    # D_n = <G_n, out_n> + <G_n, mean_v> / s + c * sum_m P_nm^2
-    row_d = torch.einsum('bnhd,bhd->bhn', g_acc, mean_v).mul_(inv.unsqueeze(-1))
-    row_d.add_(g_dot_out.transpose(1, 2)).addcmul_(rowsq, c.unsqueeze(-1))
-    grad_mean_v = g_acc.sum(1).mul_(-inv.unsqueeze(-1))  # (B, h, d)
-    del g_acc, g_dot_out
-    # G / s, gathered per head: (B, h, N, d).
-    g_scaled = (grad_out * inv.to(dtype)[:, None, :, None]).transpose(1, 2)
-    row_d = row_d.to(dtype)
-    c = c.to(dtype).view(bh, 1, 1)
+    # c = -sum(G * out) / (s^2 N M), per (batch, head)
+    g_dot_out = torch.einsum('bnhd,bnhd->bh', grad_out.to(acc), out.to(acc))
+    c = g_dot_out.mul_(inv.square()).div_(-N * M).to(dtype).view(bh, 1, 1)
+    # G / s in the (B * h, N, d) layout of the blocks
+    g_scaled = q.new_empty(bh, N, d)
+    torch.mul(grad_out.permute(0, 2, 1, 3), inv.to(dtype).view(B, h, 1, 1),
+              out=g_scaled.view(B, h, N, d))
 
-    kk = k.view(bh, M, d)
+    qq = q.reshape(bh, N, d)
+    kk = k.reshape(bh, M, d)
     kt = kk.transpose(1, 2)
-    vt = v.view(bh, M, d).transpose(1, 2)
-    grad_q = q.new_empty(B, N, h, d)
+    vt = v.reshape(bh, M, d).transpose(1, 2)
+    grad_q = q.new_empty(bh, N, d)
+    # low-precision inputs: accumulate over blocks in float32
     grad_k = torch.zeros(bh, M, d, dtype=acc if low else dtype)
     grad_v = torch.zeros(bh, M, d, dtype=acc if low else dtype)
     grad_w = torch.zeros(B, h, h, dtype=acc if low else dtype)
@@ -230,37 +237,37 @@ def _emsa_transform_backward(
     raw_buf = q.new_empty(bh * rows * M)
     mixed_buf = q.new_empty(bh * rows * M)
     tmp_buf = q.new_empty(bh * rows * M)
-    dq_buf = q.new_empty(bh * rows * d)
     for start in range(0, N, rows):
         n = min(rows, N - start)
-        qb = q[:, :, start:start + n].reshape(bh, n, d)
-        gb = g_scaled[:, :, start:start + n].reshape(bh, n, d)
+        qb = qq[:, start:start + n]
+        gb = g_scaled[:, start:start + n]
         raw = raw_buf[:bh * n * M].view(bh, n, M)
         probs = _scores_block(qb, kt, weight, raw,
                               mixed_buf[:bh * n * M].view(B, h, n * M))
-        # dS' = P * (G V^T / s + c P - D)
+        # dS' = P * (dP - D) = P * dP - P * rowsum(P * dP), dP = G V^T / s + c P
         gs = torch.bmm(gb, vt, out=tmp_buf[:bh * n * M].view(bh, n, M))
-        gs.sub_(row_d[:, :, start:start + n].reshape(bh, n, 1))
         gs.addcmul_(probs, c).mul_(probs)
+        gs.addcmul_(probs, gs.sum(-1, keepdim=True), value=-1)
         gs_bh = gs.view(B, h, n * M)
         raw_bh = raw.view(B, h, n * M)
+        # dW' = dS' S^T, summed over the batch below
         if low:
             grad_w.add_(torch.bmm(gs_bh, raw_bh.transpose(1, 2)))
         else:
             grad_w.baddbmm_(gs_bh, raw_bh.transpose(1, 2))
-        # dS = W^T dS', overwriting the raw scores.
+        # dS = W'^T dS', overwriting the raw scores
         dsc = _mix_heads(weight_t, gs_bh, raw_bh).view(bh, n, M)
-        dqb = torch.bmm(dsc, kk, out=dq_buf[:bh * n * d].view(bh, n, d))
-        grad_q[:, start:start + n] = dqb.view(B, h, n, d).transpose(1, 2)
+        torch.bmm(dsc, kk, out=grad_q[:, start:start + n])
+        # dV = (P - 1/M)^T G / s: the mean-of-values term folded into the block
+        attn = probs.sub_(1.0 / M).transpose(1, 2)
         if low:
             grad_k.add_(torch.bmm(dsc.transpose(1, 2), qb))
-            grad_v.add_(torch.bmm(probs.transpose(1, 2), gb))
+            grad_v.add_(torch.bmm(attn, gb))
         else:
             grad_k.baddbmm_(dsc.transpose(1, 2), qb)
-            grad_v.baddbmm_(probs.transpose(1, 2), gb)
-    grad_v = grad_v.view(B, h, M, d).add_(grad_mean_v.unsqueeze(2), alpha=1.0 / M)
-    return (grad_q.transpose(1, 2), grad_k.view(B, h, M, d).to(dtype), grad_v.to(dtype),
-            grad_w.sum(0, dtype=acc))
+            grad_v.baddbmm_(attn, gb)
+    return (grad_q.view(B, h, N, d), grad_k.view(B, h, M, d).to(dtype),
+            grad_v.view(B, h, M, d).to(dtype), grad_w.sum(0, dtype=acc))
 
 
 class EMSATransformFunction(torch.autograd.Function):
@@ -278,8 +285,8 @@ class EMSATransformFunction(torch.autograd.Function):
 
         Args:
             q (Tensor): Queries (B, heads, N, head_dim).
-            k (Tensor): Contiguous keys (B, heads, M, head_dim), dtype of q.
-            v (Tensor): Contiguous values (B, heads, M, head_dim), dtype of q.
+            k (Tensor): Keys (B, heads, M, head_dim), dtype of q.
+            v (Tensor): Values (B, heads, M, head_dim), dtype of q.
             weight (Tensor): Head-mixing weight (heads, heads, 1, 1).
             bias (Tensor, optional): Head-mixing bias (heads,); it cancels.
             scale (float): Multiplier of the scores.
@@ -290,12 +297,9 @@ class EMSATransformFunction(torch.autograd.Function):
             Tensor: Output (B, N, heads, head_dim), contiguous.
         """
         with torch.autocast('cpu', enabled=False):
-            h = weight.shape[0]
-            w_scaled = (weight.detach().reshape(h, h).to(_acc_dtype(q.dtype)) *
-                        scale).to(q.dtype)
-            out, std, rowsq = _emsa_transform_forward(q, k, v, w_scaled, eps, rows,
-                                                      need_rowsq=True)
-        ctx.save_for_backward(q, k, v, w_scaled, out, std, rowsq)
+            w_scaled = _scaled_mixing(weight, scale, q.dtype)
+            out, std = _emsa_transform_forward(q, k, v, w_scaled, eps, rows)
+        ctx.save_for_backward(q, k, v, w_scaled, out, std)
         ctx.scale = scale
         ctx.rows = rows
         ctx.weight_dtype = weight.dtype
@@ -303,12 +307,13 @@ class EMSATransformFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         """Backward; the bias gradient is exactly 0."""
-        q, k, v, w_scaled, out, std, rowsq = ctx.saved_tensors
+        q, k, v, w_scaled, out, std = ctx.saved_tensors
         with torch.autocast('cpu', enabled=False):
             grad_q, grad_k, grad_v, grad_w = _emsa_transform_backward(
-                grad_out, q, k, v, w_scaled, out, std, rowsq, ctx.rows)
+                grad_out, q, k, v, w_scaled, out, std, ctx.rows)
         h = w_scaled.shape[0]
         grad_w = grad_w.mul_(ctx.scale).to(ctx.weight_dtype).view(h, h, 1, 1)
         grad_b = grad_w.new_zeros(h) if ctx.has_bias else None
@@ -355,9 +360,7 @@ def emsa_fused(q: Tensor,
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     if torch.is_autocast_enabled('cpu') and dtype.is_floating_point:
         dtype = torch.get_autocast_dtype('cpu')
-    q = q.to(dtype)
-    k = k.to(dtype).contiguous()
-    v = v.to(dtype).contiguous()
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     B, h, N, _ = q.shape
     rows = _block_rows(block_size, B * h, k.shape[2], N, q.element_size())
     needs_grad = torch.is_grad_enabled() and any(
@@ -368,8 +371,7 @@ def emsa_fused(q: Tensor,
                                           scale, eps, rows)
     else:
         with torch.autocast('cpu', enabled=False):
-            w_scaled = (transform_weight.reshape(h, h).to(_acc_dtype(dtype)) *
-                        scale).to(dtype)
-            out = _emsa_transform_forward(q, k, v, w_scaled, eps, rows,
-                                          need_rowsq=False)[0]
+            out = _emsa_transform_forward(q, k, v,
+                                          _scaled_mixing(transform_weight, scale, dtype),
+                                          eps, rows)[0]
     return out.transpose(1, 2)

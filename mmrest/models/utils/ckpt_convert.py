@@ -18,8 +18,10 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-#: Prefixes stripped, in this order, from the keys of a whole-model checkpoint.
-BACKBONE_PREFIXES = ('module.', 'backbone.bottom_up.', 'backbone.')
+#: Prefixes stripped, in this order, from the keys of a whole-model checkpoint. The bare
+#: ``bottom_up.`` is what the backbone's load hook sees of a detectron2 key under the
+#: detector's ``backbone.`` prefix.
+BACKBONE_PREFIXES = ('module.', 'backbone.bottom_up.', 'backbone.', 'bottom_up.')
 
 # A key of the ResT backbone itself (after the prefixes are stripped).
 _BACKBONE_KEY = re.compile(r'^(stem|patch_embed_[234]|stage[1-4]|norm[123]?)\.')

@@ -1,0 +1,231 @@
+"""Config adjustments shared by ``tools/train.py`` and ``tools/test.py``."""
+import os
+import os.path as osp
+import subprocess
+from typing import Any, List, Optional
+
+import torch
+
+RELIABLE_CHECKPOINT_HOOK = 'mmrest.AtomicCheckpointHook'
+RNG_STATE_HOOK = 'mmrest.RNGStateHook'
+CPU_AMP_WRAPPER = 'mmrest.CPUAmpOptimWrapper'
+
+
+def _type_name(value: Any) -> str:
+    return value if isinstance(value, str) else getattr(value, '__name__', str(value))
+
+
+def apply_reliability_hooks(cfg: Any) -> None:
+    """Install the crash-safe checkpoint hook and the RNG state hook in a config.
+
+    ``default_hooks.checkpoint`` of type ``CheckpointHook`` becomes
+    ``mmrest.AtomicCheckpointHook`` with the same arguments (mmengine's default, an
+    epoch-interval ``CheckpointHook``, if the config has none); a disabled checkpoint hook
+    (``None``) and custom checkpoint hooks are left alone. ``mmrest.RNGStateHook`` is
+    added to ``custom_hooks`` unless present.
+
+    Args:
+        cfg (Config): The config, modified in place.
+    """
+    default_hooks = cfg.get('default_hooks')
+    if default_hooks is None:
+        cfg.default_hooks = dict()
+        default_hooks = cfg.default_hooks
+    if 'checkpoint' not in default_hooks:
+        default_hooks['checkpoint'] = dict(type=RELIABLE_CHECKPOINT_HOOK, interval=1)
+    else:
+        hook = default_hooks['checkpoint']
+        if isinstance(hook, dict) and _type_name(hook.get('type')).split('.')[-1] == \
+                'CheckpointHook':
+            hook['type'] = RELIABLE_CHECKPOINT_HOOK
+    custom_hooks = list(cfg.get('custom_hooks') or [])
+    if not any(isinstance(h, dict) and _type_name(h.get('type')).split('.')[-1] ==
+               'RNGStateHook' for h in custom_hooks):
+        custom_hooks.append(dict(type=RNG_STATE_HOOK))
+    cfg.custom_hooks = custom_hooks
+
+
+def register_in_scope(scope: str) -> List[str]:
+    """Make mmrest's models buildable without the ``mmrest.`` prefix in a scope.
+
+    ``type='mmrest.ResT'`` works in any scope; this also lets ``type='ResT'`` build in
+    the config's default scope (``mmdet``, ``mmseg``, ``mmpretrain``) by registering each
+    mmrest model there under its own name, unless that scope already has one.
+
+    Args:
+        scope (str): The default scope of the config.
+
+    Returns:
+        list[str]: The names registered.
+    """
+    import importlib
+
+    from ..registry import MODELS as MMREST_MODELS
+    try:
+        target = importlib.import_module(f'{scope}.registry').MODELS
+    except (ImportError, AttributeError):
+        return []
+    added = []
+    for name, module in MMREST_MODELS.module_dict.items():
+        if name not in target.module_dict:
+            target.register_module(name=name, module=module)
+            added.append(name)
+    return added
+
+
+def checkpoint_templates(cfg: Any) -> tuple:
+    """File name templates of the periodic checkpoints a config writes.
+
+    Args:
+        cfg (Config): The config.
+
+    Returns:
+        tuple[str]: ``filename_tmpl`` of the checkpoint hook if set, plus mmengine's
+        defaults.
+    """
+    templates = ['iter_{}.pth', 'epoch_{}.pth']
+    hook = (cfg.get('default_hooks') or {}).get('checkpoint')
+    if isinstance(hook, dict) and hook.get('filename_tmpl'):
+        templates.insert(0, hook['filename_tmpl'])
+    return tuple(templates)
+
+
+def configure_amp(cfg: Any, device: Optional[str] = None, logger=None) -> str:
+    """Turn on automatic mixed precision in ``cfg.optim_wrapper``.
+
+    On CUDA: mmengine's ``AmpOptimWrapper`` with dynamic loss scaling and the config's
+    ``dtype`` (float16 unless the config says otherwise). On the CPU:
+    ``mmrest.CPUAmpOptimWrapper`` (bfloat16 autocast; the CPU has no float16 autocast in
+    mmengine); a config asking for another dtype on the CPU is an error.
+
+    Args:
+        cfg (Config): The config, modified in place.
+        device (str, optional): ``'cuda'`` or ``'cpu'``. Defaults to None (CUDA if
+            available).
+        logger (optional): Gets an info line. Defaults to None.
+
+    Returns:
+        str: The autocast dtype in use (``'float16'``, ``'bfloat16'``...).
+
+    Raises:
+        ValueError: If the config has no ``optim_wrapper`` or asks for a dtype the CPU
+            cannot autocast to.
+    """
+    if device is None:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    wrapper = cfg.get('optim_wrapper')
+    if not isinstance(wrapper, dict):
+        raise ValueError('--amp: the config has no optim_wrapper dict to enable AMP in')
+    wrapper_type = _type_name(wrapper.get('type', 'OptimWrapper')).split('.')[-1]
+    if wrapper_type not in ('OptimWrapper', 'AmpOptimWrapper', 'CPUAmpOptimWrapper'):
+        raise ValueError(f'--amp: optim_wrapper type {wrapper_type!r} is not an '
+                         f'OptimWrapper/AmpOptimWrapper; enable mixed precision in the config')
+    dtype = wrapper.get('dtype')
+    dtype_name = _type_name(dtype).replace('torch.', '') if dtype is not None else None
+    if device == 'cpu':
+        if dtype_name not in (None, 'bfloat16'):
+            raise ValueError(
+                f'--amp on the CPU: autocast supports bfloat16 only, but the config sets '
+                f'optim_wrapper.dtype={dtype_name!r}')
+        wrapper['type'] = CPU_AMP_WRAPPER
+        wrapper['dtype'] = 'bfloat16'
+        wrapper.pop('loss_scale', None)
+        used = 'bfloat16'
+    else:
+        if wrapper_type != 'AmpOptimWrapper':
+            wrapper['type'] = 'AmpOptimWrapper'
+        wrapper.setdefault('loss_scale', 'dynamic')
+        used = dtype_name or 'float16'
+    if logger is not None:
+        logger.info(f'mixed precision: {used} autocast on {device}')
+    return used
+
+
+def cpu_amp_config_fix(cfg: Any) -> bool:
+    """A config with ``AmpOptimWrapper`` run on a machine without CUDA: use the CPU one.
+
+    Args:
+        cfg (Config): The config, modified in place.
+
+    Returns:
+        bool: Whether the config was changed.
+    """
+    wrapper = cfg.get('optim_wrapper')
+    if torch.cuda.is_available() or not isinstance(wrapper, dict):
+        return False
+    if _type_name(wrapper.get('type', '')).split('.')[-1] != 'AmpOptimWrapper':
+        return False
+    configure_amp(cfg, device='cpu')
+    return True
+
+
+def _slurm_env() -> None:
+    """Fill torch.distributed's env:// variables from Slurm's, as mmengine does."""
+    proc_id = int(os.environ['SLURM_PROCID'])
+    ntasks = int(os.environ['SLURM_NTASKS'])
+    node_list = os.environ['SLURM_NODELIST']
+    addr = subprocess.getoutput(f'scontrol show hostname {node_list} | head -n1').strip()
+    os.environ.setdefault('MASTER_PORT', '29500')
+    os.environ.setdefault('MASTER_ADDR', addr or '127.0.0.1')
+    os.environ['WORLD_SIZE'] = str(ntasks)
+    os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
+    os.environ['RANK'] = str(proc_id)
+
+
+def init_cpu_distributed(cfg: Any, launcher: str) -> bool:
+    """Start CPU (gloo) distributed training where mmengine 0.10.7 would fail.
+
+    mmengine's ``init_dist`` calls ``torch.cuda.set_device`` and its DDP wrapper passes
+    ``device_ids=[LOCAL_RANK]``; both fail without a GPU. On a machine without CUDA this
+    initialises the process group with gloo from the launcher's environment (torchrun:
+    ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``; Slurm: ``SLURM_*``) and sets
+    ``model_wrapper_cfg.device_ids=None``. The runner then finds the group initialised.
+
+    Args:
+        cfg (Config): The config, modified in place.
+        launcher (str): ``'none'``, ``'pytorch'``, ``'slurm'`` or ``'mpi'``.
+
+    Returns:
+        bool: Whether a CPU process group was started.
+    """
+    import torch.distributed as dist
+    if launcher == 'none' or torch.cuda.is_available():
+        return False
+    if launcher == 'slurm':
+        _slurm_env()
+    elif launcher == 'mpi':
+        os.environ.setdefault('RANK', os.environ['OMPI_COMM_WORLD_RANK'])
+        os.environ.setdefault('WORLD_SIZE', os.environ['OMPI_COMM_WORLD_SIZE'])
+        os.environ.setdefault('LOCAL_RANK', os.environ['OMPI_COMM_WORLD_LOCAL_RANK'])
+        os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
+        os.environ.setdefault('MASTER_PORT', '29500')
+    env_cfg = cfg.get('env_cfg') or {}
+    dist_cfg = dict(env_cfg.get('dist_cfg') or {})
+    dist_cfg['backend'] = 'gloo'
+    env_cfg['dist_cfg'] = dist_cfg
+    cfg.env_cfg = env_cfg
+    wrapper = cfg.get('model_wrapper_cfg')
+    if wrapper is None:
+        wrapper = dict(type='MMDistributedDataParallel', broadcast_buffers=False,
+                       find_unused_parameters=cfg.get('find_unused_parameters', False))
+    wrapper['device_ids'] = None
+    cfg.model_wrapper_cfg = wrapper
+    if not dist.is_initialized():
+        kwargs = {}
+        if 'timeout' in dist_cfg:
+            import datetime
+            kwargs['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
+        dist.init_process_group(backend='gloo', **kwargs)
+    return True
+
+
+def default_work_dir(config_path: str) -> str:
+    """``./work_dirs/<config name>``, mmdet's default.
+
+    Args:
+        config_path (str): The config file.
+
+    Returns:
+        str: The work dir.
+    """
+    return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])

@@ -1,0 +1,82 @@
+"""Shared fixtures of the ResT backbone tests: cached weights and models."""
+import functools
+from typing import Callable, Dict, Tuple
+
+import pytest
+import torch
+from reference_rest import random_authors_state_dict
+
+from mmrest.models import ResT
+
+
+@functools.lru_cache(maxsize=None)
+def _authors_state_dict(arch: str, seed: int, out_norms: Tuple[int, ...],
+                        num_classes: int) -> Dict[str, torch.Tensor]:
+    return random_authors_state_dict(arch, num_classes=num_classes, seed=seed,
+                                     out_norms=out_norms)
+
+
+@pytest.fixture(scope='session')
+def authors_weights() -> Callable[..., Dict[str, torch.Tensor]]:
+    """Factory of random weights in the authors' key layout, cached per arguments.
+
+    Call as ``authors_weights(arch, seed=0, out_norms=(), num_classes=1000)``. The
+    returned dict is a fresh shallow copy; do not modify its tensors in place.
+    """
+
+    def make(arch: str, seed: int = 0, out_norms: Tuple[int, ...] = (),
+             num_classes: int = 1000) -> Dict[str, torch.Tensor]:
+        return dict(_authors_state_dict(arch, seed, tuple(out_norms), num_classes))
+
+    return make
+
+
+@pytest.fixture(scope='session')
+def rest_with_authors_weights(
+        authors_weights) -> Callable[..., Tuple[ResT, Dict[str, torch.Tensor]]]:
+    """Factory: a ResT in eval mode holding random authors'-layout weights.
+
+    Call as ``rest_with_authors_weights(arch, seed=0, **resT_kwargs)``; returns
+    ``(model, state_dict)`` where ``state_dict`` is the authors'-layout dict (with
+    ``head.*`` and the output norms of the selected stages). The weights are loaded with
+    ``strict=True``, so the backbone's key names are checked against the authors'.
+    """
+
+    def make(arch: str, seed: int = 0, **kwargs) -> Tuple[ResT, Dict[str, torch.Tensor]]:
+        kwargs.setdefault('drop_path_rate', 0.)
+        model = ResT(arch=arch, **kwargs)
+        out_norms = tuple(i for i in model.out_indices if i < 3)
+        sd = authors_weights(arch, seed=seed, out_norms=out_norms)
+        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith('head.')},
+                              strict=True)
+        return model.eval(), sd
+
+    return make
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_rest(arch: str) -> ResT:
+    torch.manual_seed(0)
+    model = ResT(arch=arch, drop_path_rate=0.)
+    model.init_weights()
+    return model.eval()
+
+
+@pytest.fixture(scope='session')
+def eval_rest() -> Callable[[str], ResT]:
+    """Factory of one shared ResT per arch (authors' initialisation, eval mode).
+
+    For shape and finiteness checks only: do not train or modify the returned model.
+    """
+    return _eval_rest
+
+
+def double_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Float tensors of a state dict in float64 (others unchanged)."""
+    return {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+@pytest.fixture(scope='session')
+def to_double() -> Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
+    """The function :func:`double_state_dict`."""
+    return double_state_dict

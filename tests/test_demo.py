@@ -1,0 +1,70 @@
+"""End to end: tools/demo.py generates data, trains, evaluates and draws (a few iterations)."""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import cv2
+import pytest
+from mmengine.config import Config
+
+from mmrest.datasets import read_generator_settings
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIG = osp.join(REPO, 'configs', 'demo', 'retinanet_rest_lite_shapes.py')
+
+
+def test_demo_config_and_generator_cli_agree():
+    """The CLI's defaults write exactly the dataset the demo config trains on."""
+    sys.path.insert(0, osp.join(REPO, 'tools', 'dataset_converters'))
+    try:
+        import make_synthetic_shapes as cli
+    finally:
+        sys.path.pop(0)
+    args = cli.parse_args([])
+    cfg = Config.fromfile(CONFIG)
+    gen = cfg.synthetic_shapes
+    assert args.out_dir.rstrip('/') + '/' == cfg.data_root
+    assert (args.num_train, args.num_val) == (gen.num_train, gen.num_val)
+    assert tuple(args.img_size) == tuple(gen.img_size)
+    assert (args.min_shapes, args.max_shapes) == (gen.min_shapes, gen.max_shapes)
+    assert tuple(args.size_range) == tuple(gen.size_range)
+    assert tuple(args.classes) == tuple(gen.classes) == tuple(cfg.metainfo.classes)
+    assert args.seed == gen.seed and args.rotate == gen.rotate
+    assert args.max_overlap == gen.max_overlap
+    assert (not args.random_colors) == gen.class_colors
+    assert cfg.model.bbox_head.num_classes == len(gen.classes)
+    assert cfg.model.backbone.type == 'mmrest.ResT'
+    assert gen.num_val >= 100, 'the demo evaluates on at least 100 val images'
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    work_dir = tmp_path / 'work'
+    data_root = tmp_path / 'data'
+    cmd = [sys.executable, osp.join(REPO, 'tools', 'demo.py'), '--work-dir', str(work_dir),
+           '--data-root', str(data_root), '--num-train', '24', '--num-val', '10']
+    proc = subprocess.run(cmd + ['--iters', '6', '--num-pictures', '3', '--score-thr', '0'],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    settings = read_generator_settings(str(data_root))
+    assert settings['num_train'] == 24 and settings['num_val'] == 10
+    result = json.loads((work_dir / 'demo_result.json').read_text())
+    assert result['iterations'] == 6 and result['num_val_images'] == 10
+    assert 0.0 <= result['bbox_mAP'] <= 1.0
+    assert result['metrics']['coco/bbox_mAP'] == result['bbox_mAP']
+    assert result['curve'][-1]['iter'] == 6
+    summary = [line for line in proc.stdout.splitlines() if line.startswith('demo: bbox mAP')]
+    assert summary == [result['summary']]
+    assert 'on 10 val images after 6 iterations' in summary[0]
+    picture = cv2.imread(result['picture'])
+    assert picture is not None and picture.shape[0] >= 2 * 64
+    assert osp.abspath(result['picture']) in proc.stdout
+    assert osp.isfile(result['checkpoint'])
+
+    # a bad argument fails cleanly, naming the value
+    bad = subprocess.run(cmd + ['--iters', '0'], capture_output=True, text=True, cwd=REPO,
+                         timeout=600)
+    assert bad.returncode == 1
+    assert '--iters must be >= 1, got 0' in bad.stderr

@@ -1,0 +1,214 @@
+"""Training killed at any point loses nothing: tools/train.py --resume finishes with the
+same weights, bit for bit, as a run that was never interrupted.
+
+The demo config (shrunk: 64x64 images, batch 2, 9 iterations, a checkpoint and a
+validation every 3 iterations, drop path 0.1 so that torch's generator matters) runs as a
+real subprocess with deterministic CPU settings (``randomness.deterministic=True``,
+``num_workers=0``, one thread). Comparisons are exact (``torch.equal``): on one CPU thread
+every kernel used here is deterministic, so no tolerance is needed.
+
+Scenarios: SIGKILL at a random moment after the first checkpoint; SIGKILL in the middle of
+a save (the rename is made slow by a test launcher that wraps ``os.replace``); a full disk
+(``OSError(ENOSPC)`` after half of the bytes are written); a truncated newest checkpoint.
+"""
+import os
+import os.path as osp
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from _engine_helpers import (PYTHON, TRAIN, assert_same_tensors, demo_config_text,
+                             load_ckpt, make_shapes_data, read_last_checkpoint, run,
+                             scalars, tool_env, train_cmd, write_config)
+
+pytestmark = pytest.mark.slow
+
+MAX_ITERS = 9
+INTERVAL = 3
+
+# Runs tools/train.py with one fault injected into the N-th checkpoint save.
+FAULT_LAUNCHER = '''
+import errno, os, runpy, sys, time
+mode = os.environ['FAULT_MODE']
+target = int(os.environ['FAULT_SAVE'])
+flag = os.environ['FAULT_FLAG']
+count = [0]
+if mode == 'slow_rename':
+    real_replace = os.replace
+    def replace(src, dst, *args, **kwargs):
+        if str(src).endswith('.tmp') and str(dst).endswith('.pth'):
+            count[0] += 1
+            if count[0] == target:
+                with open(flag, 'w') as f:
+                    f.write(str(src))
+                time.sleep(600)
+        return real_replace(src, dst, *args, **kwargs)
+    os.replace = replace
+elif mode == 'disk_full':
+    from mmengine.fileio.backends import local_backend
+    real_put = local_backend.LocalBackend.put
+    def put(self, obj, filepath):
+        if str(filepath).endswith('.tmp'):
+            count[0] += 1
+            if count[0] == target:
+                with open(filepath, 'wb') as f:
+                    f.write(obj[:len(obj) // 2])
+                with open(flag, 'w') as f:
+                    f.write(str(filepath))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filepath))
+        return real_put(self, obj, filepath)
+    local_backend.LocalBackend.put = put
+train = os.environ['TRAIN_TOOL']
+sys.argv = [train] + sys.argv[1:]
+runpy.run_path(train, run_name='__main__')
+'''
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('kill')
+    data = make_shapes_data(str(root / 'data'), num_train=12, num_val=4)
+    config = write_config(
+        str(root / 'cfg.py'),
+        demo_config_text(data, max_iters=MAX_ITERS, ckpt_interval=INTERVAL,
+                         val_interval=INTERVAL))
+    launcher = write_config(str(root / 'fault_launcher.py'), FAULT_LAUNCHER)
+    ref = str(root / 'ref')
+    start = time.time()
+    proc = run(train_cmd(config, ref))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    iter_times = [s['time'] for s in scalars(ref) if 'time' in s and 'loss' in s]
+    return dict(root=root, config=config, launcher=launcher, ref=ref,
+                ref_state=load_ckpt(osp.join(ref, f'iter_{MAX_ITERS}.pth')),
+                iter_time=sum(iter_times) / len(iter_times), ref_seconds=time.time() - start)
+
+
+def _assert_same_final(setup, work_dir: str) -> None:
+    state = load_ckpt(osp.join(work_dir, f'iter_{MAX_ITERS}.pth'))
+    assert state['meta']['iter'] == MAX_ITERS
+    assert_same_tensors(setup['ref_state']['state_dict'], state['state_dict'])
+    ref_opt = setup['ref_state']['optimizer']['state']
+    for idx in ref_opt:
+        assert_same_tensors(ref_opt[idx], state['optimizer']['state'][idx],
+                            what=f'optimizer.state[{idx}]')
+
+
+def _resume(setup, work_dir: str) -> str:
+    proc = run(train_cmd(setup['config'], work_dir, '--resume'))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert not [f for f in os.listdir(work_dir) if f.endswith('.tmp')]
+    return out
+
+
+def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not osp.exists(path):
+        assert proc.poll() is None, f'training ended (status {proc.returncode}) before ' \
+                                    f'{path} appeared'
+        assert time.time() < deadline, f'{path} did not appear within {timeout} s'
+        time.sleep(0.05)
+
+
+def _inspect_ok(path: str) -> None:
+    from mmrest.engine import inspect_checkpoint
+    inspect_checkpoint(path)
+
+
+def test_sigkill_at_random_point_then_resume(setup):
+    seed = int(os.environ.get('MMREST_KILL_SEED', time.time_ns() % 100000))
+    rng = random.Random(seed)
+    work_dir = str(setup['root'] / f'random_kill_{seed}')
+    log = open(osp.join(setup['root'], f'random_kill_{seed}.log'), 'w')
+    proc = subprocess.Popen(train_cmd(setup['config'], work_dir), env=tool_env(),
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(osp.join(work_dir, 'last_checkpoint'), proc)
+        remaining = setup['iter_time'] * (MAX_ITERS - INTERVAL)
+        delay = rng.uniform(0, 0.8 * remaining)
+        time.sleep(delay)
+        assert proc.poll() is None, f'finished before the kill (seed {seed})'
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    latest = read_last_checkpoint(work_dir)
+    _inspect_ok(latest)  # what last_checkpoint names is always complete
+    out = _resume(setup, work_dir)
+    resumed_at = int(osp.basename(latest)[5:-4])
+    assert f'resumed epoch: 0, iter: {resumed_at}' in out, f'seed {seed}'
+    _assert_same_final(setup, work_dir)
+
+
+def _run_with_fault(setup, name: str, mode: str, save: int) -> tuple:
+    work_dir = str(setup['root'] / name)
+    flag = str(setup['root'] / f'{name}.flag')
+    env = tool_env(dict(FAULT_MODE=mode, FAULT_SAVE=str(save), FAULT_FLAG=flag,
+                        TRAIN_TOOL=TRAIN))
+    cmd = [PYTHON, setup['launcher'], setup['config'], '--work-dir', work_dir]
+    return work_dir, flag, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(setup):
+    work_dir, flag, proc = _run_with_fault(setup, 'kill_in_save', 'slow_rename', save=2)
+    try:
+        _wait_for(flag, proc)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    tmp_file = open(flag).read()
+    # the interrupted save left only its temporary file; the final name never existed
+    assert osp.isfile(tmp_file) and osp.basename(tmp_file).startswith('.iter_6.pth.')
+    assert not osp.exists(osp.join(work_dir, 'iter_6.pth'))
+    assert read_last_checkpoint(work_dir) == osp.join(work_dir, 'iter_3.pth')
+    _inspect_ok(osp.join(work_dir, 'iter_3.pth'))
+    out = _resume(setup, work_dir)
+    assert f'removed {tmp_file}: an incomplete checkpoint of an interrupted run' in out
+    assert 'resumed epoch: 0, iter: 3' in out
+    _assert_same_final(setup, work_dir)
+
+
+def test_full_disk_during_save_then_resume(setup):
+    work_dir, flag, proc = _run_with_fault(setup, 'disk_full', 'disk_full', save=2)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out[-4000:]
+    final = osp.join(work_dir, 'iter_6.pth')
+    previous = osp.join(work_dir, 'iter_3.pth')
+    assert (f'saving checkpoint {final} failed (OSError: [Errno 28] No space left on device'
+            in out), out[-3000:]
+    assert f'the previous checkpoint {previous} is intact' in out
+    assert not osp.exists(final)
+    assert not [f for f in os.listdir(work_dir) if f.endswith('.tmp')]
+    assert read_last_checkpoint(work_dir) == previous
+    _inspect_ok(previous)
+    out = _resume(setup, work_dir)
+    assert 'resumed epoch: 0, iter: 3' in out
+    _assert_same_final(setup, work_dir)
+
+
+def test_truncated_latest_falls_back_to_previous(setup):
+    work_dir = str(setup['root'] / 'truncated')
+    shutil.copytree(setup['ref'], work_dir)
+    latest = osp.join(work_dir, f'iter_{MAX_ITERS}.pth')
+    previous = osp.join(work_dir, f'iter_{MAX_ITERS - INTERVAL}.pth')
+    with open(osp.join(work_dir, 'last_checkpoint'), 'w') as f:
+        f.write(latest)
+    with open(latest, 'r+b') as f:
+        f.truncate(os.path.getsize(latest) // 3)
+    out = _resume(setup, work_dir)
+    assert f'cannot resume from {latest}: checkpoint {latest} is truncated' in out
+    assert f'falling back to the previous good checkpoint {previous}' in out
+    assert f'resumed epoch: 0, iter: {MAX_ITERS - INTERVAL}' in out
+    _assert_same_final(setup, work_dir)

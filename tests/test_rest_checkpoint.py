@@ -1,0 +1,362 @@
+"""ResT checkpoints: every published layout through init_cfg and the conversion CLI, safely."""
+import importlib.util
+import logging
+import os
+import os.path as osp
+import subprocess
+import sys
+from typing import Callable, Dict, List
+
+import pytest
+import torch
+from mmengine.logging import MMLogger
+from reference_rest import ARCHS, reference_features
+from torch import nn
+
+from mmrest.models import ResT
+from mmrest.models.utils import convert_rest_checkpoint
+from mmrest.utils import CheckpointError
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CLI = osp.join(REPO, 'tools', 'model_converters', 'rest_to_mmrest.py')
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location('rest_to_mmrest', CLI)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_cli()
+
+
+def backbone_part(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in sd.items() if not k.startswith('head.')}
+
+
+# Each layout: how a ResT with the authors' state dict ``sd`` is saved by its tool.
+LAYOUTS: Dict[str, Callable[[Dict[str, torch.Tensor]], dict]] = {
+    # the authors' ImageNet files
+    'authors': lambda sd: {'model': dict(sd), 'epoch': 299, 'max_accuracy': 79.6},
+    # the authors' detectron2 detectors
+    'detectron2': lambda sd: {
+        'model': {
+            **{'backbone.bottom_up.' + k: v for k, v in backbone_part(sd).items()},
+            'backbone.fpn_lateral3.weight': torch.zeros(256, 128, 1, 1),
+            'roi_heads.box_predictor.cls_score.weight': torch.zeros(81, 1024),
+        },
+        'iteration': 89999,
+    },
+    # mmdet / mmseg checkpoints
+    'mmdet': lambda sd: {
+        'meta': {'epoch': 12, 'mmdet_version': '3.3.0'},
+        'state_dict': {
+            **{'backbone.' + k: v for k, v in backbone_part(sd).items()},
+            'neck.lateral_convs.0.conv.weight': torch.zeros(256, 64, 1, 1),
+            'decode_head.conv_seg.weight': torch.zeros(150, 512, 1, 1),
+        },
+    },
+    # saved from DistributedDataParallel
+    'ddp': lambda sd: {'module.' + k: v for k, v in sd.items()},
+    # a plain backbone state dict
+    'plain': lambda sd: backbone_part(sd),
+}
+
+
+class ListHandler(logging.Handler):
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def log_records():
+    logger = MMLogger.get_current_instance()
+    handler = ListHandler()
+    logger.addHandler(handler)
+    yield handler.records
+    logger.removeHandler(handler)
+
+
+def assert_matches_reference(model: ResT, sd: Dict[str, torch.Tensor],
+                             out_norms=()) -> None:
+    """The model's eval outputs equal the oracle with the authors' weights ``sd`` (float64).
+
+    The model is converted to float64 in place.
+    """
+    model.eval().double()
+    sd = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    x = torch.randn(1, 3, 57, 83, generator=torch.Generator().manual_seed(11),
+                    dtype=torch.float64)
+    with torch.no_grad():
+        outs = model(x)
+        refs = reference_features(sd, x, ARCHS['lite']['depths'], out_norms=out_norms)
+    for i, out in zip(model.out_indices, outs):
+        assert (out - refs[i]).abs().max() < 1e-10, f'stage {i}'
+
+
+# --------------------------------------------------------------- init_cfg round trip
+@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+def test_init_cfg_loads_every_layout(tmp_path, authors_weights, log_records, layout):
+    sd = authors_weights('lite', seed=1)
+    path = str(tmp_path / f'{layout}.pth')
+    torch.save(LAYOUTS[layout](sd), path)
+    model = ResT('lite', out_indices=(3, ), drop_path_rate=0.,
+                 init_cfg=dict(type='Pretrained', checkpoint=path))
+    model.init_weights()
+    own = model.state_dict()
+    assert set(own) == set(backbone_part(sd))
+    for key, value in own.items():
+        assert torch.equal(value, sd[key]), key
+    assert_matches_reference(model, sd)
+    warnings = [r.getMessage() for r in log_records if r.levelno >= logging.WARNING]
+    assert not [w for w in warnings if 'missing' in w.lower()]
+
+
+def test_init_cfg_logs_missing_output_norms_by_name(tmp_path, authors_weights,
+                                                     log_records):
+    sd = authors_weights('lite', seed=2)
+    path = str(tmp_path / 'authors.pth')
+    torch.save({'model': sd}, path)
+    model = ResT('lite', out_indices=(0, 1, 2, 3), drop_path_rate=0.,
+                 init_cfg=dict(type='Pretrained', checkpoint=path))
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith('norm1.')}
+    model.init_weights()
+    warnings = [r.getMessage() for r in log_records if r.levelno >= logging.WARNING]
+    missing = [w for w in warnings if 'missing' in w.lower()]
+    assert len(missing) == 1 and path in missing[0]
+    for name in ('norm1.weight', 'norm1.bias', 'norm2.weight', 'norm2.bias', 'norm3.weight',
+                 'norm3.bias'):
+        assert repr(name) in missing[0]
+    assert 'stage1.0' not in missing[0] and "'norm.weight'" not in missing[0]
+    # The new norms keep their initialisation; everything else is loaded.
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v)
+    assert torch.equal(model.norm.weight, sd['norm.weight'])
+    # In the main path, the new norms (LayerNorm's initialisation) act on later stages.
+    for i in (1, 2, 3):
+        sd[f'norm{i}.weight'] = torch.ones(ARCHS['lite']['embed_dims'][i - 1])
+        sd[f'norm{i}.bias'] = torch.zeros(ARCHS['lite']['embed_dims'][i - 1])
+    assert_matches_reference(model, sd, out_norms=(0, 1, 2))
+
+
+def test_pretrained_output_norms_load_when_present(tmp_path, authors_weights):
+    """A detection checkpoint with norm1-norm3 restores them (nothing missing)."""
+    sd = authors_weights('lite', seed=3, out_norms=(0, 1, 2))
+    path = str(tmp_path / 'det.pth')
+    torch.save(LAYOUTS['detectron2'](sd), path)
+    model = ResT('lite', drop_path_rate=0., init_cfg=dict(type='Pretrained', checkpoint=path))
+    model.init_weights()
+    assert torch.equal(model.norm2.bias, sd['norm2.bias'])
+    assert_matches_reference(model, sd, out_norms=(0, 1, 2))
+    # ... and into a classification backbone, the extra norms are just ignored.
+    model = ResT('lite', out_indices=(3, ), drop_path_rate=0.,
+                 init_cfg=dict(type='Pretrained', checkpoint=path))
+    model.init_weights()
+    assert_matches_reference(model, sd)
+
+
+# ------------------------------------------------------------------ bad checkpoints
+def test_no_matching_key_raises(tmp_path):
+    path = str(tmp_path / 'classifier_only.pth')
+    torch.save({'state_dict': {'head.fc.weight': torch.zeros(10, 512),
+                               'neck.gap.weight': torch.zeros(1)}}, path)
+    model = ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(CheckpointError, match='no ResT backbone weights found') as info:
+        model.init_weights()
+    assert path in str(info.value) and 'head.fc.weight' in str(info.value)
+
+
+def test_resty_keys_none_in_model_raise(tmp_path):
+    path = str(tmp_path / 'deeper.pth')
+    torch.save({'stage1.9.mlp.fc1.weight': torch.zeros(256, 64)}, path)
+    model = ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(CheckpointError, match='none of its keys match'):
+        model.init_weights()
+
+
+def test_base_weights_into_small_name_the_shape_mismatches(tmp_path, authors_weights):
+    path = str(tmp_path / 'base.pth')
+    torch.save({'model': authors_weights('base')}, path)
+    model = ResT('small', init_cfg=dict(type='Pretrained', checkpoint=path))
+    before = model.stem.conv1.weight.clone()
+    with pytest.raises(CheckpointError, match='shape mismatches') as info:
+        model.init_weights()
+    msg = str(info.value)
+    assert path in msg
+    assert 'stem.conv1.weight: checkpoint (48, 3, 3, 3) vs model (32, 3, 3, 3)' in msg
+    assert torch.equal(model.stem.conv1.weight, before)  # nothing was loaded
+
+
+@pytest.mark.parametrize('src,dst,key', [('lite', 'small', "missing from the checkpoint "
+                                                          "['stage3.2."),
+                                         ('small', 'lite', "not in the model ['stage3.2."),
+                                         ('base', 'large', "missing from the checkpoint "
+                                                           "['stage3.6."),
+                                         ('large', 'base', "not in the model ['stage3.6.")])
+def test_weights_of_another_depth_raise(tmp_path, authors_weights, src, dst, key):
+    """Same widths, other depths: no shape mismatch, but blocks missing or left over."""
+    path = str(tmp_path / f'{src}.pth')
+    torch.save({'model': authors_weights(src)}, path)
+    model = ResT(dst, init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(CheckpointError, match='does not fit this ResT') as info:
+        model.init_weights()
+    assert key in str(info.value)
+
+
+def test_non_tensor_entry_raises(tmp_path, authors_weights):
+    sd = authors_weights('lite')
+    sd['stage2.0.attn.q.weight'] = [[0.1, 0.2], [0.3, 0.4]]
+    path = str(tmp_path / 'list.pth')
+    torch.save({'model': sd}, path)
+    model = ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(CheckpointError,
+                       match=r"'stage2.0.attn.q.weight' is a list, not a tensor"):
+        model.init_weights()
+    assert cli.main([path, str(tmp_path / 'out.pth')]) == 1
+    assert not (tmp_path / 'out.pth').exists()
+
+
+def test_truncated_and_missing_files(tmp_path, authors_weights, capsys):
+    good = tmp_path / 'good.pth'
+    torch.save({'model': authors_weights('lite')}, good)
+    bad = tmp_path / 'truncated.pth'
+    bad.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    model = ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=str(bad)))
+    with pytest.raises(CheckpointError, match='truncated or corrupted'):
+        model.init_weights()
+    assert cli.main([str(bad), str(tmp_path / 'out.pth')]) == 1
+    assert 'truncated.pth' in capsys.readouterr().err
+    missing = str(tmp_path / 'nowhere.pth')
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+        ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=missing)).init_weights()
+    assert cli.main([missing, str(tmp_path / 'out.pth')]) == 1
+    assert 'not found' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- malicious pickles
+class _Payload:
+    """Unpickling this object runs ``exec``, which writes a marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f'open({self.marker!r}, "w").write("pwned")', ))
+
+
+def _evil_checkpoint(path: str, marker: str, sd: Dict[str, torch.Tensor]) -> None:
+    torch.save({'model': {**sd, 'stem.conv1.weight': _Payload(marker)}}, path)
+
+
+def test_payload_runs_under_unsafe_loading(tmp_path, authors_weights):
+    """Positive control: the crafted file really executes code when unpickled unsafely."""
+    marker = tmp_path / 'control_marker'
+    path = str(tmp_path / 'control.pth')
+    _evil_checkpoint(path, str(marker), authors_weights('lite'))
+    torch.load(path, weights_only=False)
+    assert marker.read_text() == 'pwned'
+
+
+def test_malicious_pickle_refused_by_init_cfg_and_cli(tmp_path, authors_weights):
+    marker = tmp_path / 'marker'
+    path = str(tmp_path / 'evil.pth')
+    _evil_checkpoint(path, str(marker), authors_weights('lite'))
+    model = ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(CheckpointError, match='refusing to load') as info:
+        model.init_weights()
+    assert path in str(info.value)
+    out = str(tmp_path / 'out.pth')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    proc = subprocess.run([sys.executable, CLI, path, out], capture_output=True, text=True,
+                          cwd=str(tmp_path), env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert 'refusing to load' in proc.stderr and path in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert not marker.exists() and not osp.exists(out)
+
+
+# ------------------------------------------------------------------------ the CLI
+@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+def test_cli_backbone_round_trip(tmp_path, authors_weights, layout, capsys):
+    sd = authors_weights('lite', seed=4)
+    src, dst = str(tmp_path / 'src.pth'), str(tmp_path / 'sub' / 'dst.pth')
+    torch.save(LAYOUTS[layout](sd), src)
+    assert cli.main([src, dst]) == 0
+    assert 'dst.pth' in capsys.readouterr().out
+    converted = torch.load(dst, weights_only=True)
+    assert isinstance(converted, dict)
+    assert all(isinstance(v, torch.Tensor) for v in converted.values())
+    assert set(converted) == set(backbone_part(sd))
+    for key, value in converted.items():
+        assert torch.equal(value, sd[key]), key
+    assert not [f for f in os.listdir(osp.dirname(dst)) if f.endswith('.tmp')]
+    # The output loads strictly into the backbone and through init_cfg.
+    model = ResT('lite', out_indices=(3, ), drop_path_rate=0.)
+    model.load_state_dict(converted, strict=True)
+    assert_matches_reference(model, sd)
+    model = ResT('lite', out_indices=(3, ), init_cfg=dict(type='Pretrained', checkpoint=dst))
+    model.init_weights()
+    assert torch.equal(model.stage3[1].attn.kv.weight, sd['stage3.1.attn.kv.weight'])
+
+
+def test_cli_classifier_target(tmp_path, authors_weights, capsys):
+    sd = authors_weights('lite', seed=5)
+    src, dst = str(tmp_path / 'src.pth'), str(tmp_path / 'cls.pth')
+    torch.save(LAYOUTS['ddp'](sd), src)
+    assert cli.main([src, dst, '--target', 'classifier']) == 0
+    converted = torch.load(dst, weights_only=True)
+    assert set(converted) == {'backbone.' + k for k in backbone_part(sd)} | {
+        'head.fc.weight', 'head.fc.bias'}
+    assert torch.equal(converted['head.fc.weight'], sd['head.weight'])
+    assert torch.equal(converted['backbone.norm.bias'], sd['norm.bias'])
+    # Same function as the library's conversion.
+    expected = convert_rest_checkpoint(LAYOUTS['ddp'](sd), target='classifier')
+    assert list(converted) == list(expected)
+    # A detector checkpoint has no head: converted, with a warning.
+    torch.save(LAYOUTS['mmdet'](sd), src)
+    capsys.readouterr()
+    assert cli.main([src, dst, '--target', 'classifier']) == 0
+    assert 'no classification head' in capsys.readouterr().err
+    assert 'head.fc.weight' not in torch.load(dst, weights_only=True)
+
+
+def test_cli_errors(tmp_path, capsys):
+    src = str(tmp_path / 'noresT.pth')
+    torch.save({'state_dict': {'neck.conv.weight': torch.zeros(2)}}, src)
+    assert cli.main([src, str(tmp_path / 'out.pth')]) == 1
+    err = capsys.readouterr().err
+    assert 'no ResT backbone weights found' in err and src in err
+    assert cli.main([src, src]) == 1
+    assert 'refusing to overwrite the input' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([src, str(tmp_path / 'out.pth'), '--target', 'detector'])
+    assert "invalid choice: 'detector'" in capsys.readouterr().err
+
+
+# ------------------------------------------------- whole-detector load_state_dict
+class _Detector(nn.Module):
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = ResT('lite', out_indices=(3, ), drop_path_rate=0.)
+        self.neck = nn.Conv2d(512, 8, 1)
+
+
+def test_detectron2_keys_load_through_pre_hook(authors_weights):
+    sd = authors_weights('lite', seed=6)
+    detector = _Detector()
+    state = {'backbone.bottom_up.' + k: v for k, v in backbone_part(sd).items()}
+    state.update({'neck.weight': torch.ones(8, 512, 1, 1), 'neck.bias': torch.ones(8)})
+    detector.load_state_dict(state, strict=True)
+    for key, value in detector.backbone.state_dict().items():
+        assert torch.equal(value, sd[key]), key
+    assert_matches_reference(detector.backbone, sd)
+    assert torch.equal(detector.neck.bias, torch.ones(8))
+    assert 'backbone.bottom_up.stem.conv1.weight' in state  # the caller's dict is untouched

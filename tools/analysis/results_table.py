@@ -1,0 +1,195 @@
+"""Turn the metrics JSON that ``tools/test.py`` writes into rows of the README results table.
+
+mmengine's runner (0.10.7) writes the test metrics of a run to
+``<work_dir>/<timestamp>/<timestamp>.json``: one JSON object such as
+``{"coco/bbox_mAP": 0.403, "coco/bbox_mAP_50": 0.61, ..., "time": 0.09}`` (mmdet, AP as a
+fraction), ``{"aAcc": 81.2, "mIoU": 45.3, "mAcc": 56.1, ...}`` (mmseg, percent) or
+``{"accuracy/top1": 79.6, "accuracy/top5": 94.9, ...}`` (mmpretrain, percent). The
+per-iteration ``vis_data/*.json`` files of training runs are JSON lines; their last record
+that holds a metric is used.
+
+Usage::
+
+    python tools/analysis/results_table.py CONFIG RESULT [CONFIG RESULT ...]
+    # e.g.
+    python tools/analysis/results_table.py configs/retinanet_rest_small_coco.py \\
+        work_dirs/retinanet_rest_small_coco/20260101_120000/20260101_120000.json
+
+``RESULT`` is the JSON file or a work directory (its newest ``<timestamp>/<timestamp>.json``
+is used). The rows have the README columns ``| Method | Backbone | Config | Params | Paper
+| Reproduced here |``; the paper and parameter cells of the configs in this repository are
+filled in, the "Reproduced here" cell comes from the JSON (AP and mIoU in percent, one
+decimal; box / mask for Mask R-CNN).
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+HEADER = ('| Method | Backbone | Config | Params | Paper | Reproduced here |\n'
+          '|---|---|---|---|---|---|')
+
+#: config stem -> (method, backbone, params measured here, paper result cell).
+KNOWN_CONFIGS: Dict[str, Tuple[str, str, str, str]] = {
+    'retinanet_rest_small_coco': ('RetinaNet 1x', 'ResT-Small', '23.40M', '40.3 box AP'),
+    'retinanet_rest_base_coco': ('RetinaNet 1x', 'ResT-Base', '40.50M', '42.0 box AP'),
+    'mask_rcnn_rest_small_coco': ('Mask R-CNN 1x', 'ResT-Small', '33.32M',
+                                  '39.6 box / 37.2 mask AP'),
+    'mask_rcnn_rest_base_coco': ('Mask R-CNN 1x', 'ResT-Base', '49.83M',
+                                 '41.6 box / 38.7 mask AP'),
+    'upernet_rest_small_ade20k': ('UperNet 160k', 'ResT-Small', '43.48M', 'not reported'),
+    'upernet_rest_base_ade20k': ('UperNet 160k', 'ResT-Base', '61.98M', 'not reported'),
+    'rest_lite_imagenet': ('ImageNet-1k 300 ep', 'ResT-Lite', '10.51M', '77.2 top-1'),
+    'rest_small_imagenet': ('ImageNet-1k 300 ep', 'ResT-Small', '13.68M', '79.6 top-1'),
+    'rest_base_imagenet': ('ImageNet-1k 300 ep', 'ResT-Base', '30.33M', '81.6 top-1'),
+    'rest_large_imagenet': ('ImageNet-1k 300 ep', 'ResT-Large', '51.68M', '83.6 top-1'),
+}
+
+_TIMESTAMP = re.compile(r'^\d{8}_\d{6}$')
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be read or holds no known metric."""
+
+
+def find_result_json(path: str) -> str:
+    """Return ``path`` if it is a file, else the newest ``<ts>/<ts>.json`` under it.
+
+    Args:
+        path (str): A JSON file or a work directory.
+
+    Returns:
+        str: Path of the JSON file.
+
+    Raises:
+        ResultsError: If there is no such file.
+    """
+    if osp.isfile(path):
+        return path
+    if not osp.isdir(path):
+        raise ResultsError(f'{path}: no such file or directory')
+    runs = sorted(d for d in os.listdir(path)
+                  if _TIMESTAMP.match(d) and osp.isfile(osp.join(path, d, f'{d}.json')))
+    if not runs:
+        raise ResultsError(f'{path}: no <timestamp>/<timestamp>.json written by '
+                           'tools/test.py in this directory')
+    return osp.join(path, runs[-1], f'{runs[-1]}.json')
+
+
+def _has_metric(record: dict) -> bool:
+    return any(_metric_key(k) for k in record)
+
+
+def _metric_key(key: str) -> Optional[str]:
+    for name in ('bbox_mAP', 'segm_mAP', 'mIoU', 'top1'):
+        if key == name or key.endswith('/' + name):
+            return name
+    return None
+
+
+def load_metrics(path: str) -> Dict[str, object]:
+    """Read the metrics written by ``tools/test.py`` (or a JSON-lines log).
+
+    Args:
+        path (str): A JSON file or a work directory.
+
+    Returns:
+        dict: The metrics record.
+
+    Raises:
+        ResultsError: If the file is not JSON or holds no box AP, mask AP, mIoU or top-1.
+    """
+    file = find_result_json(path)
+    with open(file, encoding='utf-8') as f:
+        text = f.read()
+    records: List[dict] = []
+    try:
+        data = json.loads(text)
+        records = [data] if isinstance(data, dict) else [r for r in data if isinstance(r, dict)]
+    except json.JSONDecodeError:
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ResultsError(f'{file}: line {n} is not JSON ({err})') from err
+            if isinstance(record, dict):
+                records.append(record)
+    with_metrics = [r for r in records if _has_metric(r)]
+    if not with_metrics:
+        raise ResultsError(f'{file}: no coco/bbox_mAP, coco/segm_mAP, mIoU or accuracy/top1 '
+                           f'in it (keys: {sorted(records[-1]) if records else []})')
+    return with_metrics[-1]
+
+
+def reproduced_cell(metrics: Dict[str, object]) -> str:
+    """The "Reproduced here" cell: percentages with one decimal.
+
+    COCO AP (fractions in mmdet's output) is multiplied by 100; mIoU and top-1 are already
+    percentages. Box and mask AP together read ``box / mask``.
+
+    Args:
+        metrics (dict): A record from :func:`load_metrics`.
+
+    Returns:
+        str: e.g. ``'40.3 box AP'``, ``'39.6 box / 37.2 mask AP'``, ``'45.2 mIoU'``,
+        ``'79.6 top-1'``.
+    """
+    found: Dict[str, float] = {}
+    for key, value in metrics.items():
+        name = _metric_key(key)
+        if name is not None and isinstance(value, (int, float)):
+            found[name] = float(value)
+    if 'bbox_mAP' in found and 'segm_mAP' in found:
+        return (f"{100 * found['bbox_mAP']:.1f} box / {100 * found['segm_mAP']:.1f} "
+                'mask AP')
+    if 'bbox_mAP' in found:
+        return f"{100 * found['bbox_mAP']:.1f} box AP"
+    if 'segm_mAP' in found:
+        return f"{100 * found['segm_mAP']:.1f} mask AP"
+    if 'mIoU' in found:
+        return f"{found['mIoU']:.1f} mIoU"
+    if 'top1' in found:
+        return f"{found['top1']:.1f} top-1"
+    raise ResultsError(f'no numeric box AP, mask AP, mIoU or top-1 in {metrics}')
+
+
+def table_row(config: str, metrics: Dict[str, object]) -> str:
+    """One README row for ``config`` with its reproduced result.
+
+    Args:
+        config (str): Path of the config that was tested.
+        metrics (dict): A record from :func:`load_metrics`.
+
+    Returns:
+        str: The Markdown row.
+    """
+    stem = osp.splitext(osp.basename(config))[0]
+    method, backbone, params, paper = KNOWN_CONFIGS.get(stem, ('-', '-', '-', '-'))
+    return (f'| {method} | {backbone} | [{stem}]({config}) | {params} | {paper} | '
+            f'{reproduced_cell(metrics)} |')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('pairs', nargs='+', metavar='CONFIG RESULT',
+                        help='config path followed by its result JSON or work dir')
+    args = parser.parse_args(argv)
+    if len(args.pairs) % 2:
+        parser.error(f'expected CONFIG RESULT pairs, got {len(args.pairs)} arguments: '
+                     f'{args.pairs}')
+    rows = [HEADER]
+    for config, result in zip(args.pairs[::2], args.pairs[1::2]):
+        try:
+            rows.append(table_row(config, load_metrics(result)))
+        except ResultsError as err:
+            parser.exit(1, f'error: {err}\n')
+    print('\n'.join(rows))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,225 @@
+"""Evaluate a checkpoint with an OpenMMLab config (detection, segmentation, classification).
+
+The scope comes from the config's ``default_scope``. The checkpoint is checked (CRC of
+every record) and loaded safely: a file whose unpickling could run code is refused.
+The metrics are printed and written to ``<work dir>/test_metrics.json`` (or
+``--metrics-out``) as ``{"config", "checkpoint", "metrics"}``.
+
+Examples::
+
+    python tools/test.py configs/retinanet_rest_small_coco.py work_dirs/x/epoch_12.pth
+    python tools/test.py CONFIG CKPT --out results.pkl --show-dir vis/
+    bash tools/dist_test.sh CONFIG CKPT 8
+"""
+import argparse
+import json
+import logging
+import os
+import os.path as osp
+import sys
+from typing import Any, Dict, List, Optional
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Command line of the test tool.
+
+    Args:
+        argv (list[str], optional): Arguments. Defaults to None (``sys.argv``).
+
+    Returns:
+        argparse.Namespace: The parsed arguments.
+    """
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(description='Evaluate a checkpoint')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='the dir to save logs and metrics')
+    parser.add_argument(
+        '--out', type=str, help='dump the predictions to a pickle file (.pkl)')
+    parser.add_argument('--show', action='store_true', help='show the predictions')
+    parser.add_argument(
+        '--show-dir',
+        help='save pictures of the predictions into this folder (for detection, relative '
+        'to the timestamped folder in the work dir, as in mmdet)')
+    parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument(
+        '--metrics-out', help='JSON file of the metrics (default: '
+        '<work dir>/test_metrics.json)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, key=value')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument(
+        '--data-check-images',
+        type=int,
+        default=16,
+        help='images decoded by the pre-flight data check (-1: all, 0: none)')
+    parser.add_argument(
+        '--no-data-check', action='store_true', help='skip the pre-flight data check')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def _enable_visualization(cfg, args: argparse.Namespace) -> None:
+    hooks = cfg.get('default_hooks') or {}
+    hook = hooks.get('visualization')
+    if not isinstance(hook, dict):
+        raise RuntimeError('--show/--show-dir: the config has no '
+                           'default_hooks.visualization hook')
+    hook_type = str(hook.get('type', '')).split('.')[-1]
+    if hook_type == 'VisualizationHook':  # mmpretrain
+        hook['enable'] = True
+        if args.show:
+            hook['show'] = True
+            hook['wait_time'] = args.wait_time
+        if args.show_dir:
+            hook['out_dir'] = args.show_dir
+        return
+    hook['draw'] = True
+    if args.show:
+        hook['show'] = True
+        hook['wait_time'] = args.wait_time
+    if args.show_dir:
+        if hook_type == 'SegVisualizationHook':  # mmseg saves through the visualizer
+            cfg.visualizer['save_dir'] = args.show_dir
+        else:  # mmdet's DetVisualizationHook
+            hook['test_out_dir'] = args.show_dir
+
+
+def build_config(args: argparse.Namespace):
+    """Load the config and apply the command line to it.
+
+    Args:
+        args (argparse.Namespace): From :func:`parse_args`.
+
+    Returns:
+        Config: The config to build the runner from.
+    """
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    import mmrest  # noqa: F401  (registers mmrest.ResT)
+    from mmrest.engine import (cpu_amp_config_fix, default_work_dir, inspect_checkpoint,
+                               register_in_scope)
+
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f'config file not found: {args.config}')
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    scope = cfg.get('default_scope')
+    if not scope:
+        raise ValueError(f'{args.config} sets no default_scope (mmdet, mmseg or mmpretrain): '
+                         f'inherit a stock base config or set default_scope')
+    init_default_scope(scope)
+    register_in_scope(scope)
+
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = default_work_dir(args.config)
+    cpu_amp_config_fix(cfg)
+
+    if '://' not in args.checkpoint:
+        if not osp.isfile(args.checkpoint):
+            raise FileNotFoundError(f'checkpoint file not found: {args.checkpoint}')
+        inspect_checkpoint(args.checkpoint, for_resume=False)
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+
+    if args.show or args.show_dir:
+        _enable_visualization(cfg, args)
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        raise ValueError(f'--out {args.out}: the dump file must be a .pkl or .pickle file')
+    return cfg
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, 'item') and getattr(value, 'size', 1) == 1:
+        return value.item()
+    if hasattr(value, 'tolist'):
+        return value.tolist()
+    return value
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Evaluate.
+
+    Args:
+        argv (list[str], optional): Command line. Defaults to None (``sys.argv``).
+
+    Returns:
+        dict: The metrics.
+    """
+    args = parse_args(argv)
+    from mmrest.engine import check_data_config, init_cpu_distributed, setup_safe_loading
+    setup_safe_loading()
+    cfg = build_config(args)
+    if not args.no_data_check:
+        check_data_config(cfg, splits=('test', ), max_images=args.data_check_images)
+    init_cpu_distributed(cfg, args.launcher)
+
+    from mmengine.dist import is_main_process
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+
+    if args.out is not None:
+        if cfg.default_scope == 'mmdet':
+            from mmdet.evaluation import DumpDetResults
+            dump = DumpDetResults(out_file_path=args.out)
+        else:
+            from mmengine.evaluator import DumpResults
+            dump = DumpResults(out_file_path=args.out)
+        runner.test_evaluator.metrics.append(dump)
+
+    metrics = runner.test()
+    if is_main_process():
+        out = args.metrics_out or osp.join(cfg.work_dir, 'test_metrics.json')
+        os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
+        record = dict(
+            config=osp.abspath(args.config),
+            checkpoint=args.checkpoint,
+            metrics=_jsonable(metrics))
+        from mmrest.utils import atomic_write
+        atomic_write(out, lambda f: json.dump(record, f, indent=2), mode='w')
+        from mmengine.logging import print_log
+        print_log(f'metrics written to {out}', logger='current', level=logging.INFO)
+    return metrics
+
+
+def cli() -> None:
+    """Run :func:`main`; data and checkpoint problems end with a one-line message."""
+    from mmrest.engine import DatasetCheckError
+    from mmrest.utils import CheckpointError
+    try:
+        main()
+    except (DatasetCheckError, CheckpointError, FileNotFoundError) as err:
+        print(f'{osp.basename(__file__)}: error: {type(err).__name__}: {err}',
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    cli()

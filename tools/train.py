@@ -1,0 +1,218 @@
+"""Train a detector, segmentor or classifier from an OpenMMLab config (with mmrest models).
+
+The scope (mmdet, mmseg or mmpretrain) comes from the config's ``default_scope``. On top
+of mmengine's runner, this tool
+
+* loads checkpoints safely on torch >= 2.6 (``mmrest.engine.setup_safe_loading``);
+* writes checkpoints atomically and keeps the previous one
+  (``mmrest.AtomicCheckpointHook``), and saves/restores the random generators
+  (``mmrest.RNGStateHook``), so a killed run resumes exactly;
+* ``--resume`` checks the checkpoint (CRC of every record, safe unpickling) and falls
+  back to the previous good one when the newest is damaged, saying which file is bad;
+* checks the datasets of the config before building anything (paths, COCO JSON, a
+  sample of images);
+* ``--amp``: float16 autocast with loss scaling on CUDA, bfloat16 autocast on the CPU;
+* ``--launcher pytorch|slurm`` also works on CPU-only machines (gloo).
+
+Examples::
+
+    python tools/train.py configs/retinanet_rest_small_coco.py
+    python tools/train.py CONFIG --work-dir work_dirs/x --resume            # latest
+    python tools/train.py CONFIG --resume work_dirs/x/iter_4000.pth --amp
+    python tools/train.py CONFIG --cfg-options train_dataloader.batch_size=4
+    bash tools/dist_train.sh CONFIG 8                                       # 8 GPUs
+"""
+import argparse
+import logging
+import os
+import os.path as osp
+import sys
+from typing import List, Optional
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Command line of the training tool.
+
+    Args:
+        argv (list[str], optional): Arguments. Defaults to None (``sys.argv``).
+
+    Returns:
+        argparse.Namespace: The parsed arguments.
+    """
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(description='Train a model from an OpenMMLab config')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        type=str,
+        const='auto',
+        help='resume from the given checkpoint; without a path, from the latest '
+        'checkpoint of the work dir (falling back to the previous good one if it is '
+        'damaged)')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        default=False,
+        help='automatic mixed precision: float16 (+loss scaling) on CUDA, bfloat16 on CPU')
+    parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='scale the learning rate linearly with the total batch size '
+        '(auto_scale_lr.base_batch_size in the config)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, key=value (nested keys with dots, lists '
+        'as key="[a,b]" or key=a,b)')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument(
+        '--data-check-images',
+        type=int,
+        default=16,
+        help='images decoded per dataset by the pre-flight data check (-1: all, '
+        '0: none)')
+    parser.add_argument(
+        '--no-data-check', action='store_true', help='skip the pre-flight data check')
+    # torch.distributed.launch passes --local-rank (newer) or --local_rank (older)
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def build_config(args: argparse.Namespace):
+    """Load the config and apply the command line to it.
+
+    Args:
+        args (argparse.Namespace): From :func:`parse_args`.
+
+    Returns:
+        Config: The config to build the runner from.
+    """
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    import mmrest  # noqa: F401  (registers mmrest.ResT)
+    from mmrest.engine import (apply_reliability_hooks, check_resume_path,
+                               checkpoint_templates, configure_amp, cpu_amp_config_fix,
+                               default_work_dir, find_resume_checkpoint, inspect_checkpoint,
+                               register_in_scope)
+
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f'config file not found: {args.config}')
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    scope = cfg.get('default_scope')
+    if not scope:
+        raise ValueError(f'{args.config} sets no default_scope (mmdet, mmseg or mmpretrain): '
+                         f'inherit a stock base config or set default_scope')
+    init_default_scope(scope)
+    register_in_scope(scope)
+
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = default_work_dir(args.config)
+
+    apply_reliability_hooks(cfg)
+
+    if args.amp:
+        dtype = configure_amp(cfg)
+        _info(f'mixed precision: {dtype} autocast on '
+              f'{"cuda" if cfg.optim_wrapper.type == "AmpOptimWrapper" else "cpu"}')
+    elif cpu_amp_config_fix(cfg):
+        _info('AmpOptimWrapper needs a GPU: using mmrest.CPUAmpOptimWrapper (bfloat16 '
+              'autocast on cpu)')
+
+    if args.auto_scale_lr:
+        if 'auto_scale_lr' in cfg and 'base_batch_size' in cfg.auto_scale_lr:
+            cfg.auto_scale_lr.enable = True
+        else:
+            raise RuntimeError('--auto-scale-lr: the config has no '
+                               'auto_scale_lr.base_batch_size')
+
+    templates = checkpoint_templates(cfg)
+    if args.resume == 'auto' or (args.resume is None and cfg.get('resume', False)
+                                 and cfg.get('load_from') is None):
+        found = find_resume_checkpoint(cfg.work_dir, templates, log=_warn)
+        if found is None:
+            _warn(f'--resume: no checkpoint in {cfg.work_dir}; training starts from '
+                  f'iteration 0')
+            cfg.resume = False
+            cfg.load_from = None
+        else:
+            cfg.resume = True
+            cfg.load_from = found
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = check_resume_path(args.resume, templates)
+    elif cfg.get('resume', False) and cfg.get('load_from'):
+        check_resume_path(cfg.load_from, templates)
+    elif cfg.get('load_from'):
+        load_from = cfg.load_from
+        if '://' not in load_from:
+            inspect_checkpoint(load_from, for_resume=False)
+    return cfg
+
+
+def _warn(msg: str) -> None:
+    from mmengine.logging import print_log
+    print_log(msg, logger='current', level=logging.WARNING)
+
+
+def _info(msg: str) -> None:
+    from mmengine.logging import print_log
+    print_log(msg, logger='current', level=logging.INFO)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Train.
+
+    Args:
+        argv (list[str], optional): Command line. Defaults to None (``sys.argv``).
+    """
+    args = parse_args(argv)
+    from mmrest.engine import check_data_config, init_cpu_distributed, setup_safe_loading
+    setup_safe_loading()
+    cfg = build_config(args)
+    if not args.no_data_check:
+        check_data_config(cfg, splits=('train', 'val'), max_images=args.data_check_images)
+    init_cpu_distributed(cfg, args.launcher)
+
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+    runner.train()
+
+
+def cli() -> None:
+    """Run :func:`main`; data and checkpoint problems end with a one-line message."""
+    from mmrest.engine import DatasetCheckError
+    from mmrest.utils import CheckpointError
+    try:
+        main()
+    except (DatasetCheckError, CheckpointError, FileNotFoundError) as err:
+        print(f'{osp.basename(__file__)}: error: {type(err).__name__}: {err}',
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    cli()
