@@ -17,7 +17,7 @@ test-fast: install  ## the suite without the tests marked slow
 	$(PY) -m pytest tests -m "not slow"
 
 bench: install  ## speed and memory table (issue: EMSA performance)
-	$(PY) tools/analysis/benchmark.py
+	$(PY) tools/analysis/benchmark.py --out work_dirs/benchmark.json
 
 clean:
 	rm -rf work_dirs data/synthetic

@@ -32,7 +32,8 @@ def test_demo_config_and_generator_cli_agree():
     assert tuple(args.classes) == tuple(gen.classes) == tuple(cfg.metainfo.classes)
     assert args.seed == gen.seed and args.rotate == gen.rotate
     assert args.max_overlap == gen.max_overlap
-    assert (not args.random_colors) == gen.class_colors
+    assert args.class_colors == gen.class_colors
+    assert args.min_visible == gen.min_visible and args.noise_std == gen.noise_std
     assert cfg.model.bbox_head.num_classes == len(gen.classes)
     assert cfg.model.backbone.type == 'mmrest.ResT'
     assert gen.num_val >= 100, 'the demo evaluates on at least 100 val images'

@@ -82,6 +82,16 @@ def test_fused_matches_reference(sr_ratio, num_heads, hw_shape, batch):
             assert rel_err(p_fused.grad, p_ref.grad) < TOL, name
 
 
+def test_one_head_batch_one_with_two_threads():
+    """Batch 1 x 1 head on two threads takes the blocked attention backward."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        test_fused_matches_reference(8, 1, (25, 33), 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_parameter_names_and_shapes_are_the_authors():
     emsa = EMSA(64, num_heads=2, sr_ratio=4)
     shapes = {n: tuple(p.shape) for n, p in emsa.state_dict().items()}

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from mmrest.models.layers.emsa import emsa_reference
-from mmrest.models.layers.emsa_ops import EMSATransformFunction, emsa_fused
+from mmrest.models.layers.emsa_ops import (AttentionFunction, EMSATransformFunction,
+                                           emsa_fused)
 
 #: fp32 tolerance on max |fused - reference|, relative to max(1, max |reference|).
 TOL_FP32 = 1e-4
@@ -128,6 +129,56 @@ def test_gradcheck_float64(B, h, N, M, block_size):
 
     args = [q, kv] + [t for t in (weight, bias) if t is not None]
     assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, so that batch 1 x 1 head takes the blocked backward."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize('N,M,block_size', [(333, 64, 16), (50, 5, None), (7, 1, 3),
+                                            (1, 1, None)])
+def test_plain_attention_blocked_backward(two_threads, N, M, block_size):
+    inputs = make_inputs(1, 1, N, M, 16, seed=N + M)
+    ref, fused, ref_grads, fused_grads = run_both(inputs, 0.3, block_size)
+    assert fused.grad_fn.__class__.__name__ == 'AttentionFunctionBackward'
+    assert max_err(fused, ref) < TOL_FP32
+    for g_fused, g_ref in zip(fused_grads, ref_grads):
+        assert max_err(g_fused, g_ref) < TOL_FP32
+    # with more (batch, head) pairs than threads, the flash backward is used
+    q, k, v, _, _, _ = make_inputs(2, 1, N, M, 16)
+    assert 'AttentionFunction' not in type(emsa_fused(q, k, v, 0.3).grad_fn).__name__
+
+
+def test_plain_attention_blocked_backward_gradcheck(two_threads):
+    q, _, _, _, _, kv = make_inputs(1, 1, 9, 4, 3, torch.float64)
+
+    def fn(q_, kv_):
+        k_, v_ = kv_.permute(2, 0, 3, 1, 4).unbind(0)
+        return emsa_fused(q_, k_, v_, 0.7, block_size=4)
+
+    assert type(fn(q, kv).grad_fn).__name__ == 'AttentionFunctionBackward'
+    assert torch.autograd.gradcheck(fn, [q, kv])
+
+
+def test_plain_attention_blocked_backward_bf16(two_threads):
+    inputs = make_inputs(1, 1, 333, 64, 16, seed=4)
+    q, k, v, _, _, _ = inputs
+    ref = emsa_reference(q, k, v, 0.25)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
+    ref_grads = torch.autograd.grad(ref, leaves(inputs), grad)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = emsa_fused(q, k, v, 0.25)
+    assert out.dtype == torch.bfloat16 and torch.all(torch.isfinite(out))
+    assert max_err(out, ref) < TOL_BF16
+    grads = torch.autograd.grad(out, leaves(inputs), grad.to(out.dtype))
+    for g, g_ref in zip(grads, ref_grads):
+        assert torch.all(torch.isfinite(g))
+        assert max_err(g, g_ref) < TOL_BF16
 
 
 def test_no_grad_path_equals_autograd_path():
@@ -284,3 +335,13 @@ def test_function_saves_no_score_sized_tensor():
     io_bytes = (B * h * N * d * 2 + B * h * M * d * 2) * 4
     assert fused_total <= io_bytes + 4096
     assert fused_total < ref_total / 10
+
+
+def test_plain_attention_function_saves_only_inputs(two_threads):
+    B, h, N, M, d = 1, 1, 600, 200, 16
+    q, k, v, _, _, _ = make_inputs(B, h, N, M, d)
+    holder = []
+    total, largest = saved_bytes(lambda: holder.append(emsa_fused(q, k, v, 0.25)))
+    assert holder[0].grad_fn._forward_cls is AttentionFunction
+    assert total == (N * d + 2 * M * d) * 4
+    assert largest < B * h * N * M * 4 / 10

@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mmrest.datasets import (SHAPES, generate_shapes_dataset, mask_to_rle,
+from mmrest.datasets import (DEMO_CLASSES, SHAPES, generate_shapes_dataset, mask_to_rle,
                              read_generator_settings, rle_to_mask)
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -47,9 +47,20 @@ def _decode(segm):
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
+    """The demo's settings (the defaults), fewer and smaller images."""
     root = str(tmp_path_factory.mktemp('shapes'))
     result = generate_shapes_dataset(root, **SMALL)
     return root, result
+
+
+@pytest.fixture(scope='module')
+def apart(tmp_path_factory):
+    """Upright shapes kept apart, one colour per class."""
+    root = str(tmp_path_factory.mktemp('apart'))
+    generate_shapes_dataset(root, num_train=10, num_val=4, img_size=(96, 96), max_shapes=4,
+                            classes=('circle', 'square', 'triangle'), max_overlap=0.0,
+                            rotate=False, class_colors=True, seed=7)
+    return root
 
 
 @pytest.fixture(scope='module')
@@ -76,13 +87,26 @@ def test_deterministic_by_seed(dataset, tmp_path):
     assert len(changed) == len([k for k in first if k.endswith('.png')])
 
 
+def test_class_colors_give_each_class_its_hue(apart):
+    """With class_colors, the mean colour of a shape is near its class's base colour."""
+    from mmrest.datasets import CLASS_COLORS
+    coco = _load(apart, 'train')
+    names = {c['id']: c['name'] for c in coco['categories']}
+    files = {im['id']: im['file_name'] for im in coco['images']}
+    for ann in coco['annotations']:
+        img = cv2.imread(osp.join(apart, 'train', files[ann['image_id']]))[..., ::-1]
+        mean = img[rle_to_mask(ann['segmentation']).astype(bool)].mean(axis=0)
+        base = np.array(CLASS_COLORS[names[ann['category_id']]])
+        assert np.abs(mean - base).max() < 25, (names[ann['category_id']], mean, base)
+
+
 def test_layout_and_categories(dataset):
     root, result = dataset
     assert result['num_images'] == {'train': 12, 'val': 8}
     for split in ('train', 'val'):
         coco = _load(root, split)
-        assert [c['id'] for c in coco['categories']] == [1, 2, 3]
-        assert [c['name'] for c in coco['categories']] == ['circle', 'square', 'triangle']
+        assert [c['id'] for c in coco['categories']] == [1, 2, 3, 4, 5]
+        assert [c['name'] for c in coco['categories']] == list(DEMO_CLASSES)
         assert coco['info']['generator']['seed'] == 3
         assert len(coco['images']) == SMALL[f'num_{split}']
         assert len({im['id'] for im in coco['images']}) == len(coco['images'])
@@ -132,10 +156,11 @@ def _check_split(root, split, num_classes, apart):
                         min(a[3], b[3]) <= max(a[1], b[1]), (a, b)
 
 
-def test_masks_boxes_and_semantic_maps_agree(dataset):
+def test_masks_boxes_and_semantic_maps_agree(dataset, apart):
     root, _ = dataset
     for split in ('train', 'val'):
-        _check_split(root, split, 3, apart=True)
+        _check_split(root, split, len(DEMO_CLASSES), apart=False)
+        _check_split(apart, split, 3, apart=True)
 
 
 def test_occlusion_keeps_annotations_consistent(crowded):

@@ -1,35 +1,44 @@
 # The built-in demo: RetinaNet with a small ResT backbone, trained from scratch on the CPU
-# on the synthetic shapes dataset (tools/demo.py generates it, or run
-# tools/dataset_converters/make_synthetic_shapes.py with its defaults).
+# on the synthetic shapes dataset (tools/demo.py writes it to data/synthetic_shapes/, as
+# does tools/dataset_converters/make_synthetic_shapes.py with its defaults).
 #
-# Not a paper setting. Changed from RetinaNet-R50-FPN-1x-COCO for a few minutes on 2 CPU
-# cores: a reduced ResT arch ("ResT-demo", below; the paper's ResT-lite has embed_dims
-# 64-128-256-512 and depths 2-2-2-2), no drop path, no pretrained weights, FPN P3-P5 with
-# 64 channels, a lighter head with GroupNorm, anchors matched to the shapes, AdamW with
-# warm-up and cosine decay, iteration-based schedule evaluated at the end only.
+# NOT a paper setting. Changed from RetinaNet-R50-FPN-1x-COCO to learn in a few minutes on
+# 2 CPU cores:
+# - backbone "ResT-demo": a reduced ResT arch (half the widths of ResT-lite and one block
+#   per stage; ResT-lite itself is 64-128-256-512 wide and 2-2-2-2 deep), no drop path,
+#   no pretrained weights;
+# - FPN on stages 2-4 (strides 8-32) with 64 channels and no extra levels; a head of two
+#   64-channel convs with GroupNorm; one anchor shape, two sizes per octave, matched to the
+#   24-58 px shapes;
+# - AdamW 1e-3 with linear warm-up and cosine decay, 1000 iterations of batch 8,
+#   evaluated at the end only.
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 
 # --- data -----------------------------------------------------------------------------
-# The generator settings of data/synthetic_shapes/ (mmrest.datasets.generate_shapes_dataset
-# keywords); tools/demo.py regenerates the data when they differ from what is on disk.
+classes = ('circle', 'square', 'triangle', 'star', 'cross')
+palette = [(230, 50, 45), (40, 190, 60), (45, 85, 235), (30, 215, 225), (250, 135, 20)]
+# How data/synthetic_shapes/ is generated (keywords of
+# mmrest.datasets.generate_shapes_dataset); tools/demo.py regenerates the data when the
+# settings on disk differ. Random colours (the shape alone tells the class), rotation,
+# partial occlusion, textured backgrounds; 1-4 shapes of 19-58 px per 128x128 image.
 synthetic_shapes = dict(
     num_train=1000,
     num_val=200,
     img_size=(128, 128),
     min_shapes=1,
-    max_shapes=3,
-    size_range=(0.2, 0.5),
-    classes=('circle', 'square', 'triangle'),
-    max_overlap=0.0,
-    rotate=False,
-    class_colors=True,
+    max_shapes=4,
+    size_range=(0.15, 0.45),
+    classes=classes,
+    max_overlap=0.2,
+    min_visible=0.6,
+    rotate=True,
+    class_colors=False,
+    noise_std=6.0,
     seed=0)
 
 dataset_type = 'CocoDataset'
 data_root = 'data/synthetic_shapes/'
-metainfo = dict(
-    classes=('circle', 'square', 'triangle'),
-    palette=[(230, 50, 45), (40, 190, 60), (45, 85, 235)])
+metainfo = dict(classes=classes, palette=palette)
 img_scale = (128, 128)
 
 train_pipeline = [
@@ -81,8 +90,7 @@ model = dict(
     backbone=dict(
         _delete_=True,
         type='mmrest.ResT',
-        # "ResT-demo": a reduced ResT (half the widths of ResT-lite, one block per stage)
-        arch=dict(
+        arch=dict(  # "ResT-demo", see above
             embed_dims=[32, 64, 128, 256],
             depths=[1, 1, 1, 1],
             num_heads=[1, 2, 4, 8],
@@ -93,16 +101,17 @@ model = dict(
         init_cfg=None),
     neck=dict(in_channels=[64, 128, 256], out_channels=64, start_level=0, num_outs=3),
     bbox_head=dict(
-        num_classes=3,
+        num_classes=len(classes),
         in_channels=64,
         feat_channels=64,
         stacked_convs=2,
         norm_cfg=dict(type='GN', num_groups=16, requires_grad=True),
+        # anchors of 24, 34 (P3), 48, 68 (P4), 96, 136 (P5) px
         anchor_generator=dict(
             octave_base_scale=3, scales_per_octave=2, ratios=[1.0], strides=[8, 16, 32])))
 
 # --- schedule -------------------------------------------------------------------------
-max_iters = 2000
+max_iters = 1000
 train_cfg = dict(
     _delete_=True, type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 optim_wrapper = dict(
@@ -119,6 +128,6 @@ auto_scale_lr = dict(enable=False, base_batch_size=8)
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=max_iters,
-                    max_keep_ckpts=1))
+    checkpoint=dict(
+        type='CheckpointHook', by_epoch=False, interval=max_iters, max_keep_ckpts=1))
 log_processor = dict(by_epoch=False)

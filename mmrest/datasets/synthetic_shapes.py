@@ -40,6 +40,9 @@ import numpy as np
 SHAPES: Tuple[str, ...] = ('circle', 'square', 'triangle', 'diamond', 'hexagon', 'star',
                            'cross')
 
+#: The classes of the built-in demo.
+DEMO_CLASSES: Tuple[str, ...] = ('circle', 'square', 'triangle', 'star', 'cross')
+
 #: The base RGB colour of each shape when ``class_colors=True``.
 CLASS_COLORS: Dict[str, Tuple[int, int, int]] = {
     'circle': (230, 50, 45),      # red
@@ -176,12 +179,12 @@ def render_shapes_image(
     img_size: Tuple[int, int],
     classes: Sequence[str],
     min_shapes: int = 1,
-    max_shapes: int = 3,
-    size_range: Tuple[float, float] = (0.2, 0.5),
-    max_overlap: float = 0.0,
+    max_shapes: int = 4,
+    size_range: Tuple[float, float] = (0.15, 0.45),
+    max_overlap: float = 0.2,
     min_visible: float = 0.6,
-    rotate: bool = False,
-    class_colors: bool = True,
+    rotate: bool = True,
+    class_colors: bool = False,
     noise_std: float = 6.0,
 ) -> Tuple[np.ndarray, np.ndarray, List[dict]]:
     """Render one image with its semantic map and instances.
@@ -192,17 +195,19 @@ def render_shapes_image(
         classes (Sequence[str]): Shape names; class ``i`` has category id ``i + 1``.
         min_shapes (int): Fewest shapes per image. Defaults to 1.
         max_shapes (int): Most shapes per image (fewer when they do not fit).
-            Defaults to 3.
+            Defaults to 4.
         size_range (tuple[float, float]): Shape size (side of its unrotated box) as a
-            fraction of the shorter image side, sampled uniformly. Defaults to (0.2, 0.5).
-        max_overlap (float): Largest box IoU allowed between two shapes; 0 keeps them
-            apart. Defaults to 0.0.
+            fraction of the shorter image side, sampled uniformly.
+            Defaults to (0.15, 0.45).
+        max_overlap (float): Largest box IoU allowed between two shapes (of their full,
+            unoccluded pixels); 0 keeps them apart. Defaults to 0.2.
         min_visible (float): Fraction of each shape that must stay visible when a later
             shape covers part of it. Defaults to 0.6.
-        rotate (bool): Rotate shapes by a random angle. Defaults to False.
+        rotate (bool): Rotate shapes by a random angle (a rotated 'square' then looks
+            like a 'diamond'; do not use both). Defaults to True.
         class_colors (bool): Colour each class with its own hue (from
             :data:`CLASS_COLORS`, jittered); otherwise random saturated colours.
-            Defaults to True.
+            Defaults to False.
         noise_std (float): Std of the pixel noise added to the whole image.
             Defaults to 6.0.
 
@@ -297,18 +302,19 @@ def generate_shapes_dataset(out_dir: str,
                             num_val: int = 200,
                             img_size: Tuple[int, int] = (128, 128),
                             min_shapes: int = 1,
-                            max_shapes: int = 3,
-                            size_range: Tuple[float, float] = (0.2, 0.5),
-                            classes: Sequence[str] = ('circle', 'square', 'triangle'),
-                            max_overlap: float = 0.0,
+                            max_shapes: int = 4,
+                            size_range: Tuple[float, float] = (0.15, 0.45),
+                            classes: Sequence[str] = DEMO_CLASSES,
+                            max_overlap: float = 0.2,
                             min_visible: float = 0.6,
-                            rotate: bool = False,
-                            class_colors: bool = True,
+                            rotate: bool = True,
+                            class_colors: bool = False,
                             noise_std: float = 6.0,
                             seed: int = 0) -> Dict[str, object]:
     """Write a synthetic shapes dataset in COCO format (see the module docstring).
 
-    The output depends only on the arguments (not on ``out_dir`` or the machine's state):
+    The defaults are the data of the built-in demo
+    (``configs/demo/retinanet_rest_lite_shapes.py``). The output depends only on the arguments (not on ``out_dir`` or the machine's state):
     the same arguments give byte-identical files. Existing files of the same names are
     overwritten; other files in ``out_dir`` are left alone.
 
@@ -319,18 +325,18 @@ def generate_shapes_dataset(out_dir: str,
         img_size (tuple[int, int]): ``(H, W)`` of every image. Defaults to (128, 128).
         min_shapes (int): Fewest shapes per image. Defaults to 1.
         max_shapes (int): Most shapes per image (an image gets fewer when they do not
-            fit). Defaults to 3.
+            fit). Defaults to 4.
         size_range (tuple[float, float]): Shape size as fractions of the shorter image
-            side. Defaults to (0.2, 0.5).
+            side. Defaults to (0.15, 0.45).
         classes (Sequence[str]): Shape names from :data:`SHAPES`, one class each, in
-            category-id order. Defaults to ('circle', 'square', 'triangle').
-        max_overlap (float): Largest box IoU between two shapes of an image.
-            Defaults to 0.0.
+            category-id order. Defaults to :data:`DEMO_CLASSES`.
+        max_overlap (float): Largest box IoU between two shapes of an image (a later
+            shape may hide part of an earlier one). Defaults to 0.2.
         min_visible (float): Fraction of a shape that must stay visible under later
             shapes. Defaults to 0.6.
-        rotate (bool): Randomly rotate shapes. Defaults to False.
-        class_colors (bool): One hue per class (easier) instead of random colours.
-            Defaults to True.
+        rotate (bool): Rotate shapes by random angles. Defaults to True.
+        class_colors (bool): One hue per class (much easier: colour alone then tells
+            the class) instead of random colours. Defaults to False.
         noise_std (float): Pixel noise std. Defaults to 6.0.
         seed (int): Random seed. Defaults to 0.
 

@@ -25,7 +25,10 @@ Three exact identities make it cheap:
    :math:`\overline{P^2} - 1/M^2` and :math:`P V - \bar V`) avoids catastrophic
    cancellation in float32 when the attention is nearly uniform.
 3. Without head mixing (one head) EMSA is plain softmax attention, for which PyTorch's
-   ``scaled_dot_product_attention`` has a memory-lean (flash) CPU kernel.
+   ``scaled_dot_product_attention`` has a memory-lean (flash) CPU kernel. Its backward
+   parallelises over (batch, head) pairs only, so where there are fewer of them than
+   intra-op threads (batch 1, one head) :class:`AttentionFunction` pairs the flash
+   forward with a query-blocked backward whose matmuls use every thread.
 
 The head mixing is a (heads x heads) matmul over each small (heads, rows, M) block of raw
 scores; folding it into the ``Q K^T`` matmul instead multiplies that matmul's cost by the
@@ -320,6 +323,97 @@ class EMSATransformFunction(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_w, grad_b, None, None, None
 
 
+def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                        rows: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Query-blocked backward of plain softmax attention ``softmax(scale q k^T) v``.
+
+    Args:
+        grad_out (Tensor): Gradient of the output, (B, heads, N, head_dim).
+        q (Tensor): Queries (B, heads, N, head_dim), any strides.
+        k (Tensor): Keys (B, heads, M, head_dim), any strides.
+        v (Tensor): Values (B, heads, M, head_dim), any strides.
+        scale (float): Multiplier of the scores.
+        rows (int): Query rows per block.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: Gradients of q, k and v, in the dtype of q.
+    """
+    B, h, N, d = q.shape
+    M = k.shape[2]
+    bh = B * h
+    dtype = q.dtype
+    low = dtype in _LOW_PRECISION
+    acc = _acc_dtype(dtype) if low else dtype
+    qq = q.reshape(bh, N, d)
+    kk = k.reshape(bh, M, d)
+    kt = kk.transpose(1, 2)
+    k_scaled = kk * scale
+    vt = v.reshape(bh, M, d).transpose(1, 2)
+    gg = grad_out.reshape(bh, N, d)
+    grad_q = q.new_empty(bh, N, d)
+    grad_k = torch.zeros(bh, M, d, dtype=acc)
+    grad_v = torch.zeros(bh, M, d, dtype=acc)
+    probs_buf = q.new_empty(bh * rows * M)
+    tmp_buf = q.new_empty(bh * rows * M)
+    for start in range(0, N, rows):
+        n = min(rows, N - start)
+        qb = qq[:, start:start + n]
+        gb = gg[:, start:start + n]
+        probs = probs_buf[:bh * n * M].view(bh, n, M)
+        torch.baddbmm(probs, qb, kt, beta=0, alpha=scale, out=probs)
+        _softmax_(probs)
+        # dS = P * (dP - rowsum(P * dP)), dP = G V^T
+        ds = torch.bmm(gb, vt, out=tmp_buf[:bh * n * M].view(bh, n, M)).mul_(probs)
+        ds.addcmul_(probs, ds.sum(-1, keepdim=True), value=-1)
+        torch.bmm(ds, k_scaled, out=grad_q[:, start:start + n])
+        if low:
+            grad_k.add_(torch.bmm(ds.transpose(1, 2), qb))
+            grad_v.add_(torch.bmm(probs.transpose(1, 2), gb))
+        else:
+            grad_k.baddbmm_(ds.transpose(1, 2), qb)
+            grad_v.baddbmm_(probs.transpose(1, 2), gb)
+    return (grad_q.view(B, h, N, d), grad_k.mul_(scale).view(B, h, M, d).to(dtype),
+            grad_v.view(B, h, M, d).to(dtype))
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Plain softmax attention: the flash-attention forward, a query-blocked backward.
+
+    PyTorch's CPU flash-attention backward spreads its work over batch x heads only, so
+    with a single (batch, head) pair it runs on one thread. This backward recomputes the
+    probabilities block by block like :class:`EMSATransformFunction` and runs every
+    block's matmuls on all intra-op threads. Saves q, k and v only.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, rows: int) -> Tensor:
+        """``softmax(scale q k^T) v`` for (B, heads, L, head_dim) inputs of one dtype."""
+        with torch.autocast('cpu', enabled=False):
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        """Backward."""
+        q, k, v = ctx.saved_tensors
+        with torch.autocast('cpu', enabled=False):
+            grads = _attention_backward(grad_out, q, k, v, ctx.scale, ctx.rows)
+        return grads + (None, None)
+
+
+def _blocked_attention_backward_pays(batch_heads: int) -> bool:
+    """Whether :class:`AttentionFunction` beats the flash-attention backward.
+
+    The flash backward parallelises over (batch, head) pairs only: with fewer of them
+    than intra-op threads, some threads would idle.
+    """
+    return batch_heads < torch.get_num_threads()
+
+
 def emsa_fused(q: Tensor,
                k: Tensor,
                v: Tensor,
@@ -332,8 +426,11 @@ def emsa_fused(q: Tensor,
 
     Same function as :func:`mmrest.models.layers.emsa.emsa_reference` with
     ``attn_drop=0``, forward and backward, without materialising the (B, heads, N, M)
-    scores. See the module docstring for the identities used and for the bfloat16
-    behaviour under ``torch.autocast``.
+    scores. Without ``transform_weight`` it is ``scaled_dot_product_attention`` (with
+    :class:`AttentionFunction`'s backward where batch x heads is below the number of
+    threads); with it, :class:`EMSATransformFunction` (or its forward alone when no
+    gradient is needed). See the module docstring for the identities used and for the
+    bfloat16 behaviour under ``torch.autocast``.
 
     Args:
         q (Tensor): Queries of shape (B, heads, N, head_dim); any strides.
@@ -355,17 +452,20 @@ def emsa_fused(q: Tensor,
         transposed view of a contiguous (B, N, heads, head_dim) tensor, so
         ``out.transpose(1, 2).reshape(B, N, C)`` is free.
     """
-    if transform_weight is None:
+    B, h, N, _ = q.shape
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (q, k, v, transform_weight, transform_bias))
+    if transform_weight is None and not (needs_grad
+                                         and _blocked_attention_backward_pays(B * h)):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     if torch.is_autocast_enabled('cpu') and dtype.is_floating_point:
         dtype = torch.get_autocast_dtype('cpu')
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    B, h, N, _ = q.shape
     rows = _block_rows(block_size, B * h, k.shape[2], N, q.element_size())
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (q, k, v, transform_weight, transform_bias))
+    if transform_weight is None:
+        return AttentionFunction.apply(q, k, v, scale, rows)
     if needs_grad:
         out = EMSATransformFunction.apply(q, k, v, transform_weight, transform_bias,
                                           scale, eps, rows)
