@@ -230,10 +230,15 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         priority = 'LOWEST'
 
         def after_val_epoch(self, runner, metrics=None) -> None:
-            if metrics:
-                curve.append(dict(iter=runner.iter, minutes=(time.time() - start) / 60,
-                                  **{k: float(v) for k, v in metrics.items()
-                                     if isinstance(v, (int, float))}))
+            point = dict(iter=runner.iter, minutes=(time.time() - start) / 60,
+                         **{k: float(v) for k, v in (metrics or {}).items()
+                            if isinstance(v, (int, float))})
+            if not metrics:
+                # mmdet's CocoMetric returns nothing when the model made no detection at
+                # all (e.g. after a few iterations): that is an mAP of 0.
+                point['coco/bbox_mAP'] = 0.0
+                point['no_detections'] = 1.0
+            curve.append(point)
 
     runner = Runner.from_cfg(cfg)
     runner.register_hook(_RecordMetrics())

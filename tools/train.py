@@ -101,32 +101,12 @@ def build_config(args: argparse.Namespace):
     Returns:
         Config: The config to build the runner from.
     """
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-
     import mmrest  # noqa: F401  (registers mmrest.ResT)
     from mmrest.engine import (apply_reliability_hooks, check_resume_path,
                                checkpoint_templates, configure_amp, cpu_amp_config_fix,
-                               default_work_dir, find_resume_checkpoint, inspect_checkpoint,
-                               register_in_scope)
+                               find_resume_checkpoint, inspect_checkpoint, load_tool_config)
 
-    if not osp.isfile(args.config):
-        raise FileNotFoundError(f'config file not found: {args.config}')
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    scope = cfg.get('default_scope')
-    if not scope:
-        raise ValueError(f'{args.config} sets no default_scope (mmdet, mmseg or mmpretrain): '
-                         f'inherit a stock base config or set default_scope')
-    init_default_scope(scope)
-    register_in_scope(scope)
-
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = default_work_dir(args.config)
+    cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
 
     apply_reliability_hooks(cfg)
 

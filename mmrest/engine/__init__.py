@@ -14,7 +14,7 @@ Importing this module registers ``mmrest.AtomicCheckpointHook``,
 from .hooks import AtomicCheckpointHook, RNGStateHook
 from .launch import (apply_reliability_hooks, checkpoint_templates, configure_amp,
                      cpu_amp_config_fix, default_work_dir, init_cpu_distributed,
-                     register_in_scope)
+                     load_tool_config, register_in_scope)
 from .optim import CPUAmpOptimWrapper
 from .preflight import DatasetCheckError, check_data_config, check_dataset
 from .registry import HOOKS, OPTIM_WRAPPERS
@@ -28,6 +28,6 @@ __all__ = [
     'OPTIM_WRAPPERS', 'DatasetCheckError', 'SAFE_GLOBAL_REASONS', 'apply_reliability_hooks',
     'check_data_config', 'check_dataset', 'check_resume_path', 'checkpoint_candidates',
     'checkpoint_templates', 'configure_amp', 'cpu_amp_config_fix', 'default_work_dir',
-    'find_resume_checkpoint', 'init_cpu_distributed', 'inspect_checkpoint',
+    'find_resume_checkpoint', 'init_cpu_distributed', 'inspect_checkpoint', 'load_tool_config',
     'mmengine_safe_globals', 'register_in_scope', 'setup_safe_loading'
 ]

@@ -229,3 +229,48 @@ def default_work_dir(config_path: str) -> str:
         str: The work dir.
     """
     return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
+
+
+def load_tool_config(config_path: str,
+                     cfg_options: Optional[dict] = None,
+                     launcher: str = 'none',
+                     work_dir: Optional[str] = None) -> Any:
+    """Load a config the way ``tools/train.py`` and ``tools/test.py`` both need it.
+
+    Reads the file, applies ``--cfg-options``, enters the config's default scope (mmdet,
+    mmseg or mmpretrain), makes ``type='ResT'`` resolve in it, and sets the work dir
+    (``work_dir``, else the config's, else ``./work_dirs/<config name>``).
+
+    Args:
+        config_path (str): The config file.
+        cfg_options (dict, optional): Overrides (``--cfg-options``). Defaults to None.
+        launcher (str): The job launcher. Defaults to 'none'.
+        work_dir (str, optional): Overrides the work dir. Defaults to None.
+
+    Returns:
+        Config: The config.
+
+    Raises:
+        FileNotFoundError: If the config file does not exist.
+        ValueError: If the config sets no ``default_scope``.
+    """
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    if not osp.isfile(config_path):
+        raise FileNotFoundError(f'config file not found: {config_path}')
+    cfg = Config.fromfile(config_path)
+    cfg.launcher = launcher
+    if cfg_options is not None:
+        cfg.merge_from_dict(cfg_options)
+    scope = cfg.get('default_scope')
+    if not scope:
+        raise ValueError(f'{config_path} sets no default_scope (mmdet, mmseg or mmpretrain): '
+                         f'inherit a stock base config or set default_scope')
+    init_default_scope(scope)
+    register_in_scope(scope)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = default_work_dir(config_path)
+    return cfg
