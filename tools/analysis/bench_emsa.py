@@ -9,6 +9,13 @@ Example::
 
     python tools/analysis/bench_emsa.py                   # batch 1, all stages
     python tools/analysis/bench_emsa.py --batch 2 --modes fwd+bwd
+    python tools/analysis/bench_emsa.py --threads 1 --clock cpu   # on a busy machine
+
+On a machine whose cores are shared with other jobs, every OpenMP fork/join can wait
+for a descheduled thread (measured here: a 1M-element ``add_`` on two threads, median
+0.1 ms, mean 7 ms at load 5), which penalises the many smaller ops of the blocked
+kernels far more than the few large ones of the reference; ``--threads 1 --clock cpu``
+then gives a fair comparison of the work done.
 """
 import argparse
 import json
