@@ -20,4 +20,4 @@ bench: install  ## speed and memory table (issue: EMSA performance)
 	$(PY) tools/analysis/benchmark.py --out work_dirs/benchmark.json
 
 clean:
-	rm -rf work_dirs data/synthetic
+	rm -rf work_dirs data/synthetic_shapes

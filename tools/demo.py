@@ -99,8 +99,10 @@ def _check_classes(cfg, classes: List[str]) -> None:
 def prepare_data(data_root: str, settings: Dict[str, object]) -> bool:
     """Generate the dataset unless ``data_root`` already holds it; True if generated."""
     from mmrest.datasets import generate_shapes_dataset, read_generator_settings
+    from mmrest.datasets.synthetic_shapes import GENERATOR_VERSION
     on_disk = read_generator_settings(data_root)
-    if on_disk is not None and _same_settings(on_disk, settings):
+    if (on_disk is not None and on_disk.get('version') == GENERATOR_VERSION
+            and _same_settings(on_disk, settings)):
         return False
     generate_shapes_dataset(data_root, **settings)
     return True
