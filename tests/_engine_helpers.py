@@ -149,15 +149,17 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 0.0, what: str = 'state_
 def seg_config_text(data_root: str, max_iters: int = 4, ckpt_interval: int = 2,
                     img_scale: Sequence[int] = (64, 64), seed: int = 0) -> str:
     """UperNet-ResT (configs/upernet_rest_small_ade20k.py, shrunk) on the shapes' semantic
-    maps: background + 3 shapes."""
+    maps: background + the demo's shape classes."""
+    from mmrest.datasets import DEMO_CLASSES
+    classes = ('background', ) + tuple(DEMO_CLASSES)
+    palette = [(40 * i % 256, 90 * i % 256, 150 * i % 256) for i in range(len(classes))]
     data_root = data_root.rstrip('/') + '/'
     scale = tuple(img_scale)
     base = osp.join(REPO, 'configs', 'upernet_rest_small_ade20k.py')
     return f"""_base_ = {base!r}
 data_root = {data_root!r}
 crop_size = {scale!r}
-metainfo = dict(classes=('background', 'circle', 'square', 'triangle'),
-                palette=[(0, 0, 0), (230, 50, 45), (40, 190, 60), (45, 85, 235)])
+metainfo = dict(classes={classes!r}, palette={palette!r})
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', reduce_zero_label=False),
@@ -194,8 +196,9 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.1,
         init_cfg=None),
-    decode_head=dict(in_channels=[32, 64, 128, 256], channels=32, num_classes=4),
-    auxiliary_head=dict(in_channels=128, channels=32, num_classes=4))
+    decode_head=dict(in_channels=[32, 64, 128, 256], channels=32,
+                     num_classes={len(classes)}),
+    auxiliary_head=dict(in_channels=128, channels=32, num_classes={len(classes)}))
 train_cfg = dict(type='IterBasedTrainLoop', max_iters={max_iters}, val_interval={max_iters})
 default_hooks = dict(
     logger=dict(interval=1),
@@ -221,6 +224,8 @@ def cls_config_text(data_root: str, max_epochs: int = 2, img_size: int = 64,
                     seed: int = 0) -> str:
     """ResT-Lite ImageNet recipe (configs/rest_lite_imagenet.py, shrunk, epoch-based,
     Mixup/CutMix kept) classifying the first shape of each image."""
+    from mmrest.datasets import DEMO_CLASSES
+    classes = tuple(DEMO_CLASSES)
     data_root = data_root.rstrip('/') + '/'
     base = osp.join(REPO, 'configs', 'rest_lite_imagenet.py')
     return f"""_base_ = {base!r}
@@ -236,7 +241,7 @@ test_pipeline = [
     dict(type='Resize', scale=({img_size}, {img_size})),
     dict(type='PackInputs'),
 ]
-metainfo = dict(classes=('circle', 'square', 'triangle'))
+metainfo = dict(classes={classes!r})
 train_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
     dataset=dict(_delete_=True, type='CustomDataset', data_root=data_root,
@@ -250,8 +255,8 @@ val_dataloader = dict(
 test_dataloader = val_dataloader
 val_evaluator = dict(type='Accuracy', topk=(1, ))
 test_evaluator = val_evaluator
-data_preprocessor = dict(num_classes=3)
-model = dict(backbone=dict(init_cfg=None), head=dict(num_classes=3))
+data_preprocessor = dict(num_classes={len(classes)})
+model = dict(backbone=dict(init_cfg=None), head=dict(num_classes={len(classes)}))
 param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=True, begin=0, end=2,
                         convert_to_iter_based=True)]
 train_cfg = dict(by_epoch=True, max_epochs={max_epochs}, val_interval=1)
