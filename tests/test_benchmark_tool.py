@@ -102,6 +102,30 @@ def test_worker_timeout_is_reported_not_raised():
     assert out == {'error': 'timed out after 0.05 s'}
 
 
+def _serve_job(arch: str) -> dict:
+    return dict(job='serve', model=dict(family='rest', arch=arch), kind='infer', batch=1,
+                shape=[32, 48], warmup=1, threads=1, device='cpu')
+
+
+def test_interleaved_rounds_time_every_model_and_name_failures():
+    """Two workers alive at once, timed round by round; a model that fails to build is
+    reported with its error and does not stop the others."""
+    out = bm.run_interleaved({'lite': _serve_job('lite'), 'bad': _serve_job('tiny')},
+                             repeats=3, threads=1, timeout=300)
+    lite = out['lite']
+    assert len(lite['times']) == len(lite['cpu_times']) == 3
+    assert lite['median'] == sorted(lite['times'])[1] and all(t > 0 for t in lite['times'])
+    assert 0 < lite['baseline_rss'] <= lite['peak_rss']
+    assert lite['out_shapes'][0] == [1, 64, 8, 12]
+    assert set(out['bad']) == {'error'} and "'tiny'" in out['bad']['error']
+
+
+def test_interleaved_worker_timeout_is_reported_not_raised():
+    out = bm.run_interleaved({'lite': _serve_job('lite')}, repeats=1, threads=1,
+                             timeout=0.05)
+    assert out == {'lite': {'error': 'timed out after 0.05 s'}}
+
+
 # ------------------------------------------------------------------ ratios, tables
 def _entry(median, batch, peak, rss_base=100):
     return dict(median=median, batch=batch, peak_rss=peak, baseline_rss=rss_base,

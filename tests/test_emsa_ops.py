@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from mmrest.models.layers import emsa_ops
 from mmrest.models.layers.emsa import emsa_reference
 from mmrest.models.layers.emsa_ops import (AttentionFunction, EMSATransformFunction,
                                            emsa_fused)
@@ -25,6 +26,34 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: The layout rule, before the fixture below replaces it.
+default_query_major = emsa_ops._query_major
+
+
+@pytest.fixture(autouse=True, params=['head-major', 'query-major'])
+def scores_layout(request, monkeypatch):
+    """Every test runs with both layouts of the forward's score blocks (the default
+    picks one by batch size, threads and number of keys: head-major for these small
+    cases)."""
+    monkeypatch.setattr(emsa_ops, '_query_major',
+                        lambda batch, num_keys: request.param == 'query-major')
+    return request.param
+
+
+def test_layout_default_follows_the_number_of_keys():
+    """Query-major for one image at detection resolution (ResT-small at 800x1344: 1050
+    keys in every stage) on two threads; head-major at 224x224 (49 keys) and for as
+    many images as threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert default_query_major(1, 1050)
+        assert not default_query_major(1, 49)
+        assert not default_query_major(2, 1050)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def make_inputs(B: int, h: int, N: int, M: int, d: int,

@@ -17,13 +17,16 @@ fp32, eager, in three cases:
 * ``train_800``: a training step, 800x1344, batch 2: forward in train mode, the loss
   ``sum(out.mean() for out in outputs)``, backward (s/step; no optimizer step).
 
-Method: every (model, case) runs in a fresh subprocess of this script with a fixed number
-of threads (``torch.set_num_threads`` and ``OMP_NUM_THREADS``), a few untimed warm-up runs,
-then the median of several timed runs (``torch.inference_mode`` for inference). Memory is
-the subprocess's peak resident set size (``ru_maxrss``) over its whole life, i.e. imports,
-model, input and the case's runs; the RSS just before the first run (the baseline) is
-reported too. On a GPU (``--device cuda``) ``torch.cuda.max_memory_allocated`` of the case
-is reported as well.
+Method: every (model, case) runs in its own subprocess of this script with a fixed
+number of threads (``torch.set_num_threads`` and ``OMP_NUM_THREADS``), which builds the
+model and does a few untimed warm-up runs. The models of a case are then timed in
+interleaved rounds, one run of each per round (the order rotating), and the median per
+model is reported (``torch.inference_mode`` for inference): on a shared machine the speed
+drifts by 10% and more within minutes, and timing the models one after another turned
+that drift into their ratios. Memory is the subprocess's peak resident set size
+(``ru_maxrss``) over its whole life, i.e. imports, model, input and the case's runs; the
+RSS just before the first run (the baseline) is reported too. On a GPU (``--device
+cuda``) ``torch.cuda.max_memory_allocated`` of the case is reported as well.
 
 Efficiency: the model's multiply-accumulates (MACs) per image are counted with
 ``tools/analysis/get_flops.py`` (mmengine's FlopAnalyzer on a trace; ResT traced with
@@ -48,9 +51,11 @@ import os
 import os.path as osp
 import platform
 import resource
+import select
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -69,6 +74,8 @@ PEER_CONFIGS = {
 PEER_NAMES = {'pvt-t': 'mmdet PVT-tiny', 'pvtv2-b1': 'mmdet PVTv2-b1',
               'swin-t': 'mmdet Swin-T'}
 RESULT_TAG = 'BENCHMARK_RESULT '
+READY_TAG = 'BENCHMARK_READY'
+TIME_TAG = 'BENCHMARK_TIME '
 #: Exit status of a worker whose model raised (e.g. out of memory inside PyTorch).
 WORKER_ERROR = 3
 
@@ -250,19 +257,10 @@ def _timed_runs(step: Callable[[], None], warmup: int, repeats: int,
     return times, cpu_times
 
 
-def run_case(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Time one (model, case) in this process. Called in a fresh subprocess.
-
-    Args:
-        spec (dict): ``model`` (a :func:`build_model` spec), ``kind``, ``batch``,
-            ``shape``, ``warmup``, ``repeats``, ``threads``, ``device``.
-
-    Returns:
-        dict: ``times`` (s per run), ``cpu_times`` (process CPU s per run, all threads),
-        ``median``, ``baseline_rss`` (bytes, after imports,
-        model and input), ``peak_rss`` (bytes, the process's peak), ``cuda_max_allocated``
-        (bytes or None), ``out_shapes``.
-    """
+def _prepare_case(spec: Dict[str, Any]) -> Tuple[Callable[[], None], Callable[[], None],
+                                                Any, List[List[int]]]:
+    """Model, input and the step of one (model, case): returns ``(step, sync, device,
+    out_shapes)``; ``out_shapes`` fills in on the first step."""
     import torch
     _set_threads(spec['threads'])
     device = torch.device(spec['device'])
@@ -292,19 +290,69 @@ def run_case(spec: Dict[str, Any]) -> Dict[str, Any]:
                 out_shapes.extend(list(o.shape) for o in outs)
 
     sync()
-    baseline = _rss_bytes()
-    if cuda:
+    return step, sync, device, out_shapes
+
+
+def _case_memory(device: Any, out_shapes: List[List[int]]) -> Dict[str, Any]:
+    import torch
+    cuda = device.type == 'cuda'
+    return dict(peak_rss=_peak_rss_bytes(),
+                cuda_max_allocated=torch.cuda.max_memory_allocated(device) if cuda else None,
+                out_shapes=out_shapes)
+
+
+def _reset_cuda_peak(device: Any) -> None:
+    import torch
+    if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_case(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Time one (model, case) in this process, all its runs in a row.
+
+    Args:
+        spec (dict): ``model`` (a :func:`build_model` spec), ``kind``, ``batch``,
+            ``shape``, ``warmup``, ``repeats``, ``threads``, ``device``.
+
+    Returns:
+        dict: ``times`` (s per run), ``cpu_times`` (process CPU s per run, all threads),
+        ``median``, ``baseline_rss`` (bytes, after imports,
+        model and input), ``peak_rss`` (bytes, the process's peak), ``cuda_max_allocated``
+        (bytes or None), ``out_shapes``.
+    """
+    step, sync, device, out_shapes = _prepare_case(spec)
+    baseline = _rss_bytes()
+    _reset_cuda_peak(device)
     times, cpu_times = _timed_runs(step, spec['warmup'], spec['repeats'], sync)
-    return dict(
-        times=times,
-        cpu_times=cpu_times,
-        median=statistics.median(times),
-        baseline_rss=baseline,
-        peak_rss=_peak_rss_bytes(),
-        cuda_max_allocated=torch.cuda.max_memory_allocated(device) if cuda else None,
-        out_shapes=out_shapes,
-    )
+    return dict(times=times, cpu_times=cpu_times, median=statistics.median(times),
+                baseline_rss=baseline, **_case_memory(device, out_shapes))
+
+
+def serve_case(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Serve timed runs of one (model, case) on request, for interleaved rounds.
+
+    After the model, the input and the warm-up runs it prints ``READY``; then every
+    ``run`` line on stdin times one run and prints ``TIME`` with its wall-clock and CPU
+    seconds as JSON, until a ``done`` line.
+
+    Args:
+        spec (dict): As for :func:`run_case` (``repeats`` is unused).
+
+    Returns:
+        dict: As :func:`run_case`, without ``times``/``median`` (the parent has them).
+    """
+    step, sync, device, out_shapes = _prepare_case(spec)
+    baseline = _rss_bytes()
+    _reset_cuda_peak(device)
+    _timed_runs(step, spec['warmup'], 0, sync)
+    print(READY_TAG, flush=True)
+    for line in sys.stdin:
+        if line.strip() != 'run':
+            break
+        times, cpu_times = _timed_runs(step, 0, 1, sync)
+        print(TIME_TAG + json.dumps(dict(time=times[0], cpu_time=cpu_times[0])),
+              flush=True)
+    return dict(baseline_rss=baseline, **_case_memory(device, out_shapes))
 
 
 def run_matmul(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -394,7 +442,7 @@ def run_aux(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 WORKERS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
-    'case': run_case, 'aux': run_aux}
+    'case': run_case, 'serve': serve_case, 'aux': run_aux}
 
 
 def worker_main(payload: str) -> int:
@@ -420,6 +468,24 @@ def worker_main(payload: str) -> int:
 
 
 # ----------------------------------------------------------------------------- parent
+def _worker_command(spec: Dict[str, Any], threads: int) -> Tuple[List[str], Dict[str, str]]:
+    """Command line and environment of a worker subprocess with ``threads`` threads."""
+    env = dict(os.environ)
+    for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'):
+        env[var] = str(threads)
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
+    return [sys.executable, osp.abspath(__file__), '--worker', json.dumps(spec)], env
+
+
+def _exit_message(returncode: int, stderr: str) -> str:
+    """Why a worker ended without a result."""
+    if returncode < 0:
+        hint = ' (out of memory?)' if returncode == -9 else ''
+        return f'killed by signal {-returncode}{hint}'
+    tail = ' | '.join(stderr.strip().splitlines()[-3:])
+    return f'exit status {returncode}: {tail}'
+
+
 def run_worker(spec: Dict[str, Any], threads: int, timeout: float) -> Dict[str, Any]:
     """Run one job in a fresh subprocess of this script and return its result.
 
@@ -432,11 +498,7 @@ def run_worker(spec: Dict[str, Any], threads: int, timeout: float) -> Dict[str, 
         dict: The job's result, or ``{'error': message}`` if it failed, was killed (e.g.
         by the kernel when out of memory) or timed out.
     """
-    env = dict(os.environ)
-    for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'):
-        env[var] = str(threads)
-    env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
-    cmd = [sys.executable, osp.abspath(__file__), '--worker', json.dumps(spec)]
+    cmd, env = _worker_command(spec, threads)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=ROOT)
@@ -445,11 +507,148 @@ def run_worker(spec: Dict[str, Any], threads: int, timeout: float) -> Dict[str, 
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
-    if proc.returncode < 0:
-        hint = ' (out of memory?)' if proc.returncode == -9 else ''
-        return dict(error=f'killed by signal {-proc.returncode}{hint}')
-    tail = ' | '.join(proc.stderr.strip().splitlines()[-3:])
-    return dict(error=f'exit status {proc.returncode}: {tail}')
+    return dict(error=_exit_message(proc.returncode, proc.stderr))
+
+
+class CaseWorker:
+    """A :func:`serve_case` subprocess: times one run of its (model, case) on request.
+
+    Args:
+        spec (dict): The ``serve`` job.
+        threads (int): Intra-op threads of the subprocess.
+        timeout (float): Seconds allowed for start-up and warm-up, and for each run.
+    """
+
+    def __init__(self, spec: Dict[str, Any], threads: int, timeout: float) -> None:
+        cmd, env = _worker_command(spec, threads)
+        self.timeout = timeout
+        self.error: Optional[str] = None
+        self._buffer = b''
+        self._stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, env=env, cwd=ROOT)
+
+    def _fail(self, message: str) -> None:
+        if self.error is None:
+            self.error = message
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def _readline(self) -> Optional[str]:
+        """The worker's next stdout line, or None (and ``error`` set) on EOF/timeout."""
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + self.timeout
+        while b'\n' not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                self._fail(f'timed out after {self.timeout:g} s')
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                self.proc.wait()
+                self._stderr.seek(0)
+                stderr = self._stderr.read().decode(errors='replace')
+                self._fail(_exit_message(self.proc.returncode, stderr))
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b'\n', 1)
+        return line.decode(errors='replace')
+
+    def _expect(self, tag: str) -> Optional[str]:
+        """The payload of the next line starting with ``tag`` (other output is skipped);
+        a result line with an error (the worker raised) fails the worker."""
+        while self.error is None:
+            line = self._readline()
+            if line is None:
+                return None
+            if line.startswith(tag):
+                return line[len(tag):]
+            if line.startswith(RESULT_TAG):
+                self._fail(json.loads(line[len(RESULT_TAG):]).get(
+                    'error', 'unexpected result'))
+        return None
+
+    def _send(self, command: str) -> bool:
+        try:
+            self.proc.stdin.write(command.encode() + b'\n')
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self._expect(READY_TAG)  # collects the exit message
+            self._fail('worker exited')
+            return False
+        return True
+
+    def wait_ready(self) -> bool:
+        """Wait for the model, the input and the warm-up runs."""
+        return self._expect(READY_TAG) is not None
+
+    def run(self) -> Optional[Tuple[float, float]]:
+        """One timed run: (wall-clock s, process CPU s), or None if the worker failed."""
+        if self.error is not None or not self._send('run'):
+            return None
+        payload = self._expect(TIME_TAG)
+        if payload is None:
+            return None
+        timing = json.loads(payload)
+        return timing['time'], timing['cpu_time']
+
+    def finish(self) -> Dict[str, Any]:
+        """Stop the worker; its memory figures, or ``{'error': message}``."""
+        if self.error is None and self._send('done'):
+            payload = self._expect(RESULT_TAG)
+            if payload is not None:
+                self.proc.wait()
+                return json.loads(payload)
+        return dict(error=self.error)
+
+
+def run_interleaved(jobs: Dict[str, Dict[str, Any]], repeats: int, threads: int,
+                    timeout: float) -> Dict[str, Dict[str, Any]]:
+    """Time several (model, case) jobs in interleaved rounds.
+
+    Each job gets its own process; they start and warm up one after another, then every
+    round times one run of each (the order rotating by one per round), so that a drift
+    in the machine's speed (other tenants, thermal limits) affects all of them alike and
+    their ratios stay fair. Idle workers wait on a pipe and use no CPU.
+
+    Args:
+        jobs (dict): ``serve`` jobs by model key.
+        repeats (int): Rounds, i.e. timed runs per job.
+        threads (int): Intra-op threads of every worker.
+        timeout (float): Seconds allowed for a worker's start-up and warm-up, and for
+            each run.
+
+    Returns:
+        dict: Per model key, the :func:`run_case`-style result (``times``,
+        ``cpu_times``, ``median``, memory), or ``{'error': message}``.
+    """
+    workers: Dict[str, CaseWorker] = {}
+    try:
+        for key, job in jobs.items():
+            workers[key] = CaseWorker(job, threads, timeout)
+            workers[key].wait_ready()
+        keys = list(jobs)
+        timings: Dict[str, List[Tuple[float, float]]] = {key: [] for key in keys}
+        for r in range(repeats):
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                timing = workers[key].run()
+                if timing is not None:
+                    timings[key].append(timing)
+        results = {}
+        for key in keys:
+            result = workers[key].finish()
+            if 'error' not in result:
+                times = [t for t, _ in timings[key]]
+                result.update(times=times, cpu_times=[c for _, c in timings[key]],
+                              median=statistics.median(times))
+            results[key] = result
+        return results
+    finally:
+        for worker in workers.values():
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+                worker.proc.wait()
 
 
 def machine_info(threads: int, device: str) -> Dict[str, Any]:
@@ -642,7 +841,8 @@ def format_tables(report: Dict[str, Any]) -> str:
     out.append(machine)
     out.append(f'Command: `{report["settings"]["command"]}`; warm-up runs, then the median of '
                + ', '.join(f'{c["repeats"]} ({n})' for n, c in cases.items())
-               + ' timed runs, each (model, case) in a fresh process; peak RSS = the '
+               + ' timed runs, each (model, case) in its own process, the models of a '
+               'case in interleaved rounds (one run of each per round); peak RSS = the '
                'process\'s peak resident set size.')
     skipped = [f'{label} {name}' for key, label in report['models'].items()
                for name in cases if name not in report['results'].get(key, {})]
@@ -727,16 +927,18 @@ def run_benchmark(args: argparse.Namespace,
 
     for case in cases:
         batch, shape = _case_setup(case, args.quick)
-        repeats = _repeats(case, args)
-        for spec in specs:
-            if (case.kind == 'train' and 'all' not in args.train_models
-                    and spec.key not in args.train_models):
-                continue
-            job = dict(job='case', model=cfgs[spec.key], kind=case.kind, batch=batch,
-                       shape=list(shape), warmup=args.warmup, repeats=repeats,
-                       threads=args.threads, device=args.device)
-            t0 = time.perf_counter()
-            entry = run_worker(job, args.threads, args.timeout)
+        selected = [spec for spec in specs
+                    if case.kind != 'train' or 'all' in args.train_models
+                    or spec.key in args.train_models]
+        jobs = {spec.key: dict(job='serve', model=cfgs[spec.key], kind=case.kind,
+                               batch=batch, shape=list(shape), warmup=args.warmup,
+                               threads=args.threads, device=args.device)
+                for spec in selected}
+        t0 = time.perf_counter()
+        log(f'{case.name}: {len(jobs)} models, {_repeats(case, args)} interleaved rounds ...')
+        entries = run_interleaved(jobs, _repeats(case, args), args.threads, args.timeout)
+        for spec in selected:
+            entry = entries[spec.key]
             entry['batch'] = batch
             if 'error' not in entry:
                 entry.update(_result_value(case, entry['median'], batch))
@@ -746,11 +948,11 @@ def run_benchmark(args: argparse.Namespace,
                     entry['macs_per_image'] = mac
                     entry['gflops'] = 2 * factor * mac * batch / entry['median'] / 1e9
                 log(f'{case.name} {spec.label}: {entry["value"]:.3g} {entry["unit"]}, '
-                    f'peak RSS {_fmt_gib(entry["peak_rss"])} GiB '
-                    f'({time.perf_counter() - t0:.0f} s)')
+                    f'peak RSS {_fmt_gib(entry["peak_rss"])} GiB')
             else:
                 log(f'{case.name} {spec.label}: FAILED {entry["error"]}')
             report['results'].setdefault(spec.key, {})[case.name] = entry
+        log(f'{case.name}: {time.perf_counter() - t0:.0f} s')
 
     report['ratios'] = compute_ratios(report['results'], matmul.get('gflops'),
                                       report['cases'])

@@ -1,6 +1,7 @@
 """The ResT transformer block: pre-norm EMSA and MLP with stochastic depth."""
 from typing import Optional, Tuple
 
+import torch
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
@@ -25,7 +26,14 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        hidden = self.fc1(x)
+        if torch.is_grad_enabled():
+            hidden = self.act(hidden)
+        else:
+            # in place: the fresh hidden-sized buffer GELU would allocate costs as much
+            # as the GELU itself at detection resolution (page faults)
+            hidden = torch.ops.aten.gelu.out(hidden, out=hidden)
+        return self.drop(self.fc2(self.drop(hidden)))
 
 
 class ResTBlock(nn.Module):
@@ -80,5 +88,13 @@ class ResTBlock(nn.Module):
         self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = _add_residual(x, self.drop_path(self.attn(self.norm1(x), hw_shape)))
+        return _add_residual(x, self.drop_path(self.mlp(self.norm2(x))))
+
+
+def _add_residual(x: Tensor, branch: Tensor) -> Tensor:
+    """``x + branch``; without autograd, added into ``branch`` (a fresh tensor of the
+    block) instead of allocating a third one, where that gives the same result."""
+    if torch.is_grad_enabled() or branch.dtype != x.dtype or branch.shape != x.shape:
+        return x + branch
+    return branch.add_(x)

@@ -84,6 +84,13 @@ INSTANCE_NORM_EPS = 1e-5
 #: busy cores. See ``tools/analysis/bench_emsa.py`` (``--block-size``).
 DEFAULT_BLOCK_BYTES = 8 * 1024 * 1024
 
+#: Fewest keys at which the forward lays a block of scores out query-major when there
+#: are fewer batch items than threads (see ``_emsa_transform_forward``). Measured here
+#: with 2 threads and one image: 1050 keys (every stage at 800x1344) ran 15% faster
+#: query-major with 2 heads, 4% with 4 and 5% slower with 8; 49 keys (224x224) up to
+#: 40% slower. With 2 images, head-major was as fast or faster.
+QUERY_MAJOR_MIN_KEYS = 256
+
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -140,9 +147,32 @@ def _scores_block(qb: Tensor, kt: Tensor, weight: Tensor, raw: Tensor,
     return _softmax_(mixed.view(raw.shape))
 
 
+def _query_major(batch: int, num_keys: int) -> bool:
+    """Whether the forward lays a block of scores out query-major (see below).
+
+    Head-major, the head mixing runs in parallel over the batch items only.
+    """
+    return batch < torch.get_num_threads() and num_keys >= QUERY_MAJOR_MIN_KEYS
+
+
+def _mix_heads_query_major(weight: Tensor, x: Tensor, out: Tensor) -> Tensor:
+    """``out[i] = weight @ x[i]`` for x, out of shape (rows * B, heads, M)."""
+    return torch.bmm(weight.expand(x.shape[0], *weight.shape), x, out=out)
+
+
 def _emsa_transform_forward(q: Tensor, k: Tensor, v: Tensor, weight: Tensor,
                             eps: float, rows: int) -> Tuple[Tensor, Tensor]:
     """Query-blocked forward of EMSA with head mixing and instance norm.
+
+    By default a block of scores is laid out head-major, (B, heads, rows, M), and the
+    head mixing is one (heads x heads) @ (heads x rows * M) product per batch item,
+    run in parallel over the items. With fewer items than threads and many keys
+    (``M >= QUERY_MAJOR_MIN_KEYS``, e.g. one image at detection resolution) that leaves
+    threads idle, and the block is laid out query-major, (rows, B, heads, M): the heads
+    of one (query, key) pair sit ``M`` apart in a small (heads, M) matrix per query, and
+    the mixing is one batched (heads x heads) @ (heads x M) product over the queries,
+    in parallel. The (batch, head) pairs keep the single stride ``M``, so ``Q K^T`` and
+    ``P V`` stay one strided batched product each, without copies.
 
     Args:
         q (Tensor): Queries (B, heads, N, head_dim), any strides.
@@ -163,19 +193,33 @@ def _emsa_transform_forward(q: Tensor, k: Tensor, v: Tensor, weight: Tensor,
     bh = B * h
     dtype = q.dtype
     acc = _acc_dtype(dtype)
+    query_major = _query_major(B, M)
     # (B * heads, L, head_dim) views (copies only where B > 1 makes them necessary)
     qq = q.reshape(bh, N, d)
     kt = k.reshape(bh, M, d).transpose(1, 2)
     vv = v.reshape(bh, M, d)
-    o_raw = q.new_empty(bh, N, d)
-    rownorm = q.new_empty(bh, N, dtype=acc)
-    raw_buf = q.new_empty(bh * rows * M)
-    mixed_buf = q.new_empty(bh * rows * M)
+    raw_buf = q.new_empty(rows * bh * M)
+    mixed_buf = q.new_empty(rows * bh * M)
+    # per (batch, head) and query: the squared-norm statistics and the un-normalised
+    # output, indexed (B * heads, N[, head_dim]) whatever the layout
+    if query_major:
+        rownorm = q.new_empty(N, bh, dtype=acc).t()
+        o_raw = q.new_empty(N, bh, d).transpose(0, 1)
+    else:
+        rownorm = q.new_empty(bh, N, dtype=acc)
+        o_raw = q.new_empty(bh, N, d)
     for start in range(0, N, rows):
         n = min(rows, N - start)
-        probs = _scores_block(qq[:, start:start + n], kt, weight,
-                              raw_buf[:bh * n * M].view(bh, n, M),
-                              mixed_buf[:bh * n * M].view(B, h, n * M))
+        if query_major:
+            raw = raw_buf[:n * bh * M].view(n, bh, M)
+            mixed = mixed_buf[:n * bh * M].view(n, bh, M)
+            torch.bmm(qq[:, start:start + n], kt, out=raw.transpose(0, 1))
+            _mix_heads_query_major(weight, raw.view(n * B, h, M), mixed.view(n * B, h, M))
+            probs = _softmax_(mixed).transpose(0, 1)
+        else:
+            probs = _scores_block(qq[:, start:start + n], kt, weight,
+                                  raw_buf[:n * bh * M].view(bh, n, M),
+                                  mixed_buf[:n * bh * M].view(B, h, n * M))
         # Centre the block on the exact instance-norm mean 1/M before squaring and
         # before the product with V: with nearly uniform attention, P V - mean(V) and
         # mean(P^2) - 1/M^2 would cancel catastrophically in float32.
