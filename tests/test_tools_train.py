@@ -4,6 +4,7 @@ import json
 import math
 import os
 import os.path as osp
+import subprocess
 
 import pytest
 import torch
@@ -279,3 +280,28 @@ def test_cli_reports_data_error_in_one_line(data_copy):
     proc = run([PYTHON, TEST, config, osp.join(data, 'missing.pth')])
     assert proc.returncode == 1
     assert 'test.py: error: FileNotFoundError: checkpoint file not found' in proc.stderr
+
+
+def test_engine_parts_build_from_a_config_that_imports_only_mmrest():
+    """``custom_imports=['mmrest']`` is enough to name the hooks and the optimizer
+    wrapper: their registries import mmrest.engine on first use."""
+    code = '''
+import sys
+import torch
+from mmengine.config import Config
+from mmengine.registry import HOOKS, OPTIM_WRAPPERS
+cfg = Config(dict(custom_imports=dict(imports=['mmrest'], allow_failed_imports=False)))
+from mmengine.utils import import_modules_from_strings
+import_modules_from_strings(**cfg.custom_imports)
+assert 'mmrest.engine' not in sys.modules
+hook = HOOKS.build(dict(type='mmrest.AtomicCheckpointHook', interval=1))
+rng = HOOKS.build(dict(type='mmrest.RNGStateHook'))
+opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+wrapper = OPTIM_WRAPPERS.build(dict(type='mmrest.CPUAmpOptimWrapper', optimizer=opt))
+print(type(hook).__module__, type(rng).__name__, type(wrapper).__name__)
+'''
+    proc = subprocess.run([PYTHON, '-c', code], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ['mmrest.engine.hooks', 'RNGStateHook',
+                                   'CPUAmpOptimWrapper']

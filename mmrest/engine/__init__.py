@@ -8,7 +8,9 @@ Used by ``tools/train.py`` and ``tools/test.py``; with a runner of your own::
     runner = Runner.from_cfg(cfg)
 
 Importing this module registers ``mmrest.AtomicCheckpointHook``,
-``mmrest.RNGStateHook`` and ``mmrest.CPUAmpOptimWrapper``; it changes nothing else until
+``mmrest.RNGStateHook`` and ``mmrest.CPUAmpOptimWrapper`` in the registries of
+:mod:`mmrest.registry`, which import it lazily: a config that names them needs only
+``custom_imports=dict(imports=['mmrest'])``. It changes nothing else until
 :func:`setup_safe_loading` is called.
 """
 from .hooks import AtomicCheckpointHook, RNGStateHook
@@ -17,7 +19,7 @@ from .launch import (apply_reliability_hooks, checkpoint_templates, configure_am
                      load_tool_config, register_in_scope)
 from .optim import CPUAmpOptimWrapper
 from .preflight import DatasetCheckError, check_data_config, check_dataset
-from .registry import HOOKS, OPTIM_WRAPPERS
+from ..registry import HOOKS, OPTIM_WRAPPERS
 from .resume import (check_resume_path, checkpoint_candidates, find_resume_checkpoint,
                      inspect_checkpoint)
 from .safe_globals import (SAFE_GLOBAL_REASONS, mmengine_safe_globals,

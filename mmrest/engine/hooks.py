@@ -21,7 +21,7 @@ from mmengine.runner import IterBasedTrainLoop
 
 from ..utils.checkpoint import (CheckpointError, atomic_write, commit_file,
                                 remove_stale_temp_files)
-from .registry import HOOKS
+from ..registry import HOOKS
 
 MIN_KEEP_CKPTS = 2
 

@@ -14,7 +14,7 @@ import torch
 from mmengine.optim import OptimWrapper
 from torch import nn
 
-from .registry import OPTIM_WRAPPERS
+from ..registry import OPTIM_WRAPPERS
 
 
 @OPTIM_WRAPPERS.register_module()
