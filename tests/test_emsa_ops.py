@@ -203,11 +203,11 @@ def test_plain_attention_blocked_backward_bf16(two_threads):
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = emsa_fused(q, k, v, 0.25)
     assert out.dtype == torch.bfloat16 and torch.all(torch.isfinite(out))
-    assert max_err(out, ref) < TOL_BF16
+    assert max_err(out, ref) < TOL_BF16[1]
     grads = torch.autograd.grad(out, leaves(inputs), grad.to(out.dtype))
     for g, g_ref in zip(grads, ref_grads):
         assert torch.all(torch.isfinite(g))
-        assert max_err(g, g_ref) < TOL_BF16
+        assert max_err(g, g_ref) < TOL_BF16[1]
 
 
 def test_no_grad_path_equals_autograd_path():
@@ -292,8 +292,9 @@ def test_double_backward_is_refused():
 
 
 # bf16 autocast: errors relative to the fp32 result, scaled by max(1, max |fp32|).
-# Measured about 1e-2 for fused and reference alike (bfloat16 has 8 significant bits).
-TOL_BF16 = 0.05
+# One head (bfloat16 softmax attention): measured 0.005-0.007. With head mixing the fused
+# core runs in float32 and only its inputs and output are rounded: measured 0.002.
+TOL_BF16 = {1: 0.03, 4: 0.01}
 
 
 @pytest.mark.parametrize('h', [1, 4])
@@ -308,20 +309,21 @@ def test_bf16_autocast_is_finite_and_close(h):
     if h > 1:
         assert out.dtype == torch.bfloat16
     assert torch.all(torch.isfinite(out))
-    assert max_err(out, ref) < TOL_BF16
+    assert max_err(out, ref) < TOL_BF16[h]
     grads = torch.autograd.grad(out, leaves(inputs), grad.to(out.dtype))
     for g, g_ref in zip(grads[:3], ref_grads[:3]):
         assert g.dtype == torch.float32  # the leaves' dtype
         assert torch.all(torch.isfinite(g))
-        assert max_err(g, g_ref) < TOL_BF16
+        assert max_err(g, g_ref) < TOL_BF16[h]
 
 
 def test_bf16_autocast_nearly_uniform_attention_stays_finite():
     """Near-uniform attention (var << eps) is where the normalisation amplifies most.
 
-    In bfloat16 both implementations lose the small deviations from uniform here (the
-    output is about 0.05 in float32); the fused one must be finite and no worse than the
-    reference under the same autocast.
+    The reference, whose core runs in bfloat16 under autocast, loses the small
+    deviations from uniform here (the output is about 0.05 in float32; its error is as
+    large, measured 0.05); the fused one, whose core runs in float32, keeps them
+    (measured 1e-4).
     """
     q, k, v, weight, bias, _ = make_inputs(1, 2, 200, 64, 8, requires_grad=False)
     q = q * 1e-3
@@ -329,8 +331,8 @@ def test_bf16_autocast_nearly_uniform_attention_stays_finite():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = emsa_fused(q, k, v, 0.1, weight, bias)
         ref_bf16 = emsa_reference(q, k, v, 0.1, weight, bias)
-    assert torch.all(torch.isfinite(out))
-    assert max_err(out, ref) <= max_err(ref_bf16, ref) + 0.01
+    assert torch.all(torch.isfinite(out)) and out.dtype == torch.bfloat16
+    assert max_err(out, ref) < 1e-3 < 0.02 < max_err(ref_bf16, ref)
 
 
 def saved_bytes(fn) -> Tuple[int, int]:

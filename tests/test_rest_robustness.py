@@ -29,16 +29,19 @@ from mmrest.models import ResT
 
 # bfloat16 autocast vs float32: relative L2 error ||a - b|| / ||b|| of each stage output,
 # of all parameter gradients and of the input gradient (ResT-Lite with the authors'
-# initialisation, 2x3x96x128). Measured (fused / reference EMSA): stages 0.008 / 0.008,
-# 0.18 / 0.13, 0.32 / 0.21, 0.48 / 0.44; parameter gradients 0.43 / 0.38; input gradient
-# 0.19 / 0.16. The error comes from the attention core in bfloat16: the instance norm
-# subtracts the mean of nearly uniform softmax maps, which cancels most of bfloat16's 8
-# bits (with that core in float32 the errors are 0.008, 0.009, 0.011, 0.013; 0.04; 0.06).
-AUTOCAST_TOL = dict(stages=(0.02, 0.3, 0.5, 0.7), param_grads=0.7, input_grad=0.35)
+# initialisation, 2x3x96x128). The fused EMSA runs its core with head mixing in float32
+# (measured: stages 0.008, 0.009, 0.011, 0.012; parameter gradients 0.040; input gradient
+# 0.063). The reference runs it in bfloat16, where the instance norm of nearly uniform
+# softmax maps cancels most of bfloat16's 8 bits (measured: 0.008, 0.035, 0.17, 0.34;
+# 0.34; 0.14); its bounds only check that it stays finite and in range.
+AUTOCAST_TOL = {
+    'fused': dict(stages=(0.02, 0.02, 0.025, 0.03), param_grads=0.08, input_grad=0.12),
+    'reference': dict(stages=(0.02, 0.3, 0.5, 0.7), param_grads=0.7, input_grad=0.35),
+}
 # A bfloat16 / float16 model (module.to(dtype)) vs float32, relative L2 error per stage;
-# measured: bfloat16 0.007, 0.16, 0.28, 0.44; float16 0.0009, 0.021, 0.036, 0.066.
-LOW_PRECISION_TOL = {torch.bfloat16: (0.02, 0.3, 0.5, 0.7),
-                     torch.float16: (0.005, 0.05, 0.08, 0.15)}
+# measured: bfloat16 0.007, 0.008, 0.010, 0.013; float16 0.0009, 0.0011, 0.0014, 0.0017.
+LOW_PRECISION_TOL = {torch.bfloat16: (0.02, 0.02, 0.025, 0.03),
+                     torch.float16: (0.003, 0.003, 0.004, 0.005)}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -193,13 +196,14 @@ def test_bfloat16_autocast_forward_backward(attn_impl):
 
     outs32, grads32, gx32 = run(False)
     outs16, grads16, gx16 = run(True)
+    tol = AUTOCAST_TOL[attn_impl]
     for i, (o16, o32) in enumerate(zip(outs16, outs32)):
         assert o16.dtype == torch.bfloat16 and torch.isfinite(o16).all()
         err = rel_err(o16, o32)
-        assert err < AUTOCAST_TOL['stages'][i], f'stage {i}: relative error {err:.3g}'
+        assert err < tol['stages'][i], f'stage {i}: relative error {err:.3g}'
     assert torch.isfinite(grads16).all() and torch.isfinite(gx16).all()
-    assert rel_err(grads16, grads32) < AUTOCAST_TOL['param_grads']
-    assert rel_err(gx16, gx32) < AUTOCAST_TOL['input_grad']
+    assert rel_err(grads16, grads32) < tol['param_grads']
+    assert rel_err(gx16, gx32) < tol['input_grad']
 
 
 # ------------------------------------------------------------------ property-based

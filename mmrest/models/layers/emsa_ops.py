@@ -58,13 +58,15 @@ Limits: where a head's map has one element (N = M = 1), and wherever there is a 
 key (M = 1), the variance is 0 and the normalised map and the output are exactly 0, as in
 the reference.
 
-Mixed precision: under ``torch.autocast('cpu', dtype=torch.bfloat16)`` the queries, keys
-and values are cast to bfloat16 and the score blocks, softmax and matmuls run in
-bfloat16 (as the reference does under autocast), while the sums of squared
-probabilities, the instance-norm statistics and the gradient accumulators are float32,
-so the result stays finite. The output is bfloat16; the normalisation divides by
-``s >= sqrt(eps)``, which amplifies bfloat16 rounding: errors are about 1e-2 of the
-output's scale against float32, the same order as the reference's under autocast.
+Mixed precision: under ``torch.autocast`` (CPU bfloat16, CUDA float16/bfloat16), or with
+bfloat16/float16 inputs, the core with head mixing runs in float32 and its output is cast
+to the low-precision dtype. The instance norm divides the centred probabilities
+:math:`P - 1/M`, which nearly cancel, by :math:`s \ge \sqrt{\epsilon}`; computed in
+bfloat16 that loses most of their bits (the reference, which runs the core in bfloat16
+under CPU autocast, is off by 20-45% at stages 2-4 of ResT-Lite). Plain softmax attention
+(one head) has no such amplification and runs in the low-precision dtype. The blocked
+functions also accept low-precision tensors directly; they then keep the statistics and
+gradient accumulators in float32.
 """
 from typing import Optional, Tuple
 
@@ -343,7 +345,7 @@ class EMSATransformFunction(torch.autograd.Function):
         Returns:
             Tensor: Output (B, N, heads, head_dim), contiguous.
         """
-        with torch.autocast('cpu', enabled=False):
+        with torch.autocast(q.device.type, enabled=False):
             w_scaled = _scaled_mixing(weight, scale, q.dtype)
             out, std = _emsa_transform_forward(q, k, v, w_scaled, eps, rows)
         ctx.save_for_backward(q, k, v, w_scaled, out, std)
@@ -358,7 +360,7 @@ class EMSATransformFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         """Backward; the bias gradient is exactly 0."""
         q, k, v, w_scaled, out, std = ctx.saved_tensors
-        with torch.autocast('cpu', enabled=False):
+        with torch.autocast(q.device.type, enabled=False):
             grad_q, grad_k, grad_v, grad_w = _emsa_transform_backward(
                 grad_out, q, k, v, w_scaled, out, std, ctx.rows)
         h = w_scaled.shape[0]
@@ -432,7 +434,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, rows: int) -> Tensor:
         """``softmax(scale q k^T) v`` for (B, heads, L, head_dim) inputs of one dtype."""
-        with torch.autocast('cpu', enabled=False):
+        with torch.autocast(q.device.type, enabled=False):
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
@@ -444,7 +446,7 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         """Backward."""
         q, k, v = ctx.saved_tensors
-        with torch.autocast('cpu', enabled=False):
+        with torch.autocast(q.device.type, enabled=False):
             grads = _attention_backward(grad_out, q, k, v, ctx.scale, ctx.rows)
         return grads + (None, None)
 
@@ -503,10 +505,17 @@ def emsa_fused(q: Tensor,
     if transform_weight is None and not (needs_grad
                                          and _blocked_attention_backward_pays(B * h)):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    device = q.device.type
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    if torch.is_autocast_enabled('cpu') and dtype.is_floating_point:
-        dtype = torch.get_autocast_dtype('cpu')
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if torch.is_autocast_enabled(device) and dtype.is_floating_point:
+        dtype = torch.get_autocast_dtype(device)
+    # With head mixing, the instance norm divides the centred probabilities P - 1/M,
+    # which nearly cancel, by s >= sqrt(eps): in bfloat16 or float16 that loses most of
+    # their bits (errors of 30-50% of the output at stages 3-4 of ResT-Lite in bfloat16),
+    # so that core runs in float32 and only its output is cast back.
+    compute = (torch.float32 if transform_weight is not None and dtype in _LOW_PRECISION
+               else dtype)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
     rows = _block_rows(block_size, B * h, k.shape[2], N, q.element_size())
     if transform_weight is None:
         return AttentionFunction.apply(q, k, v, scale, rows)
@@ -514,8 +523,8 @@ def emsa_fused(q: Tensor,
         out = EMSATransformFunction.apply(q, k, v, transform_weight, transform_bias,
                                           scale, eps, rows)
     else:
-        with torch.autocast('cpu', enabled=False):
+        with torch.autocast(device, enabled=False):
             out = _emsa_transform_forward(q, k, v,
-                                          _scaled_mixing(transform_weight, scale, dtype),
+                                          _scaled_mixing(transform_weight, scale, compute),
                                           eps, rows)[0]
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).to(dtype)
