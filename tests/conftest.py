@@ -80,3 +80,16 @@ def double_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def to_double() -> Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
     """The function :func:`double_state_dict`."""
     return double_state_dict
+
+
+@pytest.fixture(scope='module')
+def one_intra_op_thread():
+    """One intra-op thread for a test module of small cases (``pytestmark``).
+
+    Their ops take microseconds, so OpenMP fork/joins would dominate them (and make the
+    file slow on a busy machine); what they check does not depend on the thread count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,17 +15,8 @@ CONFIGS = list(itertools.product([8, 4, 2, 1], [1, 2, 4, 8]))
 HW_SHAPES = [(25, 33), (1, 1), (3, 2)]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_intra_op_thread():
-    """Run this file's small cases on one intra-op thread.
-
-    Their ops take microseconds, so OpenMP fork/joins would dominate them (and make the
-    file slow on a busy machine); what they check does not depend on the thread count.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: Small cases whose ops take microseconds: on one intra-op thread (see conftest.py).
+pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,17 +15,8 @@ from mmrest.models.layers.emsa_ops import (AttentionFunction, EMSATransformFunct
 TOL_FP32 = 1e-4
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_intra_op_thread():
-    """Run this file's small cases on one intra-op thread.
-
-    Their ops take microseconds, so OpenMP fork/joins would dominate them (and make the
-    file slow on a busy machine); what they check does not depend on the thread count.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: Small cases whose ops take microseconds: on one intra-op thread (see conftest.py).
+pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
 
 
 #: The layout rule, before the fixture below replaces it.

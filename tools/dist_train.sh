@@ -12,26 +12,11 @@
 # Environment: NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), PORT (29500),
 #   PYTHON (python): the interpreter to run.
 set -euo pipefail
+# shellcheck source=tools/_launch.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
 
-if [[ $# -lt 2 ]]; then
-  echo "usage: $0 CONFIG NPROC_PER_NODE [train.py options]" >&2
-  exit 2
-fi
+usage_unless 2 $# "CONFIG NPROC_PER_NODE [train.py options]"
 CONFIG=$1
 NPROC=$2
 shift 2
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-PYTHON=${PYTHON:-python}
-TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-
-PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \
-exec "$PYTHON" -m torch.distributed.run \
-  --nnodes="$NNODES" \
-  --node_rank="$NODE_RANK" \
-  --master_addr="$MASTER_ADDR" \
-  --master_port="$PORT" \
-  --nproc_per_node="$NPROC" \
-  "$TOOLS/train.py" "$CONFIG" --launcher pytorch "$@"
+torchrun_tool "$NPROC" train.py "$CONFIG" --launcher pytorch "$@"

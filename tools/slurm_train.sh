@@ -8,31 +8,14 @@
 #   PYTHON (python).
 # Resume a killed or preempted job with the same command plus --resume.
 set -euo pipefail
+# shellcheck source=tools/_launch.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
 
-if [[ $# -lt 4 ]]; then
-  echo "usage: $0 PARTITION JOB_NAME CONFIG WORK_DIR [train.py options]" >&2
-  exit 2
-fi
+usage_unless 4 $# "PARTITION JOB_NAME CONFIG WORK_DIR [train.py options]"
 PARTITION=$1
 JOB_NAME=$2
 CONFIG=$3
 WORK_DIR=$4
 shift 4
-GPUS=${GPUS:-8}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-CPUS_PER_TASK=${CPUS_PER_TASK:-5}
-SRUN_ARGS=${SRUN_ARGS:-""}
-PYTHON=${PYTHON:-python}
-TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-
-# shellcheck disable=SC2086  # SRUN_ARGS is a list of options
-PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \
-srun -p "$PARTITION" \
-  --job-name="$JOB_NAME" \
-  --gres="gpu:$GPUS_PER_NODE" \
-  --ntasks="$GPUS" \
-  --ntasks-per-node="$GPUS_PER_NODE" \
-  --cpus-per-task="$CPUS_PER_TASK" \
-  --kill-on-bad-exit=1 \
-  $SRUN_ARGS \
-  "$PYTHON" -u "$TOOLS/train.py" "$CONFIG" --work-dir="$WORK_DIR" --launcher slurm "$@"
+slurm_tool "$PARTITION" "$JOB_NAME" train.py "$CONFIG" --work-dir="$WORK_DIR" \
+  --launcher slurm "$@"

@@ -33,7 +33,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     Returns:
         argparse.Namespace: The parsed arguments.
     """
-    from mmengine.config import DictAction
+    from mmrest.engine import add_common_tool_arguments, parse_tool_arguments
     parser = argparse.ArgumentParser(description='Evaluate a checkpoint')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
@@ -49,28 +49,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--metrics-out', help='JSON file of the metrics (default: '
         '<work dir>/test_metrics.json)')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override settings of the config, key=value')
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-    parser.add_argument(
-        '--data-check-images',
-        type=int,
-        default=16,
-        help='images decoded by the pre-flight data check (-1: all, 0: none)')
-    parser.add_argument(
-        '--no-data-check', action='store_true', help='skip the pre-flight data check')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_common_tool_arguments(parser)
+    return parse_tool_arguments(parser, argv)
 
 
 def _enable_visualization(cfg, args: argparse.Namespace) -> None:

@@ -43,7 +43,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     Returns:
         argparse.Namespace: The parsed arguments.
     """
-    from mmengine.config import DictAction
+    from mmrest.engine import add_common_tool_arguments, parse_tool_arguments
     parser = argparse.ArgumentParser(description='Train a model from an OpenMMLab config')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
@@ -65,31 +65,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         action='store_true',
         help='scale the learning rate linearly with the total batch size '
         '(auto_scale_lr.base_batch_size in the config)')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override settings of the config, key=value (nested keys with dots, lists '
-        'as key="[a,b]" or key=a,b)')
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-    parser.add_argument(
-        '--data-check-images',
-        type=int,
-        default=16,
-        help='images decoded per dataset by the pre-flight data check (-1: all, '
-        '0: none)')
-    parser.add_argument(
-        '--no-data-check', action='store_true', help='skip the pre-flight data check')
-    # torch.distributed.launch passes --local-rank (newer) or --local_rank (older)
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_common_tool_arguments(parser)
+    return parse_tool_arguments(parser, argv)
 
 
 def build_config(args: argparse.Namespace):

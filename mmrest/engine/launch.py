@@ -1,4 +1,5 @@
-"""Config adjustments shared by ``tools/train.py`` and ``tools/test.py``."""
+"""Command line and config adjustments shared by ``tools/train.py`` and ``tools/test.py``."""
+import argparse
 import os
 import os.path as osp
 import subprocess
@@ -9,6 +10,54 @@ import torch
 RELIABLE_CHECKPOINT_HOOK = 'mmrest.AtomicCheckpointHook'
 RNG_STATE_HOOK = 'mmrest.RNGStateHook'
 CPU_AMP_WRAPPER = 'mmrest.CPUAmpOptimWrapper'
+
+
+def add_common_tool_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options both tools take: ``--cfg-options``, ``--launcher``, the pre-flight
+    data check (``--data-check-images``, ``--no-data-check``) and ``--local-rank``.
+
+    Args:
+        parser (argparse.ArgumentParser): The tool's parser, extended in place.
+    """
+    from mmengine.config import DictAction
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, key=value (nested keys with dots, lists '
+        'as key="[a,b]" or key=a,b)')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument(
+        '--data-check-images',
+        type=int,
+        default=16,
+        help='images decoded per dataset by the pre-flight data check (-1: all, '
+        '0: none)')
+    parser.add_argument(
+        '--no-data-check', action='store_true', help='skip the pre-flight data check')
+    # torch.distributed.launch passes --local-rank (newer) or --local_rank (older)
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_tool_arguments(parser: argparse.ArgumentParser,
+                         argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse a tool's command line; sets ``LOCAL_RANK`` from ``--local-rank`` if unset.
+
+    Args:
+        parser (argparse.ArgumentParser): A parser with :func:`add_common_tool_arguments`.
+        argv (list[str], optional): Arguments. Defaults to None (``sys.argv``).
+
+    Returns:
+        argparse.Namespace: The parsed arguments.
+    """
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
 
 
 def _type_name(value: Any) -> str:

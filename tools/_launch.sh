@@ -1,0 +1,49 @@
+# Shared by tools/dist_{train,test}.sh and tools/slurm_{train,test}.sh: sourced, not run.
+#
+# Environment: PYTHON (python): the interpreter. torchrun: NNODES (1), NODE_RANK (0),
+#   MASTER_ADDR (127.0.0.1), PORT (29500). Slurm: GPUS (8, total), GPUS_PER_NODE (8),
+#   CPUS_PER_TASK (5), SRUN_ARGS (extra srun options).
+
+TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON=${PYTHON:-python}
+# mmrest and the configs' custom imports resolve from the repository without installing
+export PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}"
+
+# usage_unless MIN_ARGS GIVEN USAGE: exit 2 with USAGE when fewer than MIN_ARGS arguments
+usage_unless() {
+  if [[ $2 -lt $1 ]]; then
+    echo "usage: $0 $3" >&2
+    exit 2
+  fi
+}
+
+# torchrun_tool NPROC_PER_NODE SCRIPT [ARGS...]: tools/SCRIPT ARGS in NPROC_PER_NODE
+# processes on each of NNODES machines
+torchrun_tool() {
+  local nproc=$1 script=$2
+  shift 2
+  exec "$PYTHON" -m torch.distributed.run \
+    --nnodes="${NNODES:-1}" \
+    --node_rank="${NODE_RANK:-0}" \
+    --master_addr="${MASTER_ADDR:-127.0.0.1}" \
+    --master_port="${PORT:-29500}" \
+    --nproc_per_node="$nproc" \
+    "$TOOLS/$script" "$@"
+}
+
+# slurm_tool PARTITION JOB_NAME SCRIPT [ARGS...]: tools/SCRIPT ARGS as GPUS Slurm tasks,
+# one per GPU
+slurm_tool() {
+  local partition=$1 job_name=$2 script=$3
+  shift 3
+  # shellcheck disable=SC2086  # SRUN_ARGS is a list of options
+  exec srun -p "$partition" \
+    --job-name="$job_name" \
+    --gres="gpu:${GPUS_PER_NODE:-8}" \
+    --ntasks="${GPUS:-8}" \
+    --ntasks-per-node="${GPUS_PER_NODE:-8}" \
+    --cpus-per-task="${CPUS_PER_TASK:-5}" \
+    --kill-on-bad-exit=1 \
+    ${SRUN_ARGS:-} \
+    "$PYTHON" -u "$TOOLS/$script" "$@"
+}
