@@ -64,9 +64,8 @@ to the low-precision dtype. The instance norm divides the centred probabilities
 :math:`P - 1/M`, which nearly cancel, by :math:`s \ge \sqrt{\epsilon}`; computed in
 bfloat16 that loses most of their bits (the reference, which runs the core in bfloat16
 under CPU autocast, is off by 20-45% at stages 2-4 of ResT-Lite). Plain softmax attention
-(one head) has no such amplification and runs in the low-precision dtype. The blocked
-functions also accept low-precision tensors directly; they then keep the statistics and
-gradient accumulators in float32.
+(one head) has no such amplification and runs in the low-precision dtype; its blocked
+backward (:class:`AttentionFunction`) keeps the gradient accumulators in float32.
 """
 from typing import Optional, Tuple
 
@@ -187,14 +186,13 @@ def _emsa_transform_forward(q: Tensor, k: Tensor, v: Tensor, weight: Tensor,
 
     Returns:
         tuple[Tensor, Tensor]: The output, contiguous in the layout
-        (B, N, heads, head_dim), and the instance-norm std ``s`` (B, heads) in float32
-        (float64 for float64 inputs).
+        (B, N, heads, head_dim), and the instance-norm std ``s`` (B, heads), in the dtype
+        of q (float32 or float64: :func:`emsa_fused` runs this core in float32 for
+        low-precision inputs).
     """
     B, h, N, d = q.shape
     M = k.shape[2]
     bh = B * h
-    dtype = q.dtype
-    acc = _acc_dtype(dtype)
     query_major = _query_major(B, M)
     # (B * heads, L, head_dim) views (copies only where B > 1 makes them necessary)
     qq = q.reshape(bh, N, d)
@@ -205,10 +203,10 @@ def _emsa_transform_forward(q: Tensor, k: Tensor, v: Tensor, weight: Tensor,
     # per (batch, head) and query: the squared-norm statistics and the un-normalised
     # output, indexed (B * heads, N[, head_dim]) whatever the layout
     if query_major:
-        rownorm = q.new_empty(N, bh, dtype=acc).t()
+        rownorm = q.new_empty(N, bh).t()
         o_raw = q.new_empty(N, bh, d).transpose(0, 1)
     else:
-        rownorm = q.new_empty(bh, N, dtype=acc)
+        rownorm = q.new_empty(bh, N)
         o_raw = q.new_empty(bh, N, d)
     for start in range(0, N, rows):
         n = min(rows, N - start)
@@ -226,15 +224,14 @@ def _emsa_transform_forward(q: Tensor, k: Tensor, v: Tensor, weight: Tensor,
         # before the product with V: with nearly uniform attention, P V - mean(V) and
         # mean(P^2) - 1/M^2 would cancel catastrophically in float32.
         probs.sub_(1.0 / M)
-        torch.linalg.vector_norm(probs, dim=-1, dtype=acc,
-                                 out=rownorm[:, start:start + n])
+        torch.linalg.vector_norm(probs, dim=-1, out=rownorm[:, start:start + n])
         torch.bmm(probs, vv, out=o_raw[:, start:start + n])
     # instance-norm variance: mean((P - 1/M)^2)
     std = rownorm.square_().sum(-1).div_(N * M).add_(eps).sqrt_()
     # out = (P - 1/M) V / s, written in the (B, N, h, d) layout
     out = q.new_empty(B, N, h, d)
     torch.mul(o_raw.view(B, h, N, d).transpose(1, 2),
-              std.reciprocal().to(dtype).view(B, 1, h, 1), out=out)
+              std.reciprocal().view(B, 1, h, 1), out=out)
     return out, std.view(B, h)
 
 
@@ -255,22 +252,20 @@ def _emsa_transform_backward(
 
     Returns:
         tuple[Tensor, Tensor, Tensor, Tensor]: Gradients of q (B, heads, N, head_dim),
-        k and v (B, heads, M, head_dim) in the dtype of q, and of ``weight``
-        (heads, heads) in the statistics dtype.
+        k and v (B, heads, M, head_dim), and of ``weight`` (heads, heads), in the dtype
+        of q (float32 or float64: :func:`emsa_fused` runs this core in float32 for
+        low-precision inputs).
     """
     B, h, N, d = q.shape
     M = k.shape[2]
     bh = B * h
-    dtype = q.dtype
-    acc = _acc_dtype(dtype)
-    low = dtype in _LOW_PRECISION
     inv = std.reciprocal()  # (B, h)
     # c = -sum(G * out) / (s^2 N M), per (batch, head)
-    g_dot_out = torch.einsum('bnhd,bnhd->bh', grad_out.to(acc), out.to(acc))
-    c = g_dot_out.mul_(inv.square()).div_(-N * M).to(dtype).view(bh, 1, 1)
+    g_dot_out = torch.einsum('bnhd,bnhd->bh', grad_out, out)
+    c = g_dot_out.mul_(inv.square()).div_(-N * M).view(bh, 1, 1)
     # G / s in the (B * h, N, d) layout of the blocks
     g_scaled = q.new_empty(bh, N, d)
-    torch.mul(grad_out.permute(0, 2, 1, 3), inv.to(dtype).view(B, h, 1, 1),
+    torch.mul(grad_out.permute(0, 2, 1, 3), inv.view(B, h, 1, 1),
               out=g_scaled.view(B, h, N, d))
 
     qq = q.reshape(bh, N, d)
@@ -278,10 +273,9 @@ def _emsa_transform_backward(
     kt = kk.transpose(1, 2)
     vt = v.reshape(bh, M, d).transpose(1, 2)
     grad_q = q.new_empty(bh, N, d)
-    # low-precision inputs: accumulate over blocks in float32
-    grad_k = torch.zeros(bh, M, d, dtype=acc if low else dtype)
-    grad_v = torch.zeros(bh, M, d, dtype=acc if low else dtype)
-    grad_w = torch.zeros(B, h, h, dtype=acc if low else dtype)
+    grad_k = q.new_zeros(bh, M, d)
+    grad_v = q.new_zeros(bh, M, d)
+    grad_w = q.new_zeros(B, h, h)
     weight_t = weight.t()
     raw_buf = q.new_empty(bh * rows * M)
     mixed_buf = q.new_empty(bh * rows * M)
@@ -300,23 +294,16 @@ def _emsa_transform_backward(
         gs_bh = gs.view(B, h, n * M)
         raw_bh = raw.view(B, h, n * M)
         # dW' = dS' S^T, summed over the batch below
-        if low:
-            grad_w.add_(torch.bmm(gs_bh, raw_bh.transpose(1, 2)))
-        else:
-            grad_w.baddbmm_(gs_bh, raw_bh.transpose(1, 2))
+        grad_w.baddbmm_(gs_bh, raw_bh.transpose(1, 2))
         # dS = W'^T dS', overwriting the raw scores
         dsc = _mix_heads(weight_t, gs_bh, raw_bh).view(bh, n, M)
         torch.bmm(dsc, kk, out=grad_q[:, start:start + n])
         # dV = (P - 1/M)^T G / s: the mean-of-values term folded into the block
         attn = probs.sub_(1.0 / M).transpose(1, 2)
-        if low:
-            grad_k.add_(torch.bmm(dsc.transpose(1, 2), qb))
-            grad_v.add_(torch.bmm(attn, gb))
-        else:
-            grad_k.baddbmm_(dsc.transpose(1, 2), qb)
-            grad_v.baddbmm_(attn, gb)
-    return (grad_q.view(B, h, N, d), grad_k.view(B, h, M, d).to(dtype),
-            grad_v.view(B, h, M, d).to(dtype), grad_w.sum(0, dtype=acc))
+        grad_k.baddbmm_(dsc.transpose(1, 2), qb)
+        grad_v.baddbmm_(attn, gb)
+    return (grad_q.view(B, h, N, d), grad_k.view(B, h, M, d), grad_v.view(B, h, M, d),
+            grad_w.sum(0))
 
 
 class EMSATransformFunction(torch.autograd.Function):
