@@ -143,33 +143,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         argv (list[str], optional): Command line. Defaults to None (``sys.argv``).
     """
     args = parse_args(argv)
-    from mmrest.engine import check_data_config, init_cpu_distributed, setup_safe_loading
+    from mmrest.engine import (build_runner, check_data_config, init_cpu_distributed,
+                               setup_safe_loading)
     setup_safe_loading()
     cfg = build_config(args)
     if not args.no_data_check:
         check_data_config(cfg, splits=('train', 'val'), max_images=args.data_check_images)
     init_cpu_distributed(cfg, args.launcher)
 
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
+    runner = build_runner(cfg)
     runner.train()
 
 
-def cli() -> None:
-    """Run :func:`main`; data and checkpoint problems end with a one-line message."""
-    from mmrest.engine import DatasetCheckError
-    from mmrest.utils import CheckpointError
-    try:
-        main()
-    except (DatasetCheckError, CheckpointError, FileNotFoundError) as err:
-        print(f'{osp.basename(__file__)}: error: {type(err).__name__}: {err}',
-              file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == '__main__':
-    cli()
+    from mmrest.engine import run_tool_cli
+    run_tool_cli(main, osp.basename(__file__))

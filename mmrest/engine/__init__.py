@@ -14,10 +14,10 @@ Importing this module registers ``mmrest.AtomicCheckpointHook``,
 :func:`setup_safe_loading` is called.
 """
 from .hooks import AtomicCheckpointHook, RNGStateHook
-from .launch import (add_common_tool_arguments, apply_reliability_hooks,
+from .launch import (add_common_tool_arguments, apply_reliability_hooks, build_runner,
                      checkpoint_templates, configure_amp, cpu_amp_config_fix,
                      default_work_dir, init_cpu_distributed, load_tool_config,
-                     parse_tool_arguments, register_in_scope)
+                     parse_tool_arguments, register_in_scope, run_tool_cli)
 from .optim import CPUAmpOptimWrapper
 from .preflight import DatasetCheckError, check_data_config, check_dataset
 from ..registry import HOOKS, OPTIM_WRAPPERS
@@ -29,9 +29,9 @@ from .safe_globals import (SAFE_GLOBAL_REASONS, mmengine_safe_globals,
 __all__ = [
     'AtomicCheckpointHook', 'RNGStateHook', 'CPUAmpOptimWrapper', 'HOOKS', 'OPTIM_WRAPPERS',
     'DatasetCheckError', 'SAFE_GLOBAL_REASONS', 'add_common_tool_arguments',
-    'apply_reliability_hooks', 'check_data_config', 'check_dataset', 'check_resume_path',
-    'checkpoint_candidates', 'checkpoint_templates', 'configure_amp', 'cpu_amp_config_fix',
+    'apply_reliability_hooks', 'build_runner', 'check_data_config', 'check_dataset',
+    'check_resume_path', 'checkpoint_candidates', 'checkpoint_templates', 'configure_amp', 'cpu_amp_config_fix',
     'default_work_dir', 'find_resume_checkpoint', 'init_cpu_distributed',
     'inspect_checkpoint', 'load_tool_config', 'mmengine_safe_globals',
-    'parse_tool_arguments', 'register_in_scope', 'setup_safe_loading'
+    'parse_tool_arguments', 'register_in_scope', 'run_tool_cli', 'setup_safe_loading'
 ]

@@ -3,7 +3,8 @@ import argparse
 import os
 import os.path as osp
 import subprocess
-from typing import Any, List, Optional
+import sys
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -58,6 +59,40 @@ def parse_tool_arguments(parser: argparse.ArgumentParser,
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
+
+
+def build_runner(cfg: Any) -> Any:
+    """mmengine's ``Runner`` from a config, or the config's own ``runner_type``.
+
+    Args:
+        cfg (Config): The prepared config.
+
+    Returns:
+        Runner: The runner.
+    """
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    if 'runner_type' not in cfg:
+        return Runner.from_cfg(cfg)
+    return RUNNERS.build(cfg)
+
+
+def run_tool_cli(main: Callable[[], Any], prog: str) -> None:
+    """Run a tool's ``main``; data and checkpoint problems end with a one-line message
+    and exit status 1 instead of a traceback.
+
+    Args:
+        main (Callable): The tool's entry point (reads ``sys.argv``).
+        prog (str): The tool's name in the message.
+    """
+    from mmrest.utils import CheckpointError
+
+    from .preflight import DatasetCheckError
+    try:
+        main()
+    except (DatasetCheckError, CheckpointError, FileNotFoundError) as err:
+        print(f'{prog}: error: {type(err).__name__}: {err}', file=sys.stderr)
+        sys.exit(1)
 
 
 def _type_name(value: Any) -> str:
