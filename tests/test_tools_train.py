@@ -217,7 +217,12 @@ def test_missing_image_folder(data_copy):
     ('[1, 2, 3]', 'the top level is a JSON list'),
     ('{"images": [], "categories": []}', "missing 'annotations'"),
     ('{"images": [{"id": 1}], "annotations": [], "categories": []}',
-     'has no "id" and "file_name"'),
+     'images[0] = {\'id\': 1} has no "id" and "file_name"'),
+    ('{"images": [], "annotations": [], "categories": [{"id": 1}, {"name": "a"}]}',
+     'categories[0] = {\'id\': 1} has no "id" and "name"'),
+    ('{"images": [], "categories": [], "annotations": [{"image_id": 1, "bbox": []}]}',
+     'annotations[0] = {\'image_id\': 1, \'bbox\': []} has no "image_id" and '
+     '"category_id"'),
 ])
 def test_annotation_not_coco(data_copy, content, reason):
     from mmrest.engine import DatasetCheckError

@@ -108,21 +108,14 @@ def _check_coco_json(ann_path: str, where: str, classes: Optional[Sequence[str]]
             raise DatasetCheckError(
                 f'{where}.ann_file: {ann_path} is not a COCO annotation file: "{key}" is a '
                 f'{type(data[key]).__name__}, expected a list')
-    for i, img in enumerate(data['images']):
-        if not isinstance(img, dict) or 'id' not in img or 'file_name' not in img:
-            raise DatasetCheckError(
-                f'{where}.ann_file: {ann_path}: images[{i}] = {str(img)[:120]} has no '
-                f'"id" and "file_name"')
-    for i, cat in enumerate(data['categories']):
-        if not isinstance(cat, dict) or 'id' not in cat or 'name' not in cat:
-            raise DatasetCheckError(
-                f'{where}.ann_file: {ann_path}: categories[{i}] = {str(cat)[:120]} has no '
-                f'"id" and "name"')
-    for i, ann in enumerate(data['annotations']):
-        if not isinstance(ann, dict) or 'image_id' not in ann or 'category_id' not in ann:
-            raise DatasetCheckError(
-                f'{where}.ann_file: {ann_path}: annotations[{i}] = {str(ann)[:120]} has no '
-                f'"image_id" and "category_id"')
+    for key, (first, second) in (('images', ('id', 'file_name')),
+                                 ('categories', ('id', 'name')),
+                                 ('annotations', ('image_id', 'category_id'))):
+        for i, entry in enumerate(data[key]):
+            if not isinstance(entry, dict) or first not in entry or second not in entry:
+                raise DatasetCheckError(
+                    f'{where}.ann_file: {ann_path}: {key}[{i}] = {str(entry)[:120]} has no '
+                    f'"{first}" and "{second}"')
     if classes:
         names = {cat['name'] for cat in data['categories']}
         if not names.intersection(classes):
