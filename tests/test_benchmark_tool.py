@@ -73,10 +73,10 @@ def test_peer_configs_are_mmdets_settings_without_weights():
 
 # ------------------------------------------------------------- one case, in-process
 @pytest.mark.parametrize('kind', ['infer', 'train'])
-def test_run_case_times_and_measures_a_tiny_rest(kind):
-    spec = dict(model=dict(family='rest', arch='lite'), kind=kind, batch=2, shape=[36, 52],
-                warmup=1, repeats=2, threads=1, device='cpu')
-    out = bm.run_case(spec)
+def test_interleaved_rounds_time_and_measure_a_tiny_rest(kind):
+    job = dict(job='serve', model=dict(family='rest', arch='lite'), kind=kind, batch=2,
+               shape=[36, 52], warmup=1, threads=1, device='cpu')
+    out = bm.run_interleaved({'lite': job}, repeats=2, threads=1, timeout=300)['lite']
     assert len(out['times']) == len(out['cpu_times']) == 2
     assert all(t > 0 for t in out['times'])
     assert out['median'] == pytest.approx(sum(out['times']) / 2)  # median of two
@@ -87,7 +87,7 @@ def test_run_case_times_and_measures_a_tiny_rest(kind):
                                  for c, s in zip([64, 128, 256, 512], [4, 8, 16, 32])]
 
 
-def test_run_case_training_step_leaves_gradients():
+def test_training_step_leaves_gradients():
     """The timed training step is a real forward + backward: run it and look."""
     model = bm.build_model(dict(family='rest', arch='lite'))
     model.train()
@@ -98,7 +98,7 @@ def test_run_case_training_step_leaves_gradients():
 
 
 def test_worker_timeout_is_reported_not_raised():
-    out = bm.run_worker(dict(job='case'), threads=1, timeout=0.05)
+    out = bm.run_worker(dict(job='aux'), threads=1, timeout=0.05)
     assert out == {'error': 'timed out after 0.05 s'}
 
 

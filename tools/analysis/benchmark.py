@@ -293,41 +293,6 @@ def _prepare_case(spec: Dict[str, Any]) -> Tuple[Callable[[], None], Callable[[]
     return step, sync, device, out_shapes
 
 
-def _case_memory(device: Any, out_shapes: List[List[int]]) -> Dict[str, Any]:
-    import torch
-    cuda = device.type == 'cuda'
-    return dict(peak_rss=_peak_rss_bytes(),
-                cuda_max_allocated=torch.cuda.max_memory_allocated(device) if cuda else None,
-                out_shapes=out_shapes)
-
-
-def _reset_cuda_peak(device: Any) -> None:
-    import torch
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def run_case(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Time one (model, case) in this process, all its runs in a row.
-
-    Args:
-        spec (dict): ``model`` (a :func:`build_model` spec), ``kind``, ``batch``,
-            ``shape``, ``warmup``, ``repeats``, ``threads``, ``device``.
-
-    Returns:
-        dict: ``times`` (s per run), ``cpu_times`` (process CPU s per run, all threads),
-        ``median``, ``baseline_rss`` (bytes, after imports,
-        model and input), ``peak_rss`` (bytes, the process's peak), ``cuda_max_allocated``
-        (bytes or None), ``out_shapes``.
-    """
-    step, sync, device, out_shapes = _prepare_case(spec)
-    baseline = _rss_bytes()
-    _reset_cuda_peak(device)
-    times, cpu_times = _timed_runs(step, spec['warmup'], spec['repeats'], sync)
-    return dict(times=times, cpu_times=cpu_times, median=statistics.median(times),
-                baseline_rss=baseline, **_case_memory(device, out_shapes))
-
-
 def serve_case(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Serve timed runs of one (model, case) on request, for interleaved rounds.
 
@@ -336,14 +301,20 @@ def serve_case(spec: Dict[str, Any]) -> Dict[str, Any]:
     seconds as JSON, until a ``done`` line.
 
     Args:
-        spec (dict): As for :func:`run_case` (``repeats`` is unused).
+        spec (dict): ``model`` (a :func:`build_model` spec), ``kind``, ``batch``,
+            ``shape``, ``warmup``, ``threads``, ``device``.
 
     Returns:
-        dict: As :func:`run_case`, without ``times``/``median`` (the parent has them).
+        dict: ``baseline_rss`` (bytes, after imports, model and input), ``peak_rss``
+        (bytes, the process's peak), ``cuda_max_allocated`` (bytes or None) and
+        ``out_shapes``; the times are the parent's (:func:`run_interleaved`).
     """
+    import torch
     step, sync, device, out_shapes = _prepare_case(spec)
     baseline = _rss_bytes()
-    _reset_cuda_peak(device)
+    cuda = device.type == 'cuda'
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     _timed_runs(step, spec['warmup'], 0, sync)
     print(READY_TAG, flush=True)
     for line in sys.stdin:
@@ -352,7 +323,9 @@ def serve_case(spec: Dict[str, Any]) -> Dict[str, Any]:
         times, cpu_times = _timed_runs(step, 0, 1, sync)
         print(TIME_TAG + json.dumps(dict(time=times[0], cpu_time=cpu_times[0])),
               flush=True)
-    return dict(baseline_rss=baseline, **_case_memory(device, out_shapes))
+    return dict(baseline_rss=baseline, peak_rss=_peak_rss_bytes(),
+                cuda_max_allocated=torch.cuda.max_memory_allocated(device) if cuda else None,
+                out_shapes=out_shapes)
 
 
 def run_matmul(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -442,7 +415,7 @@ def run_aux(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 WORKERS: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
-    'case': run_case, 'serve': serve_case, 'aux': run_aux}
+    'serve': serve_case, 'aux': run_aux}
 
 
 def worker_main(payload: str) -> int:
@@ -620,8 +593,9 @@ def run_interleaved(jobs: Dict[str, Dict[str, Any]], repeats: int, threads: int,
             each run.
 
     Returns:
-        dict: Per model key, the :func:`run_case`-style result (``times``,
-        ``cpu_times``, ``median``, memory), or ``{'error': message}``.
+        dict: Per model key, ``times`` (s per run), ``cpu_times`` (process CPU s per
+        run, all threads), ``median`` and the memory figures of :func:`serve_case`, or
+        ``{'error': message}``.
     """
     workers: Dict[str, CaseWorker] = {}
     try:
