@@ -22,8 +22,13 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=find_packages(include=['mmrest', 'mmrest.*']),
-    python_requires='>=3.8',
-    install_requires=['torch>=1.13', 'mmengine>=0.10.0,<1.0', 'mmcv>=2.0.0,<2.2.0'],
+    # Tested with Python 3.11, torch 2.14.1, mmengine 0.10.7 and mmcv 2.1.0 (README
+    # "Install"). The minimum torch is what the code calls: the autocast queries by device
+    # type (torch.amp.is_autocast_available, get_autocast_dtype: 2.4), the
+    # (object, 'module.name') entries of torch.serialization.add_safe_globals (2.5), and
+    # the weights_only=True default of torch.load that safe loading is built around (2.6).
+    python_requires='>=3.9',
+    install_requires=['torch>=2.6', 'mmengine>=0.10.0,<1.0', 'mmcv>=2.0.0,<2.2.0'],
     extras_require={
         'det': ['mmdet==3.3.0'],
         'seg': ['mmsegmentation==1.2.2', 'ftfy', 'regex'],

@@ -1,4 +1,4 @@
-"""EMSA module: ``impl='fused'`` against ``impl='reference'`` with identical weights."""
+"""EMSA module: ``attn_impl='fused'`` against ``attn_impl='reference'`` with identical weights."""
 import copy
 import itertools
 
@@ -25,14 +25,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def make_pair(embed_dims: int, num_heads: int, sr_ratio: int, seed: int, **kwargs):
     torch.manual_seed(seed)
-    ref = EMSA(embed_dims, num_heads=num_heads, sr_ratio=sr_ratio, impl='reference',
+    ref = EMSA(embed_dims, num_heads=num_heads, sr_ratio=sr_ratio, attn_impl='reference',
                **kwargs)
     # non-trivial LayerNorm and head-mixing parameters
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     fused = copy.deepcopy(ref)
-    fused.impl = 'fused'
+    fused.attn_impl = 'fused'
     return ref, fused
 
 
@@ -107,7 +107,7 @@ def test_fused_is_default_and_used(monkeypatch):
 
     monkeypatch.setattr(emsa_module, 'emsa_fused', spy)
     emsa = EMSA(16, num_heads=2, sr_ratio=2)
-    assert emsa.impl == 'fused'
+    assert emsa.attn_impl == 'fused'
     emsa(torch.randn(1, 20, 16), (4, 5))
     assert calls
 

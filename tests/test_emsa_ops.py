@@ -21,28 +21,37 @@ pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
 
 #: The layout rule, before the fixture below replaces it.
 default_query_major = emsa_ops._query_major
+LAYOUTS = ('head-major', 'query-major')
 
 
-@pytest.fixture(autouse=True, params=['head-major', 'query-major'])
-def scores_layout(request, monkeypatch):
-    """Every test runs with both layouts of the forward's score blocks (the default
-    picks one by batch size, threads and number of keys: head-major for these small
-    cases)."""
+def force_layout(monkeypatch, layout: str) -> None:
+    """Make the head-mixing forward lay its score blocks out as ``layout``."""
     monkeypatch.setattr(emsa_ops, '_query_major',
-                        lambda batch, num_keys: request.param == 'query-major')
+                        lambda batch, num_keys, cpu: layout == 'query-major')
+
+
+@pytest.fixture(params=LAYOUTS)
+def scores_layout(request, monkeypatch):
+    """Runs a head-mixing test with both layouts of the forward's score blocks (the
+    default picks one by batch size, threads and number of keys: head-major for these
+    small cases). Plain attention (one head) has no such layout."""
+    force_layout(monkeypatch, request.param)
     return request.param
 
 
 def test_layout_default_follows_the_number_of_keys():
     """Query-major for one image at detection resolution (ResT-small at 800x1344: 1050
-    keys in every stage) on two threads; head-major at 224x224 (49 keys) and for as
-    many images as threads."""
+    keys in every stage) on two CPU threads; head-major at 224x224 (49 keys), for as
+    many images as threads, and always on other devices, whatever the threads."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
-        assert default_query_major(1, 1050)
-        assert not default_query_major(1, 49)
-        assert not default_query_major(2, 1050)
+        torch.set_num_threads(2)
+        assert default_query_major(1, 1050, True)
+        assert not default_query_major(1, 49, True)
+        assert not default_query_major(2, 1050, True)
+        torch.set_num_threads(32)
+        assert default_query_major(2, 1050, True)
+        assert not default_query_major(1, 1050, False)
     finally:
         torch.set_num_threads(threads)
 
@@ -91,10 +100,15 @@ def run_both(inputs: List[Optional[Tensor]], scale: float,
 
 
 SIZES = list(itertools.product([1, 2], [1, 2, 4, 8], [1, 7, 50, 333], [1, 5, 64]))
+# both score layouts where there is head mixing; one head has none
+SIZES_AND_LAYOUTS = [(*size, layout) for size in SIZES
+                     for layout in (LAYOUTS if size[1] > 1 else ('none', ))]
 
 
-@pytest.mark.parametrize('B,h,N,M', SIZES)
-def test_matches_reference_fp32(B, h, N, M):
+@pytest.mark.parametrize('B,h,N,M,layout', SIZES_AND_LAYOUTS)
+def test_matches_reference_fp32(B, h, N, M, layout, monkeypatch):
+    if layout != 'none':
+        force_layout(monkeypatch, layout)
     d = 8 if h > 2 else 16
     inputs = make_inputs(B, h, N, M, d, seed=B * 1000 + h * 100 + N + M)
     # a block size that splits N unevenly, and the default (one block here)
@@ -113,6 +127,7 @@ def test_matches_reference_fp32(B, h, N, M):
                 assert max_err(g_fused, g_ref) < TOL_FP32, name
 
 
+@pytest.mark.usefixtures('scores_layout')
 def test_scores_of_realistic_size_match():
     """A larger, multi-block case with peaked attention (large score scale)."""
     inputs = make_inputs(1, 4, 700, 150, 32, seed=7)
@@ -122,6 +137,7 @@ def test_scores_of_realistic_size_match():
         assert max_err(g_fused, g_ref) < TOL_FP32
 
 
+@pytest.mark.usefixtures('scores_layout')
 def test_float64_forward_is_tight():
     q, k, v, weight, bias, _ = make_inputs(2, 4, 33, 9, 8, torch.float64,
                                            requires_grad=False)
@@ -131,6 +147,7 @@ def test_float64_forward_is_tight():
     torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.usefixtures('scores_layout')
 @pytest.mark.parametrize('B,h,N,M,block_size', [
     (2, 2, 5, 3, 2),
     (1, 4, 6, 7, None),
@@ -201,6 +218,7 @@ def test_plain_attention_blocked_backward_bf16(two_threads):
         assert max_err(g, g_ref) < TOL_BF16[1]
 
 
+@pytest.mark.usefixtures('scores_layout')
 def test_no_grad_path_equals_autograd_path():
     q, k, v, weight, bias, _ = make_inputs(2, 4, 50, 64, 8)
     with_grad = emsa_fused(q, k, v, 0.35, weight, bias, block_size=16)
@@ -211,6 +229,7 @@ def test_no_grad_path_equals_autograd_path():
     torch.testing.assert_close(no_grad, with_grad, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures('scores_layout')
 def test_block_size_does_not_change_result():
     q, k, v, weight, bias, _ = make_inputs(2, 2, 50, 5, 8, requires_grad=False)
     outs = [emsa_fused(q, k, v, 0.35, weight, bias, block_size=bs)
@@ -219,6 +238,7 @@ def test_block_size_does_not_change_result():
         torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures('scores_layout')
 @pytest.mark.parametrize('layout', ['contiguous', 'strided'])
 def test_other_input_layouts(layout):
     gen = torch.Generator().manual_seed(5)
@@ -242,6 +262,7 @@ def test_other_input_layouts(layout):
         assert max_err(g_fused, g_ref) < TOL_FP32
 
 
+@pytest.mark.usefixtures('scores_layout')
 def test_output_layout_is_token_major():
     q, k, v, weight, bias, _ = make_inputs(2, 4, 7, 5, 8, requires_grad=False)
     out = emsa_fused(q, k, v, 0.35, weight, bias)
@@ -249,6 +270,7 @@ def test_output_layout_is_token_major():
     assert out.transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.usefixtures('scores_layout')
 @pytest.mark.parametrize('h', [2, 4, 8])
 def test_single_key_and_single_element_limits(h):
     for N, M in ((1, 1), (7, 1)):
@@ -266,6 +288,7 @@ def test_single_key_and_single_element_limits(h):
     torch.testing.assert_close(emsa_fused(q, k, v, 0.5), v.expand(1, 1, 3, 4))
 
 
+@pytest.mark.usefixtures('scores_layout')
 def test_bias_gradient_is_exactly_zero_and_present():
     inputs = make_inputs(1, 4, 20, 6, 8)
     q, k, v, weight, bias, _ = inputs
@@ -274,6 +297,7 @@ def test_bias_gradient_is_exactly_zero_and_present():
     assert weight.grad is not None and weight.grad.abs().max() > 0
 
 
+@pytest.mark.usefixtures('scores_layout')
 def test_double_backward_is_refused():
     q, k, v, weight, bias, _ = make_inputs(1, 2, 5, 4, 4, torch.float64)
     out = emsa_fused(q, k, v, 0.5, weight, bias)
@@ -288,6 +312,7 @@ def test_double_backward_is_refused():
 TOL_BF16 = {1: 0.03, 4: 0.01}
 
 
+@pytest.mark.usefixtures('scores_layout')
 @pytest.mark.parametrize('h', [1, 4])
 def test_bf16_autocast_is_finite_and_close(h):
     inputs = make_inputs(2, h, 333, 64, 16, seed=3)
@@ -308,6 +333,7 @@ def test_bf16_autocast_is_finite_and_close(h):
         assert max_err(g, g_ref) < TOL_BF16[h]
 
 
+@pytest.mark.usefixtures('scores_layout')
 def test_bf16_autocast_nearly_uniform_attention_stays_finite():
     """Near-uniform attention (var << eps) is where the normalisation amplifies most.
 
@@ -339,6 +365,7 @@ def saved_bytes(fn) -> Tuple[int, int]:
     return sum(sizes), max(sizes, default=0)
 
 
+@pytest.mark.usefixtures('scores_layout')
 def test_function_saves_no_score_sized_tensor():
     B, h, N, M, d = 1, 4, 600, 200, 16
     q, k, v, weight, bias, _ = make_inputs(B, h, N, M, d)

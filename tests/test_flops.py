@@ -98,9 +98,9 @@ def test_paper_stem_reproduces_the_paper_table(arch):
 def test_reference_attention_is_required():
     model = gf.ResTClassifier('lite').eval()
     for m in model.modules():
-        if hasattr(m, 'impl'):
-            m.impl = 'fused'
-    with pytest.raises(ValueError, match='impl != "reference"'):
+        if hasattr(m, 'attn_impl'):
+            m.attn_impl = 'fused'
+    with pytest.raises(ValueError, match='attn_impl != "reference"'):
         gf.count_complexity(model, (torch.zeros(1, 3, 64, 64), ))
 
 

@@ -98,6 +98,17 @@ def test_parameter_counts_match_authors(arch):
     assert extra == 2 * sum(ARCHS[arch]['embed_dims'][:3])
 
 
+@pytest.mark.parametrize('alias, arch', [('s', 'small'), ('b', 'base'), ('l', 'large')])
+def test_aliases_mean_what_they_mean_in_mmpretrain(alias, arch):
+    """'l' is large, as in mmpretrain (ResT-Lite has no one-letter alias)."""
+    assert ResT.arch_zoo[alias] == ResT.arch_zoo[arch]
+    model = ResT(alias, out_indices=(3, ))
+    head = ARCHS[arch]['embed_dims'][-1] * 1000 + 1000
+    assert sum(p.numel() for p in model.parameters()) + head == AUTHORS_PARAMS[arch]
+    assert 'L' not in ResT.arch_zoo
+    assert [k for k, v in ResT.arch_zoo.items() if v == ResT.arch_zoo['lite']] == ['lite']
+
+
 # ----------------------------------------------------------------------------- values
 @pytest.mark.parametrize('attn_impl', ATTN_IMPLS)
 @pytest.mark.parametrize('arch', ALL_ARCHS)

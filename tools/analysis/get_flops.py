@@ -117,7 +117,7 @@ def _conv_out(size: int, conv: nn.Conv2d, dim: int) -> int:
 def count_complexity(model: nn.Module, inputs: Tuple) -> Complexity:
     """Count parameters and FLOPs of ``model(*inputs)`` with the convention of this module.
 
-    EMSA modules should use ``impl='reference'`` so that their matmuls are traced.
+    EMSA modules should use ``attn_impl='reference'`` so that their matmuls are traced.
 
     Args:
         model (nn.Module): The model, in eval mode.
@@ -131,9 +131,9 @@ def count_complexity(model: nn.Module, inputs: Tuple) -> Complexity:
     from mmrest.models.layers.emsa import EMSA
 
     emsa_names = [name for name, m in model.named_modules() if isinstance(m, EMSA)]
-    bad = [n for n in emsa_names if model.get_submodule(n).impl != 'reference']
+    bad = [n for n in emsa_names if model.get_submodule(n).attn_impl != 'reference']
     if bad:
-        raise ValueError(f'EMSA modules {bad[:3]} use impl != "reference"; their attention '
+        raise ValueError(f'EMSA modules {bad[:3]} use attn_impl != "reference"; their attention '
                          'matmuls would not be traced. Build the backbone with '
                          'attn_impl="reference".')
     norm_flops: List[int] = []

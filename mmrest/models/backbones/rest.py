@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...registry import MODELS
 from ...utils.checkpoint import CheckpointError, safe_load_checkpoint
-from ..layers import ConvStem, PatchEmbed, ResTBlock
+from ..layers import ConvStem, PatchEmbed, ResTBlock, map_to_tokens, tokens_to_map
 from ..utils.ckpt_convert import convert_rest_checkpoint, normalize_rest_key
 
 NUM_STAGES = 4
@@ -81,13 +81,14 @@ class ResT(BaseModule):
             Defaults to None.
     """
     arch_zoo: Dict[str, Dict[str, List[int]]] = {
-        **dict.fromkeys(['l', 'lite'], {
+        # aliases mean what they mean in mmpretrain: 's' small, 'b' base, 'l' large
+        'lite': {
             'embed_dims': [64, 128, 256, 512],
             'depths': [2, 2, 2, 2],
             'num_heads': [1, 2, 4, 8],
             'mlp_ratios': [4, 4, 4, 4],
             'sr_ratios': [8, 4, 2, 1],
-        }),
+        },
         **dict.fromkeys(['s', 'small'], {
             'embed_dims': [64, 128, 256, 512],
             'depths': [2, 2, 6, 2],
@@ -102,7 +103,7 @@ class ResT(BaseModule):
             'mlp_ratios': [4, 4, 4, 4],
             'sr_ratios': [8, 4, 2, 1],
         }),
-        **dict.fromkeys(['L', 'large'], {
+        **dict.fromkeys(['l', 'large'], {
             'embed_dims': [96, 192, 384, 768],
             'depths': [2, 2, 18, 2],
             'num_heads': [1, 2, 4, 8],
@@ -154,7 +155,8 @@ class ResT(BaseModule):
                 f'patch_embed_{i + 1}',
                 PatchEmbed(embed_dims[i - 1], embed_dims[i], norm_cfg=embed_norm_cfg))
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # python floats (computed on the CPU whatever the default device)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         cur = 0
         for i in range(NUM_STAGES):
             blocks = nn.ModuleList([
@@ -372,7 +374,7 @@ class ResT(BaseModule):
             if i > 0:
                 x = getattr(self, f'patch_embed_{i + 1}')(x)
             B, C, H, W = x.shape
-            tokens = x.flatten(2).transpose(1, 2)
+            tokens = map_to_tokens(x)
             for block in getattr(self, f'stage{i + 1}'):
                 tokens = self._run_block(block, tokens, (H, W))
             norm = self.norm if i == NUM_STAGES - 1 else getattr(self, f'norm{i + 1}', None)
@@ -382,10 +384,12 @@ class ResT(BaseModule):
                 if self.out_norm_in_main_path or i == NUM_STAGES - 1:
                     tokens = out
             if i in self.out_indices:
-                outs.append(out.transpose(1, 2).reshape(B, C, H, W))
+                # plain contiguous NCHW, as mmdet's backbones return (a channels-last
+                # view would be misread by ops that index data_ptr as NCHW, such as
+                # mmcv's RoIAlign)
+                outs.append(out.transpose(1, 2).reshape(B, C, H, W).contiguous())
             if i < NUM_STAGES - 1:
-                # A free view in channels-last memory layout; the next conv accepts it.
-                x = tokens.reshape(B, H, W, C).permute(0, 3, 1, 2)
+                x = tokens_to_map(tokens, (H, W))
         return tuple(outs)
 
 

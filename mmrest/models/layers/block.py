@@ -7,6 +7,7 @@ from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
 from .emsa import EMSA
+from .emsa_ops import cpu_tuned
 
 
 class Mlp(nn.Module):
@@ -27,11 +28,12 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not cpu_tuned(hidden):
             hidden = self.act(hidden)
         else:
-            # in place: the fresh hidden-sized buffer GELU would allocate costs as much
-            # as the GELU itself at detection resolution (page faults)
+            # CPU inference: in place, since the fresh hidden-sized buffer GELU would
+            # allocate costs as much as the GELU itself at detection resolution (page
+            # faults)
             hidden = torch.ops.aten.gelu.out(hidden, out=hidden)
         return self.drop(self.fc2(self.drop(hidden)))
 
@@ -82,7 +84,7 @@ class ResTBlock(nn.Module):
             proj_drop=drop,
             apply_transform=apply_transform,
             norm_cfg=norm_cfg,
-            impl=attn_impl)
+            attn_impl=attn_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
         self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop)
@@ -93,8 +95,9 @@ class ResTBlock(nn.Module):
 
 
 def _add_residual(x: Tensor, branch: Tensor) -> Tensor:
-    """``x + branch``; without autograd, added into ``branch`` (a fresh tensor of the
+    """``x + branch``; for CPU inference, added into ``branch`` (a fresh tensor of the
     block) instead of allocating a third one, where that gives the same result."""
-    if torch.is_grad_enabled() or branch.dtype != x.dtype or branch.shape != x.shape:
+    if (torch.is_grad_enabled() or not cpu_tuned(x) or branch.dtype != x.dtype
+            or branch.shape != x.shape):
         return x + branch
     return branch.add_(x)

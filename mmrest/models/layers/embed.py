@@ -4,11 +4,34 @@ ResT: An Efficient Transformer for Visual Recognition (Zhang & Yang, NeurIPS 202
 https://arxiv.org/abs/2105.13677); authors' code: https://github.com/wofmanaf/ResT.
 Module names (``conv1``, ``norm1``, ``pos.pa_conv``, ...) follow the authors' models.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from mmcv.cnn import build_norm_layer
 from torch import Tensor, nn
+
+from .emsa_ops import cpu_tuned
+
+
+def map_to_tokens(x: Tensor) -> Tensor:
+    """(B, C, H, W) map -> contiguous (B, H * W, C) tokens.
+
+    Free for a channels-last map (the CPU layout of the stem and patch embeddings); a
+    copy otherwise.
+    """
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+def tokens_to_map(tokens: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+    """(B, H * W, C) tokens -> (B, C, H, W) map for the next convolution.
+
+    On the CPU a free channels-last view (oneDNN's convs are fastest in that layout);
+    elsewhere a contiguous NCHW copy.
+    """
+    B, _, C = tokens.shape
+    if cpu_tuned(tokens):
+        return tokens.reshape(B, *hw_shape, C).permute(0, 3, 1, 2)
+    return tokens.transpose(1, 2).reshape(B, C, *hw_shape).contiguous()
 
 
 def _bn_cfg(norm_cfg: Optional[dict]) -> dict:
@@ -60,9 +83,10 @@ class ConvStem(nn.Module):
         self.pos = PixelAttention(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Channels-last: oneDNN's convs ran 25-45% faster here in that layout, and the
-        # output map flattens to (B, H * W, C) tokens without a copy.
-        x = x.contiguous(memory_format=torch.channels_last)
+        if cpu_tuned(x):
+            # Channels-last on the CPU: oneDNN's convs ran 25-45% faster here in that
+            # layout, and the output map flattens to (B, H * W, C) tokens without a copy.
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.act(self.norm1(self.conv1(x)))
         x = self.act(self.norm2(self.conv2(x)))
         return self.pos(self.conv3(x))

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 # INSTANCE_NORM_EPS: ``eps`` of the InstanceNorm2d applied to the attention map (1e-5,
 # PyTorch's default).
-from .emsa_ops import INSTANCE_NORM_EPS, emsa_fused
+from .emsa_ops import INSTANCE_NORM_EPS, cpu_tuned, emsa_fused
 
 ATTN_IMPLS = ('fused', 'reference')
 
@@ -82,7 +82,7 @@ class EMSA(nn.Module):
             (used only where ``num_heads > 1``). Defaults to True.
         norm_cfg (dict, optional): Config of the norm after the reduction conv.
             Defaults to ``dict(type='LN')``.
-        impl (str): ``'fused'`` (default, query-blocked and memory-lean, see
+        attn_impl (str): ``'fused'`` (default, query-blocked and memory-lean, see
             :func:`mmrest.models.layers.emsa_ops.emsa_fused`) or ``'reference'`` (the
             equations as written; kept for tests and benchmarks). Both compute the same
             function; ``'fused'`` falls back to the reference while training with
@@ -99,20 +99,20 @@ class EMSA(nn.Module):
                  proj_drop: float = 0.,
                  apply_transform: bool = True,
                  norm_cfg: Optional[dict] = None,
-                 impl: str = 'fused') -> None:
+                 attn_impl: str = 'fused') -> None:
         super().__init__()
         if embed_dims % num_heads != 0:
             raise ValueError(f'embed_dims ({embed_dims}) must be divisible by '
                              f'num_heads ({num_heads})')
-        if impl not in ATTN_IMPLS:
-            raise ValueError(f'impl must be one of {ATTN_IMPLS}, got {impl!r}')
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
         norm_cfg = dict(type='LN') if norm_cfg is None else norm_cfg
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.head_dims = embed_dims // num_heads
         self.scale = qk_scale or self.head_dims**-0.5
         self.sr_ratio = sr_ratio
-        self.impl = impl
+        self.attn_impl = attn_impl
 
         self.q = nn.Linear(embed_dims, embed_dims, bias=qkv_bias)
         self.kv = nn.Linear(embed_dims, embed_dims * 2, bias=qkv_bias)
@@ -137,12 +137,16 @@ class EMSA(nn.Module):
         if self.sr_ratio == 1:
             return x
         B, N, C = x.shape
-        # A channels-last view of the token map (no copy). Built this way its strides
-        # are unambiguous even for B = 1, so the depthwise conv takes oneDNN's
-        # channels-last kernel (an order of magnitude faster here than the NCHW
-        # fallback that ``x.transpose(1, 2).reshape(B, C, H, W)`` triggers for B = 1),
-        # and its channels-last output flattens back to tokens without a copy.
-        x_map = x.reshape(B, *hw_shape, C).permute(0, 3, 1, 2)
+        if cpu_tuned(x):
+            # A channels-last view of the token map (no copy). Built this way its
+            # strides are unambiguous even for B = 1, so the depthwise conv takes
+            # oneDNN's channels-last kernel (an order of magnitude faster here than the
+            # NCHW fallback that ``x.transpose(1, 2).reshape(B, C, H, W)`` triggers for
+            # B = 1), and its channels-last output flattens back to tokens without a
+            # copy.
+            x_map = x.reshape(B, *hw_shape, C).permute(0, 3, 1, 2)
+        else:
+            x_map = x.transpose(1, 2).reshape(B, C, *hw_shape).contiguous()
         x_map = self.sr(x_map)
         return self.sr_norm(x_map.flatten(2).transpose(1, 2))
 
@@ -164,7 +168,7 @@ class EMSA(nn.Module):
         k, v = kv.reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         weight = self.transform_conv.weight if self.apply_transform else None
         bias = self.transform_conv.bias if self.apply_transform else None
-        if self.impl == 'reference' or (self.training and self.attn_drop.p > 0):
+        if self.attn_impl == 'reference' or (self.training and self.attn_drop.p > 0):
             out = emsa_reference(q, k, v, self.scale, weight, bias,
                                  self.attn_drop.p, self.training)
         else:

@@ -66,8 +66,22 @@ bfloat16 that loses most of their bits (the reference, which runs the core in bf
 under CPU autocast, is off by 20-45% at stages 2-4 of ResT-Lite). Plain softmax attention
 (one head) has no such amplification and runs in the low-precision dtype; its blocked
 backward (:class:`AttentionFunction`) keeps the gradient accumulators in float32.
+
+Devices: every buffer follows the device of ``q``. The choices tuned on a CPU (the
+query-major layout and the blocked single-head backward, both chosen by the intra-op
+thread count; :data:`DEFAULT_BLOCK_BYTES`, sized for CPU caches; the softmax written over
+its own input) are taken for CPU tensors only (:func:`cpu_tuned`). On other devices one
+head is PyTorch's ``scaled_dot_product_attention`` forward and backward (its CUDA
+kernels), and head mixing is the blocked kernel with blocks of
+:data:`ACCELERATOR_BLOCK_BYTES` (one to four blocks per layer for an 800x1344 image).
+
+Export: while ``torch.export`` / ``torch.onnx.export`` or TorchScript tracing records the
+graph (:func:`trace_friendly`), the blocked Python loop would be frozen at the traced
+size, so the core switches by itself to :func:`emsa_dense`, the same function written
+with shape-generic ops (SDPA for one head; materialised scores for head mixing).
 """
-from typing import Optional, Tuple
+import contextlib
+from typing import ContextManager, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +99,12 @@ INSTANCE_NORM_EPS = 1e-5
 #: busy cores. See ``tools/analysis/bench_emsa.py`` (``--block-size``).
 DEFAULT_BLOCK_BYTES = 8 * 1024 * 1024
 
+#: Bytes of one block of scores on devices other than the CPU (GPUs). Large blocks keep
+#: the number of kernel launches per layer small: at 800x1344 with batch 2 a stage of
+#: ResT-small takes one to four blocks. Not tuned by measurement yet; see
+#: ``tools/analysis/gpu_check.py``.
+ACCELERATOR_BLOCK_BYTES = 256 * 1024 * 1024
+
 #: Fewest keys at which the forward lays a block of scores out query-major when there
 #: are fewer batch items than threads (see ``_emsa_transform_forward``). Measured here
 #: with 2 threads and one image: 1050 keys (every stage at 800x1344) ran 15% faster
@@ -95,11 +115,43 @@ QUERY_MAJOR_MIN_KEYS = 256
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def cpu_tuned(x: Tensor) -> bool:
+    """Whether the CPU-tuned choices of this module apply to ``x`` (a CPU tensor)."""
+    return x.device.type == 'cpu'
+
+
+def trace_friendly() -> bool:
+    """Whether a graph is being recorded for export, where shape-generic ops are needed.
+
+    True under ``torch.export`` (hence ``torch.onnx.export(dynamo=True)``), the
+    TorchScript-based ``torch.onnx.export`` and ``torch.jit.trace``.
+    """
+    return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+                or torch.jit.is_tracing())
+
+
+def autocast_off(device_type: str) -> ContextManager:
+    """``torch.autocast(device_type, enabled=False)``, or nothing where the device has
+    no autocast (e.g. ``meta``, on which ``torch.autocast`` raises)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype of ``device_type`` if autocast is on there, else None."""
+    if (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _block_rows(block_size: Optional[int], batch_heads: int, num_keys: int,
-                num_queries: int, itemsize: int) -> int:
+                num_queries: int, itemsize: int, cpu: bool = True) -> int:
     """Number of query rows per block (at least 1, at most ``num_queries``)."""
     if block_size is None:
-        block_size = DEFAULT_BLOCK_BYTES // max(1, batch_heads * num_keys * itemsize)
+        budget = DEFAULT_BLOCK_BYTES if cpu else ACCELERATOR_BLOCK_BYTES
+        block_size = budget // max(1, batch_heads * num_keys * itemsize)
     return int(max(1, min(block_size, num_queries)))
 
 
@@ -115,8 +167,15 @@ def _scaled_mixing(weight: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
 
 
 def _softmax_(x: Tensor) -> Tensor:
-    """Softmax over the last dim, in place (the CPU kernel reads a row before writing it)."""
-    return torch.ops.aten._softmax.out(x, -1, False, out=x)
+    """Softmax over the last dim; use the returned tensor.
+
+    On the CPU it is written over ``x`` (the CPU kernel reads a row before writing it);
+    elsewhere it is a new tensor, as aliasing input and output is not known to be safe
+    for other kernels.
+    """
+    if cpu_tuned(x):
+        return torch.ops.aten._softmax.out(x, -1, False, out=x)
+    return torch.softmax(x, -1)
 
 
 def _mix_heads(weight: Tensor, x: Tensor, out: Tensor) -> Tensor:
@@ -148,12 +207,14 @@ def _scores_block(qb: Tensor, kt: Tensor, weight: Tensor, raw: Tensor,
     return _softmax_(mixed.view(raw.shape))
 
 
-def _query_major(batch: int, num_keys: int) -> bool:
+def _query_major(batch: int, num_keys: int, cpu: bool) -> bool:
     """Whether the forward lays a block of scores out query-major (see below).
 
-    Head-major, the head mixing runs in parallel over the batch items only.
+    Head-major, the head mixing runs in parallel over the batch items only: with fewer
+    items than CPU threads that idles threads. CPU tensors only (it is decided by the
+    CPU's thread count).
     """
-    return batch < torch.get_num_threads() and num_keys >= QUERY_MAJOR_MIN_KEYS
+    return cpu and batch < torch.get_num_threads() and num_keys >= QUERY_MAJOR_MIN_KEYS
 
 
 def _mix_heads_query_major(weight: Tensor, x: Tensor, out: Tensor) -> Tensor:
@@ -193,7 +254,7 @@ def _emsa_transform_forward(q: Tensor, k: Tensor, v: Tensor, weight: Tensor,
     B, h, N, d = q.shape
     M = k.shape[2]
     bh = B * h
-    query_major = _query_major(B, M)
+    query_major = _query_major(B, M, cpu_tuned(q))
     # (B * heads, L, head_dim) views (copies only where B > 1 makes them necessary)
     qq = q.reshape(bh, N, d)
     kt = k.reshape(bh, M, d).transpose(1, 2)
@@ -332,7 +393,7 @@ class EMSATransformFunction(torch.autograd.Function):
         Returns:
             Tensor: Output (B, N, heads, head_dim), contiguous.
         """
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             w_scaled = _scaled_mixing(weight, scale, q.dtype)
             out, std = _emsa_transform_forward(q, k, v, w_scaled, eps, rows)
         ctx.save_for_backward(q, k, v, w_scaled, out, std)
@@ -347,7 +408,7 @@ class EMSATransformFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         """Backward; the bias gradient is exactly 0."""
         q, k, v, w_scaled, out, std = ctx.saved_tensors
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             grad_q, grad_k, grad_v, grad_w = _emsa_transform_backward(
                 grad_out, q, k, v, w_scaled, out, std, ctx.rows)
         h = w_scaled.shape[0]
@@ -384,8 +445,8 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale
     vt = v.reshape(bh, M, d).transpose(1, 2)
     gg = grad_out.reshape(bh, N, d)
     grad_q = q.new_empty(bh, N, d)
-    grad_k = torch.zeros(bh, M, d, dtype=acc)
-    grad_v = torch.zeros(bh, M, d, dtype=acc)
+    grad_k = q.new_zeros(bh, M, d, dtype=acc)
+    grad_v = q.new_zeros(bh, M, d, dtype=acc)
     probs_buf = q.new_empty(bh * rows * M)
     tmp_buf = q.new_empty(bh * rows * M)
     for start in range(0, N, rows):
@@ -394,7 +455,7 @@ def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale
         gb = gg[:, start:start + n]
         probs = probs_buf[:bh * n * M].view(bh, n, M)
         torch.baddbmm(probs, qb, kt, beta=0, alpha=scale, out=probs)
-        _softmax_(probs)
+        probs = _softmax_(probs)
         # dS = P * (dP - rowsum(P * dP)), dP = G V^T
         ds = torch.bmm(gb, vt, out=tmp_buf[:bh * n * M].view(bh, n, M)).mul_(probs)
         ds.addcmul_(probs, ds.sum(-1, keepdim=True), value=-1)
@@ -421,7 +482,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, rows: int) -> Tensor:
         """``softmax(scale q k^T) v`` for (B, heads, L, head_dim) inputs of one dtype."""
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         ctx.save_for_backward(q, k, v)
         ctx.scale = scale
@@ -433,18 +494,57 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         """Backward."""
         q, k, v = ctx.saved_tensors
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             grads = _attention_backward(grad_out, q, k, v, ctx.scale, ctx.rows)
         return grads + (None, None)
 
 
-def _blocked_attention_backward_pays(batch_heads: int) -> bool:
+def _blocked_attention_backward_pays(batch_heads: int, cpu: bool) -> bool:
     """Whether :class:`AttentionFunction` beats the flash-attention backward.
 
-    The flash backward parallelises over (batch, head) pairs only: with fewer of them
-    than intra-op threads, some threads would idle.
+    The CPU flash backward parallelises over (batch, head) pairs only: with fewer of
+    them than intra-op threads, some threads would idle. CPU tensors only: on other
+    devices PyTorch's own backward kernels are used.
     """
-    return batch_heads < torch.get_num_threads()
+    return cpu and batch_heads < torch.get_num_threads()
+
+
+def emsa_dense(q: Tensor,
+               k: Tensor,
+               v: Tensor,
+               scale: float,
+               transform_weight: Optional[Tensor] = None,
+               eps: float = INSTANCE_NORM_EPS) -> Tensor:
+    """The EMSA core of :func:`emsa_fused` written with shape-generic ops only.
+
+    Used under export (:func:`trace_friendly`): no Python loop over blocks, so nothing
+    depends on the traced size. One head is ``scaled_dot_product_attention``; with head
+    mixing the scores are materialised and the instance norm uses the exact mean 1/M
+    (identity 2 of the module docstring), so it is the same function as the blocked
+    kernel, with the same single-key and single-element limits. The mixing bias cancels
+    and is not an input.
+
+    Args:
+        q (Tensor): Queries (B, heads, N, head_dim).
+        k (Tensor): Keys (B, heads, M, head_dim).
+        v (Tensor): Values (B, heads, M, head_dim).
+        scale (float): Multiplier of the scores ``q @ k^T``.
+        transform_weight (Tensor, optional): Head-mixing weight (heads, heads, 1, 1);
+            None means plain softmax attention. Defaults to None.
+        eps (float): ``eps`` of the instance norm. Defaults to 1e-5.
+
+    Returns:
+        Tensor: Output (B, heads, N, head_dim).
+    """
+    if transform_weight is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    h = transform_weight.shape[0]
+    weight = transform_weight.reshape(h, h) * scale
+    scores = torch.einsum('gh,bhnm->bgnm', weight, q @ k.transpose(-2, -1))
+    # centred probabilities P - 1/M, as in the blocked kernel
+    probs = scores.softmax(-1) - 1.0 / k.shape[2]
+    std = (probs.square().mean(dim=(-2, -1), keepdim=True) + eps).sqrt()
+    return (probs @ v) / std
 
 
 def emsa_fused(q: Tensor,
@@ -459,11 +559,12 @@ def emsa_fused(q: Tensor,
 
     Same function as :func:`mmrest.models.layers.emsa.emsa_reference` with
     ``attn_drop=0``, forward and backward, without materialising the (B, heads, N, M)
-    scores. Without ``transform_weight`` it is ``scaled_dot_product_attention`` (with
-    :class:`AttentionFunction`'s backward where batch x heads is below the number of
-    threads); with it, :class:`EMSATransformFunction` (or its forward alone when no
-    gradient is needed). See the module docstring for the identities used and for the
-    bfloat16 behaviour under ``torch.autocast``.
+    scores. Without ``transform_weight`` it is ``scaled_dot_product_attention`` (on the
+    CPU with :class:`AttentionFunction`'s backward where batch x heads is below the
+    number of threads); with it, :class:`EMSATransformFunction` (or its forward alone
+    when no gradient is needed). Under export it is :func:`emsa_dense`. See the module
+    docstring for the identities used, the device rules and the bfloat16 behaviour
+    under ``torch.autocast``.
 
     Args:
         q (Tensor): Queries of shape (B, heads, N, head_dim); any strides.
@@ -478,7 +579,8 @@ def emsa_fused(q: Tensor,
             softmax; it receives an exact zero gradient. Defaults to None.
         eps (float): ``eps`` of the instance norm. Defaults to 1e-5.
         block_size (int, optional): Query rows per block; None picks it so that a block
-            of scores takes about ``DEFAULT_BLOCK_BYTES``. Defaults to None.
+            of scores takes about :data:`DEFAULT_BLOCK_BYTES` on the CPU and
+            :data:`ACCELERATOR_BLOCK_BYTES` elsewhere. Defaults to None.
 
     Returns:
         Tensor: Output of shape (B, heads, N, head_dim). With head mixing it is a
@@ -486,16 +588,20 @@ def emsa_fused(q: Tensor,
         ``out.transpose(1, 2).reshape(B, N, C)`` is free.
     """
     B, h, N, _ = q.shape
+    device = q.device.type
+    cpu = cpu_tuned(q)
+    if trace_friendly():
+        return emsa_dense(q, k, v, scale, transform_weight, eps)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (q, k, v, transform_weight, transform_bias))
-    if transform_weight is None and not (needs_grad
-                                         and _blocked_attention_backward_pays(B * h)):
+    if transform_weight is None and not (
+            needs_grad and _blocked_attention_backward_pays(B * h, cpu)):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    device = q.device.type
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    if torch.is_autocast_enabled(device) and dtype.is_floating_point:
-        dtype = torch.get_autocast_dtype(device)
+    cast = autocast_dtype(device)
+    if cast is not None and dtype.is_floating_point:
+        dtype = cast
     # With head mixing, the instance norm divides the centred probabilities P - 1/M,
     # which nearly cancel, by s >= sqrt(eps): in bfloat16 or float16 that loses most of
     # their bits (errors of 30-50% of the output at stages 3-4 of ResT-Lite in bfloat16),
@@ -503,14 +609,14 @@ def emsa_fused(q: Tensor,
     compute = (torch.float32 if transform_weight is not None and dtype in _LOW_PRECISION
                else dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    rows = _block_rows(block_size, B * h, k.shape[2], N, q.element_size())
+    rows = _block_rows(block_size, B * h, k.shape[2], N, q.element_size(), cpu)
     if transform_weight is None:
         return AttentionFunction.apply(q, k, v, scale, rows)
     if needs_grad:
         out = EMSATransformFunction.apply(q, k, v, transform_weight, transform_bias,
                                           scale, eps, rows)
     else:
-        with torch.autocast(device, enabled=False):
+        with autocast_off(device):
             out = _emsa_transform_forward(q, k, v,
                                           _scaled_mixing(transform_weight, scale, compute),
                                           eps, rows)[0]
