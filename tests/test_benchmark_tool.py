@@ -33,12 +33,12 @@ def test_quick_and_full_defaults(restv2):
     quick = bm.parse_args(['--quick'])
     assert (quick.models, quick.archs, quick.rounds) == (['rest', 'rest-ref'], ['small'], 1)
     assert quick.cases == ['infer_224', 'infer_800', 'train_800', 'train_224']
-    assert (quick.threads, quick.matmul_size, quick.device) == (2, 256, 'cpu')
+    assert (quick.threads, quick.matmul_size, quick.device) == (1, 256, 'cpu')
     assert quick.command == 'tools/analysis/benchmark.py --quick'
     full = bm.parse_args([])
     assert full.models == ['rest', 'rest-ref', 'pvt-t', 'pvtv2-b1', 'swin-t']
     assert full.notes == ['ResTV2 not run: mmrest.models has no ResTV2 in this checkout.']
-    assert (full.archs, full.rounds, full.matmul_size) == (None, 3, 2048)
+    assert (full.archs, full.rounds, full.threads, full.matmul_size) == (None, 3, 2, 2048)
     restv2(True)
     assert bm.parse_args([]).models == list(bm.MODELS) and bm.parse_args([]).notes == []
 
@@ -53,6 +53,22 @@ def test_default_rows_of_each_case(restv2):
         [f'rest:{a}' for a in bm.REST_ARCHS] + [f'rest-ref:{a}' for a in bm.REST_ARCHS] +
         [f'restv2:{a}' for a in bm.RESTV2_ARCHS] +
         [f'restv2-ref:{a}' for a in bm.RESTV2_ARCHS] + ['pvt-t', 'pvtv2-b1', 'swin-t'])
+
+
+def test_goal_models_only(restv2):
+    restv2(True)
+    rows = {n: [r.key for r in runs]
+            for n, runs in bm.select_runs(bm.parse_args(['--goal-models'])).items()}
+    assert rows == {
+        'infer_224': ['rest:small'],
+        'infer_800': ['rest:small', 'rest-ref:small', 'restv2:tiny', 'restv2-ref:tiny',
+                      'swin-t'],
+        'train_800': ['rest:small', 'rest-ref:small', 'restv2:tiny', 'restv2-ref:tiny',
+                      'swin-t'],
+        'train_224': ['rest:small', 'rest-ref:small']}
+    args = bm.parse_args(['--goal-models', '--models', 'rest', 'swin-t', '--cases',
+                          'infer_800'])
+    assert [r.key for r in bm.select_runs(args)['infer_800']] == ['rest:small', 'swin-t']
 
 
 def test_explicit_models_run_in_every_case_and_compile_adds_rows(restv2):
@@ -102,6 +118,27 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bm.parse_args(['--device', 'cuda'])
     assert 'torch.cuda.is_available() is False' in capsys.readouterr().err
+
+
+def test_restv2_is_built_with_its_attention_setting(monkeypatch):
+    import mmrest.models
+
+    class FakeResTV2(nn.Module):
+
+        def __init__(self, arch, attn_impl):
+            super().__init__()
+            self.arch, self.attn_impl = arch, attn_impl
+
+        def init_weights(self):
+            self.initialised = True
+
+    monkeypatch.setattr(mmrest.models, 'ResTV2', FakeResTV2, raising=False)
+    assert bm.has_restv2()
+    fused, ref = bm.build_model('restv2', 'tiny'), bm.build_model('restv2-ref', 'base')
+    assert (fused.arch, fused.attn_impl, fused.initialised) == ('tiny', 'fused', True)
+    assert (ref.arch, ref.attn_impl) == ('base', 'reference')
+    # MACs are counted on the reference, for the fused model too
+    assert bm.build_model('restv2', 'tiny', reference=True).attn_impl == 'reference'
 
 
 def test_peers_are_mmdets_backbones_without_weights():
@@ -267,15 +304,14 @@ def test_a_worker_that_never_finishes_times_out(monkeypatch, tmp_path):
 def test_quick_run_end_to_end(tmp_path, capsys, restv2):
     restv2(False)
     out = tmp_path / 'bench.json'
-    bm.main(['--quick', '--threads', '1', '--cases', 'infer_800', 'train_800', '--out',
-             str(out)])
+    bm.main(['--quick', '--cases', 'infer_800', 'train_800', '--out', str(out)])
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     machine = data['machine']
     assert machine['threads'] == 1 and machine['cpu'] and machine['logical_cpus'] >= 1
     assert machine['torch'] == torch.__version__ and machine['date'].startswith('20')
-    assert machine['command'] == ('tools/analysis/benchmark.py --quick --threads 1 --cases '
-                                  f'infer_800 train_800 --out {out}')
+    assert machine['command'] == ('tools/analysis/benchmark.py --quick --cases infer_800 '
+                                  f'train_800 --out {out}')
     assert data['settings']['quick'] is True and data['settings']['rounds'] == 1
     assert data['cases'] == {
         'infer_800': dict(title='inference', batch=1, shape=[96, 160]),

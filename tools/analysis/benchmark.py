@@ -13,7 +13,8 @@ Cases (:data:`CASES`): ``infer_224`` (inference, 224x224, batch 16), ``infer_800
 (800x1344, batch 1), ``train_800`` (a training step at 800x1344, batch 2: forward in train
 mode, the loss ``sum(out.mean() for out in outputs)``, backward; no optimizer step) and
 ``train_224`` (the same at 224x224, batch 32, as in ImageNet pretraining). Training cases
-run the models their goals name unless ``--models`` is given.
+run only the models that their goals (:data:`GOALS`) name unless ``--models`` is given;
+``--goal-models`` does that for every case.
 
 Method: each (model, case) is measured in a fresh process (:func:`measure`) with fixed
 threads: build, then ``torch.utils.benchmark.Timer.blocked_autorange`` (its first run,
@@ -102,8 +103,8 @@ class Case:
         shape (tuple[int, int]): Input (H, W).
         quick_batch (int): Batch size with ``--quick``.
         quick_shape (tuple[int, int]): Input (H, W) with ``--quick``.
-        models (tuple[str], optional): Run keys measured unless ``--models`` is given;
-            None: every selected model. Defaults to None.
+        goal_models_only (bool): Without ``--models``, measure only the models that the
+            case's goals name (:data:`GOALS`). Defaults to False.
     """
     title: str
     train: bool
@@ -111,7 +112,7 @@ class Case:
     shape: Tuple[int, int]
     quick_batch: int
     quick_shape: Tuple[int, int]
-    models: Optional[Tuple[str, ...]] = None
+    goal_models_only: bool = False
 
 
 CASES: Dict[str, Case] = {
@@ -119,11 +120,8 @@ CASES: Dict[str, Case] = {
     'infer_800': Case('inference', False, 1, (800, 1344), 1, (96, 160)),
     # a training step at 800x1344 takes tens of seconds, and the references keep every
     # attention map for backward (about 11 GB for ResT-small): the goals' models only
-    'train_800': Case('training step', True, 2, (800, 1344), 2, (96, 160),
-                      ('rest:small', 'rest-ref:small', 'swin-t', 'restv2:tiny',
-                       'restv2-ref:tiny')),
-    'train_224': Case('training step', True, 32, (224, 224), 2, (64, 64),
-                      ('rest:small', 'rest-ref:small')),
+    'train_800': Case('training step', True, 2, (800, 1344), 2, (96, 160), True),
+    'train_224': Case('training step', True, 32, (224, 224), 2, (64, 64), True),
 }
 MATMUL_SIZE, QUICK_MATMUL_SIZE = 2048, 256
 MIN_RUN_TIME, QUICK_MIN_RUN_TIME = 1.0, 0.05
@@ -361,9 +359,11 @@ def select_runs(args: argparse.Namespace) -> Dict[str, List[Run]]:
         runs += [Run(family, a) for a in (args.archs or spec.archs) if a in spec.archs]
     by_case = {}
     for name in args.cases:
-        case = CASES[name]
-        rows = [r for r in runs if args.models_given or case.models is None
-                or r.key in case.models]
+        if args.goal_models or (CASES[name].goal_models_only and not args.models_given):
+            named = {k for g in GOALS if g.case == name for k in (g.model, g.other)}
+            rows = [r for r in runs if r.key in named]
+        else:
+            rows = list(runs)
         if args.compile:
             rows = [v for r in rows for v in (r, Run(r.family, r.arch, compiled=True))]
         by_case[name] = rows
@@ -615,13 +615,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         '--quick: small)')
     parser.add_argument('--cases', nargs='+', choices=list(CASES), default=list(CASES),
                         help='cases (default: all)')
-    parser.add_argument('--threads', type=int, default=2,
-                        help='intra-op threads of every measurement (default: 2)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='intra-op threads of every measurement (default: 2; --quick: 1)')
     parser.add_argument('--rounds', type=int, default=None,
                         help='rounds; the median over rounds is reported (default: 3; '
                         '--quick: 1)')
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu',
                         help='device (default: cpu)')
+    parser.add_argument('--goal-models', action='store_true',
+                        help='measure only the models that the goals of each case name')
     parser.add_argument('--compile', action='store_true',
                         help='add a torch.compile row for every model; no goals use them '
                         '(compiling takes 1.5-4 minutes per model and case on 2 CPU cores)')
@@ -629,7 +631,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='seconds before a measurement process is killed (default: '
                         '3600)')
     parser.add_argument('--quick', action='store_true',
-                        help='smoke run: tiny inputs, one round, a 256^3 matmul')
+                        help='smoke run: tiny inputs, one round, one thread, a 256^3 matmul')
     parser.add_argument('--out', default=None, help='write the JSON report to this path')
     args = parser.parse_args(argv)
 
@@ -667,6 +669,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.archs = ['small']
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
+    if args.threads is None:
+        args.threads = 1 if args.quick else 2
     args.matmul_size = QUICK_MATMUL_SIZE if args.quick else MATMUL_SIZE
     args.command = ' '.join(['tools/analysis/benchmark.py'] +
                             list(sys.argv[1:] if argv is None else argv))

@@ -30,7 +30,7 @@ from collections import defaultdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-from benchmark import CASES, MODELS, build_model, make_step
+from benchmark import CASES, MODELS, build_model, has_restv2, make_step
 from torch import nn
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
@@ -230,6 +230,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--top', type=int, default=15,
                         help='rows of the table of the most expensive ops (default: 15)')
     args = parser.parse_args(argv)
+    if MODELS[args.model].source == 'mmrest.ResTV2' and not has_restv2():
+        parser.error(f'--model {args.model}: mmrest.models has no ResTV2 in this checkout')
     archs = MODELS[args.model].archs
     if archs and args.arch not in archs:
         parser.error(f'--arch {args.arch}: {args.model} has {", ".join(archs)}')
