@@ -236,7 +236,8 @@ def _report(results, rows):
     cases = {n: dict(title=bm.CASES[n].title, batch=bm.CASES[n].batch,
                      shape=list(bm.CASES[n].shape)) for n in rows}
     return dict(machine=dict(cpu='Test CPU', logical_cpus=2, threads=2, device='cpu',
-                             torch='2.x', date='2026-12-01', command='benchmark.py'),
+                             torch='2.x', date='2026-12-01', command='benchmark.py',
+                             load_average=[0.25, 0.5, 1.0]),
                 settings=dict(rounds=3, device='cpu'), notes=['ResTV2 not run.'],
                 cases=cases, rows=rows,
                 models={'rest:small': 'ResT-small', 'rest-ref:small': 'ResT-small reference'},
@@ -259,6 +260,8 @@ def test_tables():
     assert ('| training step 800x1344 b2: speed-up of ResT-small over ResT-small reference | '
             'not measured | (report) | - |') in lines
     assert 'fp32 matmul 2048^3: 2.0 GFLOP/s (median of 1.9, 2.0, 2.1)' in text
+    assert ('Machine: Test CPU, 2 logical CPUs, load average 0.2 at the start, 2 threads, cpu, '
+            'torch 2.x, 2026-12-01. Command: `benchmark.py`.') in lines
     assert 'Note: ResTV2 not run.' in lines
     assert 'Failed: ResT-small reference infer_800: killed by signal 9' in lines
     met = bm.format_report(_report(
@@ -309,6 +312,7 @@ def test_quick_run_end_to_end(tmp_path, capsys, restv2):
     data = json.loads(out.read_text())
     machine = data['machine']
     assert machine['threads'] == 1 and machine['cpu'] and machine['logical_cpus'] >= 1
+    assert len(machine['load_average']) == 3 and machine['memory_bytes'] > 0
     assert machine['torch'] == torch.__version__ and machine['date'].startswith('20')
     assert machine['command'] == ('tools/analysis/benchmark.py --quick --cases infer_800 '
                                   f'train_800 --out {out}')

@@ -113,7 +113,12 @@ def worker_main(jobs: Mapping[str, Callable[[Dict[str, Any]], Dict[str, Any]]],
 
 
 def machine_info(threads: int, device: str, command: str) -> Dict[str, Any]:
-    """CPU model, logical CPUs, memory, threads, device, versions, date and command."""
+    """CPU model, logical CPUs, memory, load average, threads, device, versions, date, command.
+
+    The load average (1, 5, 15 minutes, before the run) tells a busy machine: with as many
+    threads as cores, other processes slow every parallel region down, by far more than
+    their share of the CPU.
+    """
     import torch
     cpu = platform.processor() or platform.machine()
     try:
@@ -124,6 +129,7 @@ def machine_info(threads: int, device: str, command: str) -> Dict[str, Any]:
         pass
     info = dict(cpu=cpu, logical_cpus=os.cpu_count(),
                 memory_bytes=os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'),
+                load_average=list(os.getloadavg()),
                 threads=threads, device=device, torch=torch.__version__,
                 python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(

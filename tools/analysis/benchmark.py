@@ -584,9 +584,10 @@ def format_report(report: Dict[str, Any]) -> str:
                '(training step: 3 x the forward MACs). Times: median over '
                f'{report["settings"]["rounds"]} round(s), each (model, case) in a fresh '
                'process per round; peak RSS: the largest of its processes\' peaks.')
-    out.append(f'Machine: {info["cpu"]}, {info["logical_cpus"]} logical CPUs, '
-               f'{info["threads"]} threads, {info["device"]}, torch {info["torch"]}, '
-               f'{info["date"]}. Command: `{info["command"]}`.')
+    out.append(f'Machine: {info["cpu"]}, {info["logical_cpus"]} logical CPUs, load average '
+               f'{info["load_average"][0]:.1f} at the start, {info["threads"]} threads, '
+               f'{info["device"]}, torch {info["torch"]}, {info["date"]}. Command: '
+               f'`{info["command"]}`.')
     failed = [f'{report["models"][k]} {n}: {e["error"]}'
               for k, per in report['results'].items() for n, e in per.items() if 'error' in e]
     out += [f'Note: {n}' for n in report['notes']] + [f'Failed: {f}' for f in failed]
