@@ -16,7 +16,7 @@ test: install  ## the whole test suite, slow end-to-end tests included
 test-fast: install  ## the suite without the tests marked slow
 	$(PY) -m pytest tests -m "not slow"
 
-bench: install  ## speed and memory table (issue: EMSA performance)
+bench: install  ## speed, memory and efficiency tables (README "Speed and memory")
 	$(PY) tools/analysis/benchmark.py --out work_dirs/benchmark.json
 
 clean:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .emsa import EMSA
 from .emsa_ops import cpu_tuned
+from .norm_mlp import norm_mlp, norm_mlp_applies
 
 
 class Mlp(nn.Module):
@@ -54,7 +55,9 @@ class ResTBlock(nn.Module):
         apply_transform (bool): EMSA head mixing and instance norm. Defaults to True.
         norm_cfg (dict, optional): Config of the LayerNorms. Defaults to
             ``dict(type='LN')``.
-        attn_impl (str): EMSA implementation, ``'fused'`` or ``'reference'``.
+        attn_impl (str): ``'fused'``: the fused EMSA core, and for CPU training the
+            memory-lean LayerNorm + MLP (:mod:`mmrest.models.layers.norm_mlp`);
+            ``'reference'``: the equations as written, with plain modules.
             Defaults to 'fused'.
     """
 
@@ -88,10 +91,15 @@ class ResTBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
         self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop)
+        self.attn_impl = attn_impl
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         x = _add_residual(x, self.drop_path(self.attn(self.norm1(x), hw_shape)))
-        return _add_residual(x, self.drop_path(self.mlp(self.norm2(x))))
+        if self.attn_impl == 'fused' and norm_mlp_applies(x, self.norm2, self.mlp):
+            mlp_out = norm_mlp(x, self.norm2, self.mlp)
+        else:
+            mlp_out = self.mlp(self.norm2(x))
+        return _add_residual(x, self.drop_path(mlp_out))
 
 
 def _add_residual(x: Tensor, branch: Tensor) -> Tensor:

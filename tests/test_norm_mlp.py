@@ -1,0 +1,132 @@
+"""The memory-lean LayerNorm + MLP of the fused blocks against the plain modules."""
+import pytest
+import torch
+from torch import nn
+
+from mmrest.models.layers import ResTBlock
+from mmrest.models.layers.block import Mlp
+from mmrest.models.layers.norm_mlp import NormMlpFunction, norm_mlp, norm_mlp_applies
+
+pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
+
+
+def make(C: int = 16, dtype=torch.float64, seed: int = 0):
+    torch.manual_seed(seed)
+    norm, mlp = nn.LayerNorm(C), Mlp(C, 4 * C)
+    with torch.no_grad():  # non-trivial affine LayerNorm
+        norm.weight.normal_(1, 0.2)
+        norm.bias.normal_(0, 0.2)
+    return norm.to(dtype), mlp.to(dtype)
+
+
+def grads(fn, x, modules):
+    params = [p for m in modules for p in m.parameters()]
+    out = fn(x)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))
+    return out, torch.autograd.grad(out, [x] + params, g)
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_same_function_and_gradients_as_the_modules(dtype, tol):
+    norm, mlp = make(dtype=dtype)
+    x = torch.randn(2, 37, 16, dtype=dtype, requires_grad=True)
+    assert norm_mlp_applies(x, norm, mlp)
+    ref, ref_grads = grads(lambda t: mlp(norm(t)), x, (norm, mlp))
+    out, out_grads = grads(lambda t: norm_mlp(t, norm, mlp), x, (norm, mlp))
+    assert torch.equal(out, ref)  # the forward runs the modules' own ops
+    for g, g_ref in zip(out_grads, ref_grads):
+        assert ((g - g_ref).abs().max() / g_ref.abs().max().clamp(min=1)).item() < tol
+
+
+def test_gradcheck():
+    norm, mlp = make(C=4)
+    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    params = [norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+              mlp.fc2.bias]
+
+    def fn(x_, *p):
+        return NormMlpFunction.apply(x_, p[0], p[1], norm.eps, *p[2:])
+
+    assert torch.autograd.gradcheck(fn, [x] + params)
+
+
+def saved_bytes(fn) -> int:
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_keeps_half_of_what_autograd_keeps():
+    """x, the statistics and the hidden pre-activation (5C per token) instead of x, the
+    normalised tokens, the pre-activation and the activation (10C), plus weights."""
+    C, tokens = 32, 4096
+    norm, mlp = make(C=C, dtype=torch.float32)
+    x = torch.randn(1, tokens, C, requires_grad=True)
+    weights = sum(p.numel() * 4 for p in (*norm.parameters(), *mlp.parameters()))
+    plain = saved_bytes(lambda: mlp(norm(x))) - weights
+    lean = saved_bytes(lambda: norm_mlp(x, norm, mlp)) - weights
+    assert plain >= tokens * 10 * C * 4
+    assert lean <= tokens * (5 * C + 2) * 4
+
+
+def test_frozen_parameters_get_no_gradient():
+    norm, mlp = make()
+    for p in norm.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    norm_mlp(x, norm, mlp).sum().backward()
+    assert norm.weight.grad is None and norm.bias.grad is None
+    assert x.grad is not None and mlp.fc1.weight.grad is not None
+
+
+def test_applies_only_where_it_is_the_same_function_and_measured():
+    norm, mlp = make(dtype=torch.float32)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    assert norm_mlp_applies(x, norm, mlp)
+    with torch.no_grad():
+        assert not norm_mlp_applies(x, norm, mlp)  # inference keeps its own path
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not norm_mlp_applies(x, norm, mlp)
+    assert not norm_mlp_applies(x.to(torch.bfloat16), norm, mlp)
+    assert not norm_mlp_applies(torch.empty(2, 9, 16, device='meta'), norm, mlp)
+    dropout = Mlp(16, 64, drop=0.1).train()
+    assert not norm_mlp_applies(x, norm, dropout)
+    assert norm_mlp_applies(x, norm, dropout.eval())
+    tanh = Mlp(16, 64)
+    tanh.act = nn.GELU(approximate='tanh')
+    assert not norm_mlp_applies(x, norm, tanh)
+    assert not norm_mlp_applies(x, nn.LayerNorm(16, elementwise_affine=False), mlp)
+
+
+@pytest.mark.parametrize('sr_ratio, heads', [(2, 2), (1, 1)])
+def test_fused_block_trains_like_the_reference_block(sr_ratio, heads):
+    torch.manual_seed(0)
+    fused = ResTBlock(32, heads, sr_ratio=sr_ratio).double().train()
+    ref = ResTBlock(32, heads, sr_ratio=sr_ratio, attn_impl='reference').double().train()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 6 * 5, 32, dtype=torch.float64, requires_grad=True)
+    calls = []
+    original = NormMlpFunction.apply
+    try:
+        NormMlpFunction.apply = lambda *a: calls.append(1) or original(*a)
+        out = fused(x, (6, 5))
+    finally:
+        NormMlpFunction.apply = original
+    assert calls  # the fused block took the lean path, the reference does not
+    out_ref = ref(x, (6, 5))
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn(out.shape, dtype=out.dtype)
+    grads = torch.autograd.grad(out, [x, *fused.parameters()], g)
+    grads_ref = torch.autograd.grad(out_ref, [x, *ref.parameters()], g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
