@@ -75,10 +75,11 @@ head is PyTorch's ``scaled_dot_product_attention`` forward and backward (its CUD
 kernels), and head mixing is the blocked kernel with blocks of
 :data:`ACCELERATOR_BLOCK_BYTES` (one to four blocks per layer for an 800x1344 image).
 
-Export: while ``torch.export`` / ``torch.onnx.export`` or TorchScript tracing records the
-graph (:func:`trace_friendly`), the blocked Python loop would be frozen at the traced
-size, so the core switches by itself to :func:`emsa_dense`, the same function written
-with shape-generic ops (SDPA for one head; materialised scores for head mixing).
+Export and compile: while ``torch.export`` / ``torch.onnx.export``, TorchScript tracing or
+``torch.compile`` records the graph (:func:`trace_friendly`), the blocked Python loop would
+be frozen at the traced size, so the core switches by itself to :func:`emsa_dense`, the
+same function written with shape-generic ops (SDPA for one head; materialised scores for
+head mixing).
 """
 import contextlib
 from typing import ContextManager, Optional, Tuple
@@ -116,18 +117,23 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def cpu_tuned(x: Tensor) -> bool:
-    """Whether the CPU-tuned choices of this module apply to ``x`` (a CPU tensor)."""
-    return x.device.type == 'cpu'
+    """Whether the CPU-tuned choices of this module apply to ``x``: a CPU tensor, in eager
+    mode. While a graph is recorded (:func:`trace_friendly`) the plain layouts and
+    out-of-place ops are used: the memory-format choices of a channels-last convolution
+    depend on whether the batch is 1, which would freeze a dynamic batch dimension."""
+    return x.device.type == 'cpu' and not trace_friendly()
 
 
 def trace_friendly() -> bool:
-    """Whether a graph is being recorded for export, where shape-generic ops are needed.
+    """Whether a graph is being recorded, where shape-generic ops are needed.
 
     True under ``torch.export`` (hence ``torch.onnx.export(dynamo=True)``), the
-    TorchScript-based ``torch.onnx.export`` and ``torch.jit.trace``.
+    TorchScript-based ``torch.onnx.export``, ``torch.jit.trace`` and ``torch.compile``
+    (whose tracing of the blocked kernel breaks the graph at every thread-count query
+    and fails in inductor on the ``out=`` views of its backward).
     """
     return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-                or torch.jit.is_tracing())
+                or torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
 def autocast_off(device_type: str) -> ContextManager:
@@ -538,9 +544,9 @@ def emsa_dense(q: Tensor,
     """
     if transform_weight is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    h = transform_weight.shape[0]
-    weight = transform_weight.reshape(h, h) * scale
-    scores = torch.einsum('gh,bhnm->bgnm', weight, q @ k.transpose(-2, -1))
+    # the head mixing as the reference writes it, a 1x1 conv (an einsum here would let
+    # the traced graph depend on whether the batch is 1)
+    scores = F.conv2d(q @ k.transpose(-2, -1), transform_weight * scale)
     # centred probabilities P - 1/M, as in the blocked kernel
     probs = scores.softmax(-1) - 1.0 / k.shape[2]
     std = (probs.square().mean(dim=(-2, -1), keepdim=True) + eps).sqrt()
