@@ -33,7 +33,9 @@ setup(
         'det': ['mmdet==3.3.0'],
         'seg': ['mmsegmentation==1.2.2', 'ftfy', 'regex'],
         'cls': ['mmpretrain==1.2.0'],
-        'tests': ['pytest', 'hypothesis'],
+        'tests': ['pytest', 'hypothesis', 'scikit-image==0.26.0'],
+        # ONNX export and ONNX Runtime (README "Deployment: ONNX")
+        'deploy': ['onnx==1.23.1', 'onnxruntime==1.30.0', 'onnxscript==0.7.2'],
     },
     zip_safe=False,
 )

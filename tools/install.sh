@@ -18,8 +18,9 @@ cache="${MMREST_WHEEL_CACHE:-$HOME/.cache/mmrest/wheels}"
 py="${PYTHON:-python3}"
 stamp="$venv/.mmrest-installed"
 req="$repo/requirements/stack.txt"
+deploy_req="$repo/requirements/deploy.txt"
 
-if [[ -f "$stamp" && "$stamp" -nt "$req" && "$stamp" -nt "$repo/requirements/torch.txt" && "$stamp" -nt "$repo/requirements/constraints.txt" && "$stamp" -nt "$repo/setup.py" ]]; then
+if [[ -f "$stamp" && "$stamp" -nt "$req" && "$stamp" -nt "$repo/requirements/torch.txt" && "$stamp" -nt "$repo/requirements/constraints.txt" && "$stamp" -nt "$repo/setup.py" && "$stamp" -nt "$deploy_req" ]]; then
   exit 0
 fi
 
@@ -72,8 +73,10 @@ if ! "$venv/bin/python" -c "import mmcv, mmcv._ext; assert mmcv.__version__ == '
 fi
 
 "${pip[@]}" install -q "${constraints[@]}" -r "$req"
+# the deploy extra (onnx, onnxruntime, onnxscript), so that the export tests run
+"${pip[@]}" install -q "${constraints[@]}" -r "$deploy_req"
 "${pip[@]}" install -q "${constraints[@]}" --no-build-isolation --no-deps -e "$repo"
-"$venv/bin/python" -c "import mmcv._ext, mmdet, mmseg, mmpretrain.models, mmrest" \
+"$venv/bin/python" -c "import mmcv._ext, mmdet, mmseg, mmpretrain.models, mmrest, onnxruntime, onnxscript" \
   || { log "the installed stack does not import"; exit 1; }
 touch "$stamp"
 log "ready: $venv"
