@@ -23,6 +23,9 @@ _base_ = [
     'mmdet::_base_/schedules/schedule_1x.py',
     'mmdet::_base_/default_runtime.py',
 ]
+# `import mmrest` wherever this config is read (tools, OpenMMLab's inference APIs): the
+# ResT registry and safe reading of mmengine checkpoints on torch >= 2.6
+custom_imports = dict(imports=['mmrest'], allow_failed_imports=False)
 
 pretrained_ckpt = 'checkpoints/rest_small.pth'
 

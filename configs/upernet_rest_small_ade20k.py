@@ -22,6 +22,9 @@ _base_ = [
     'mmseg::_base_/default_runtime.py',
     'mmseg::_base_/schedules/schedule_160k.py',
 ]
+# `import mmrest` wherever this config is read (tools, OpenMMLab's inference APIs): the
+# ResT registry and safe reading of mmengine checkpoints on torch >= 2.6
+custom_imports = dict(imports=['mmrest'], allow_failed_imports=False)
 
 crop_size = (512, 512)
 pretrained_ckpt = 'checkpoints/rest_small.pth'

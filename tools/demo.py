@@ -272,10 +272,15 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                   total_seconds=total, picture=picture, config=args.config,
                   data_root=data_root, work_dir=args.work_dir,
                   checkpoint=osp.join(args.work_dir, f'iter_{runner.iter}.pth'))
+    from infer import predict_photo  # tools/infer.py: the detector on a real photo
+    result['photo'] = predict_photo(cfg, result['checkpoint'], osp.join(
+        args.work_dir, 'photo_prediction.png'), score_thr=args.score_thr)
     with open(osp.join(args.work_dir, 'demo_result.json'), 'w') as f:
         json.dump(result, f, indent=2)
     print(f'demo: predictions on {len(range(min(args.num_pictures, n_val)))} val images: '
           f'{osp.abspath(picture)}')
+    print(f'demo: the same detector on a real photo (trained on shapes only, so its boxes '
+          f'there are nonsense): {osp.abspath(result["photo"])}')
     print(f'demo: metrics and learning curve: '
           f'{osp.abspath(osp.join(args.work_dir, "demo_result.json"))}')
     print(summary, flush=True)
