@@ -81,11 +81,13 @@ def build_config(args: argparse.Namespace):
     import mmrest  # noqa: F401  (registers mmrest.ResT, allows mmengine's checkpoint types)
     from mmrest.engine import (apply_reliability_hooks, check_resume_path,
                                checkpoint_templates, configure_amp, cpu_amp_config_fix,
-                               find_resume_checkpoint, inspect_checkpoint, load_tool_config)
+                               find_resume_checkpoint, inspect_checkpoint, load_tool_config,
+                               prepare_compile)
 
     cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
 
     apply_reliability_hooks(cfg)
+    prepare_compile(cfg)  # compile=True: optimizer groups dynamo can trace
 
     if args.amp:
         dtype = configure_amp(cfg)

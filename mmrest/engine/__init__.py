@@ -13,7 +13,8 @@ CPU autocast wrapper), :mod:`.dist` (gloo on machines without CUDA), :mod:`.cli`
 tools' shared arguments and error exit), :mod:`.config` (loading a tool's config,
 building its runner) and :mod:`.preflight` (data checks before training).
 
-Importing this module registers ``mmrest.AtomicCheckpointHook``, ``mmrest.RNGStateHook``
+Importing this module registers ``mmrest.AtomicCheckpointHook``, ``mmrest.RNGStateHook``,
+``mmrest.PlainParamGroupsHook`` (:mod:`.compile`, for ``compile=True``)
 and ``mmrest.CPUAmpOptimWrapper`` in the registries of :mod:`mmrest.registry` (which
 import it lazily: a config that names them needs nothing else), and the atomic file
 backend ``'mmrest_atomic_local'`` among mmengine's file backends. Nothing else.
@@ -24,15 +25,17 @@ from .checkpointing import (ATOMIC_BACKEND, AtomicCheckpointHook, RNGStateHook,
                             apply_reliability_hooks, check_resume_path, checkpoint_candidates,
                             checkpoint_templates, find_resume_checkpoint, inspect_checkpoint)
 from .cli import add_common_tool_arguments, parse_tool_arguments, run_tool_cli
+from .compile import PlainParamGroupsHook, prepare_compile
 from .config import build_runner, default_work_dir, load_tool_config
 from .dist import init_cpu_distributed
 from .preflight import DatasetCheckError, check_data_config, check_dataset
 
 __all__ = [
     'ATOMIC_BACKEND', 'AtomicCheckpointHook', 'CPUAmpOptimWrapper', 'DatasetCheckError',
-    'RNGStateHook', 'add_common_tool_arguments', 'apply_reliability_hooks', 'build_runner',
-    'check_data_config', 'check_dataset', 'check_resume_path', 'checkpoint_candidates',
-    'checkpoint_templates', 'configure_amp', 'cpu_amp_config_fix', 'default_work_dir',
-    'find_resume_checkpoint', 'init_cpu_distributed', 'inspect_checkpoint',
-    'load_tool_config', 'parse_tool_arguments', 'run_tool_cli', 'setup_safe_loading'
+    'PlainParamGroupsHook', 'RNGStateHook', 'add_common_tool_arguments',
+    'apply_reliability_hooks', 'build_runner', 'check_data_config', 'check_dataset',
+    'check_resume_path', 'checkpoint_candidates', 'checkpoint_templates', 'configure_amp',
+    'cpu_amp_config_fix', 'default_work_dir', 'find_resume_checkpoint',
+    'init_cpu_distributed', 'inspect_checkpoint', 'load_tool_config',
+    'parse_tool_arguments', 'prepare_compile', 'run_tool_cli', 'setup_safe_loading'
 ]

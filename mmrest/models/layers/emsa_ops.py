@@ -520,15 +520,18 @@ def emsa_dense(q: Tensor,
                v: Tensor,
                scale: float,
                transform_weight: Optional[Tensor] = None,
-               eps: float = INSTANCE_NORM_EPS) -> Tensor:
+               eps: float = INSTANCE_NORM_EPS,
+               transform_bias: Optional[Tensor] = None) -> Tensor:
     """The EMSA core of :func:`emsa_fused` written with shape-generic ops only.
 
-    Used under export (:func:`trace_friendly`): no Python loop over blocks, so nothing
-    depends on the traced size. One head is ``scaled_dot_product_attention``; with head
-    mixing the scores are materialised and the instance norm uses the exact mean 1/M
-    (identity 2 of the module docstring), so it is the same function as the blocked
-    kernel, with the same single-key and single-element limits. The mixing bias cancels
-    and is not an input.
+    Used under export and ``torch.compile`` (:func:`trace_friendly`): no Python loop over
+    blocks, so nothing depends on the traced size. One head is
+    ``scaled_dot_product_attention``; with head mixing the scores are materialised and
+    the instance norm uses the exact mean 1/M (identity 2 of the module docstring), so it
+    is the same function as the blocked kernel, with the same single-key and
+    single-element limits. The mixing bias cancels in the softmax; it is added as in the
+    reference, so that it gets a gradient (of rounding size) when ``torch.compile``
+    trains, as every parameter should.
 
     Args:
         q (Tensor): Queries (B, heads, N, head_dim).
@@ -538,6 +541,7 @@ def emsa_dense(q: Tensor,
         transform_weight (Tensor, optional): Head-mixing weight (heads, heads, 1, 1);
             None means plain softmax attention. Defaults to None.
         eps (float): ``eps`` of the instance norm. Defaults to 1e-5.
+        transform_bias (Tensor, optional): Head-mixing bias (heads,). Defaults to None.
 
     Returns:
         Tensor: Output (B, heads, N, head_dim).
@@ -546,7 +550,7 @@ def emsa_dense(q: Tensor,
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     # the head mixing as the reference writes it, a 1x1 conv (an einsum here would let
     # the traced graph depend on whether the batch is 1)
-    scores = F.conv2d(q @ k.transpose(-2, -1), transform_weight * scale)
+    scores = F.conv2d(q @ k.transpose(-2, -1), transform_weight * scale, transform_bias)
     # centred probabilities P - 1/M, as in the blocked kernel
     probs = scores.softmax(-1) - 1.0 / k.shape[2]
     std = (probs.square().mean(dim=(-2, -1), keepdim=True) + eps).sqrt()
@@ -597,7 +601,7 @@ def emsa_fused(q: Tensor,
     device = q.device.type
     cpu = cpu_tuned(q)
     if trace_friendly():
-        return emsa_dense(q, k, v, scale, transform_weight, eps)
+        return emsa_dense(q, k, v, scale, transform_weight, eps, transform_bias)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (q, k, v, transform_weight, transform_bias))
