@@ -216,18 +216,12 @@ def check_detections(result: dict, setup, with_masks: bool) -> None:
             assert 'masks' not in facts
 
 
-@pytest.mark.parametrize('api', ['DetInferencer', 'init_detector'])
-def test_mmdet_apis_in_a_fresh_process(setup, api):
-    result = run_api(setup, api)
-    check_refusal(result, setup)
+def check_mmdet(result: dict, setup, api: str) -> None:
     check_detections(result['retinanet'], setup, with_masks=False)
     check_detections(result['mask_rcnn'], setup, with_masks=True)
 
 
-@pytest.mark.parametrize('api', ['MMSegInferencer', 'init_model'])
-def test_mmseg_apis_in_a_fresh_process(setup, api):
-    result = run_api(setup, api)
-    check_refusal(result, setup)
+def check_mmseg(result: dict, setup, api: str) -> None:
     seg = result['upernet']
     classes = ['background'] + list(setup['classes'])
     assert seg['classes'] == classes
@@ -270,10 +264,7 @@ def check_classification(result: dict, setup, authors: bool) -> None:
         np.testing.assert_allclose(got, _expected_authors_scores(setup), atol=1e-5)
 
 
-@pytest.mark.parametrize('api', ['ImageClassificationInferencer', 'get_model'])
-def test_mmpretrain_apis_in_a_fresh_process(setup, api):
-    result = run_api(setup, api)
-    check_refusal(result, setup)
+def check_mmpretrain(result: dict, setup, api: str) -> None:
     check_classification(result['classifier'], setup, authors=False)
     check_classification(result['authors'], setup, authors=True)
     if api == 'get_model':
@@ -281,6 +272,19 @@ def test_mmpretrain_apis_in_a_fresh_process(setup, api):
         expected = reference_logits(setup['authors_sd'], x, ARCHS['lite']['depths'])
         got = torch.tensor(result['authors']['logits'])
         assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+CHECKS = dict(DetInferencer=check_mmdet, init_detector=check_mmdet,
+              MMSegInferencer=check_mmseg, init_model=check_mmseg,
+              ImageClassificationInferencer=check_mmpretrain, get_model=check_mmpretrain)
+
+
+@pytest.mark.parametrize('api', list(SCRIPTS))
+def test_api_in_a_fresh_process(setup, api):
+    """The code-running checkpoint refused, then predictions on the photos."""
+    result = run_api(setup, api)
+    check_refusal(result, setup)
+    CHECKS[api](result, setup, api)
 
 
 def test_payload_of_the_refused_checkpoint_is_real(setup, tmp_path):
