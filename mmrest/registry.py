@@ -1,17 +1,25 @@
-"""The ``mmrest`` registry scope.
+"""The ``mmrest`` registry scope: MODELS, HOOKS and OPTIM_WRAPPERS.
 
-Children of mmengine's root registries. Their ``locations`` make mmengine import the
-modules that fill them lazily, so once ``mmrest`` is imported (e.g. by
-``custom_imports=dict(imports=['mmrest'])``), a config whose default scope is ``mmdet``,
-``mmseg`` or ``mmpretrain`` can name ``type='mmrest.ResT'`` (:mod:`mmrest.models`),
-``type='mmrest.AtomicCheckpointHook'`` or ``type='mmrest.CPUAmpOptimWrapper'``
-(:mod:`mmrest.engine`).
+Children of mmengine's root registries; their ``locations`` make mmengine import the
+modules that fill them (:mod:`mmrest.models`, :mod:`mmrest.engine`) on first use.
 """
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import Registry
 
+# Why ResT is registered twice, and nothing else is injected anywhere: a config of scope
+# mmdet, mmseg or mmpretrain names it in one of two ways (all six combinations are built
+# in fresh processes by tests/test_configs.py::test_registry_from_downstream_scopes).
+# * ``type='mmrest.ResT'``, no custom_imports: mmengine imports ``mmrest.registry`` for
+#   the ``mmrest.`` prefix and finds the child scope below under the root registry; its
+#   location imports mmrest.models. The same holds for ``mmrest.AtomicCheckpointHook``,
+#   ``mmrest.RNGStateHook`` and ``mmrest.CPUAmpOptimWrapper`` (locations: mmrest.engine),
+#   which are only ever named with the prefix.
+# * ``type='ResT'`` after ``custom_imports=dict(imports=['mmrest'])``: a scope searches
+#   itself and its parents, never its siblings, so the class must also be in mmengine's
+#   root MODELS (mmrest/models/backbones/rest.py registers it there). That one root entry
+#   serves all three libraries; no entry in their own registries is needed.
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mmrest',
                   locations=['mmrest.models'])
 HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmrest', locations=['mmrest.engine'])

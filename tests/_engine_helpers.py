@@ -11,12 +11,26 @@ PYTHON = sys.executable
 DEMO_CONFIG = osp.join(REPO, 'configs', 'demo', 'retinanet_rest_lite_shapes.py')
 TRAIN = osp.join(REPO, 'tools', 'train.py')
 TEST = osp.join(REPO, 'tools', 'test.py')
+TESTS = osp.dirname(osp.abspath(__file__))
+
+
+def probe_hooks_text(*hooks: str) -> str:
+    """Config lines that add hooks of tests/_probe_hooks.py (for tool subprocesses)."""
+    listed = ', '.join(f'dict(type={hook!r})' for hook in hooks)
+    return (f"custom_imports = dict(imports=['_probe_hooks'], allow_failed_imports=False)\n"
+            f"custom_hooks = [{listed}]\n")
+
+
+def read_probe(work_dir: str, rank: int = 0) -> List[dict]:
+    """The records :class:`_probe_hooks.RecordRandomStreams` wrote for one rank."""
+    with open(osp.join(work_dir, f'probe_rank{rank}.jsonl'), encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def make_shapes_data(root: str, num_train: int = 16, num_val: int = 8,
                      img_size: Sequence[int] = (64, 64), seed: int = 0) -> str:
     """Write a small synthetic shapes dataset; returns its folder."""
-    from mmrest.datasets import generate_shapes_dataset
+    from mmrest.testing import generate_shapes_dataset
     generate_shapes_dataset(root, num_train=num_train, num_val=num_val,
                             img_size=tuple(img_size), seed=seed)
     return root
@@ -84,11 +98,12 @@ def write_config(path: str, text: str) -> str:
 
 
 def tool_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """Environment of tool subprocesses: one thread each (deterministic, no contention)."""
+    """Environment of tool subprocesses: one thread each (deterministic, no contention);
+    the repository and tests/ (for ``_probe_hooks``) on the path."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0')
-    env['PYTHONPATH'] = REPO + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH')
-                                else '')
+    env['PYTHONPATH'] = os.pathsep.join([REPO, TESTS] + (
+        [env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
     if extra:
         env.update(extra)
     return env
@@ -108,9 +123,7 @@ def train_cmd(config: str, work_dir: str, *more: str) -> List[str]:
 
 def load_ckpt(path: str) -> dict:
     """Load a checkpoint the way the tools do (safe loading)."""
-    from mmrest.engine import setup_safe_loading
     from mmrest.utils import safe_load_checkpoint
-    setup_safe_loading()
     return safe_load_checkpoint(path)
 
 
@@ -150,7 +163,7 @@ def seg_config_text(data_root: str, max_iters: int = 4, ckpt_interval: int = 2,
                     img_scale: Sequence[int] = (64, 64), seed: int = 0) -> str:
     """UperNet-ResT (configs/upernet_rest_small_ade20k.py, shrunk) on the shapes' semantic
     maps: background + the demo's shape classes."""
-    from mmrest.datasets import DEMO_CLASSES
+    from mmrest.testing import DEMO_CLASSES
     classes = ('background', ) + tuple(DEMO_CLASSES)
     palette = [(40 * i % 256, 90 * i % 256, 150 * i % 256) for i in range(len(classes))]
     data_root = data_root.rstrip('/') + '/'
@@ -221,10 +234,10 @@ def write_cls_annotations(data_root: str) -> None:
 
 
 def cls_config_text(data_root: str, max_epochs: int = 2, img_size: int = 64,
-                    seed: int = 0) -> str:
+                    seed: int = 0, flip_prob: float = 0.5, extra: str = '') -> str:
     """ResT-Lite ImageNet recipe (configs/rest_lite_imagenet.py, shrunk, epoch-based,
     Mixup/CutMix kept) classifying the first shape of each image."""
-    from mmrest.datasets import DEMO_CLASSES
+    from mmrest.testing import DEMO_CLASSES
     classes = tuple(DEMO_CLASSES)
     data_root = data_root.rstrip('/') + '/'
     base = osp.join(REPO, 'configs', 'rest_lite_imagenet.py')
@@ -232,7 +245,7 @@ def cls_config_text(data_root: str, max_epochs: int = 2, img_size: int = 64,
 data_root = {data_root!r}
 pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(type='RandomFlip', prob=0.5, direction='horizontal'),
+    dict(type='RandomFlip', prob={flip_prob}, direction='horizontal'),
     dict(type='Resize', scale=({img_size}, {img_size})),
     dict(type='PackInputs'),
 ]
@@ -262,4 +275,4 @@ param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=True, begin=
 train_cfg = dict(by_epoch=True, max_epochs={max_epochs}, val_interval=1)
 default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, max_keep_ckpts=2))
 randomness = dict(seed={seed}, deterministic=True)
-"""
+""" + extra

@@ -1,23 +1,29 @@
-"""A checkpoint whose loading would run code is refused by every mmrest entry point.
+"""Checkpoints load safely and are written atomically.
 
-The payload writes a marker file when unpickled. The control test shows that it really
-does so under plain pickle; every entry point (tools/train.py --resume PATH, load_from,
-tools/test.py, the backbone's init_cfg, mmengine's load_checkpoint after
-setup_safe_loading) must refuse it with a message naming the file, and the marker must
-never appear.
+A checkpoint whose loading would run code (its payload writes a marker file when
+unpickled; the control test shows that it really does so under plain pickle) is refused
+by every entry point (tools/train.py --resume PATH, load_from, tools/test.py, the
+backbone's init_cfg, and mmengine's own APIs in a fresh process that has nothing but
+``custom_imports=dict(imports=['mmrest'])``), and the marker never appears. Files that
+are not checkpoints at all, or are damaged, are refused with another message. With the
+same ``custom_imports`` alone, mmengine's ``load_checkpoint``, ``Runner.resume`` and
+``load_from`` read a checkpoint written by tools/train.py.
 """
 import collections
+import errno
+import json
 import os
 import os.path as osp
 import pickle
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 
 from _engine_helpers import (PYTHON, TEST, demo_config_text, make_shapes_data, run,
-                             train_cmd, write_config)
+                             tool_env, train_cmd, write_config)
 
 
 class _WritesMarker:
@@ -45,6 +51,15 @@ class _GetattrEscape:
         return (getattr, (collections.OrderedDict, '__class__'))
 
 
+@pytest.fixture
+def torch_allowlist():
+    """Give torch's weights-only allowlist back as it was, whatever the test did to it."""
+    saved = torch.serialization.get_safe_globals()
+    yield
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(saved)
+
+
 @pytest.fixture(scope='module')
 def demo_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('safety')
@@ -52,7 +67,7 @@ def demo_setup(tmp_path_factory):
     config = write_config(str(root / 'cfg.py'), demo_config_text(data, max_iters=2))
     marker = str(root / 'MARKER')
     evil = _malicious_checkpoint(str(root / 'iter_3.pth'), marker)
-    return dict(root=root, config=config, marker=marker, evil=evil)
+    return dict(root=root, data=data, config=config, marker=marker, evil=evil)
 
 
 def test_payload_is_real_under_plain_pickle(tmp_path):
@@ -66,12 +81,13 @@ def test_payload_is_real_under_plain_pickle(tmp_path):
     assert osp.isfile(marker)
 
 
+# --- the tools -------------------------------------------------------------------------
+
 def _assert_refused(proc: subprocess.CompletedProcess, evil: str, marker: str) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert f'refusing to load {evil}' in out, out[-3000:]
-    assert 'could run code' in out
-    assert 'exec' in out  # the refused global is named
+    assert 'could run code (Unsupported global: GLOBAL exec' in out  # names the global
     assert not osp.exists(marker)
 
 
@@ -120,48 +136,243 @@ def test_backbone_init_cfg_refuses(demo_setup):
     assert not osp.exists(s['marker'])
 
 
-def test_mmengine_load_checkpoint_refuses_after_setup(demo_setup):
-    """Users' own runners: mmengine's loader goes through safe loading."""
-    from mmengine.runner.checkpoint import load_checkpoint
+# --- mmengine's own APIs in a fresh process, with custom_imports only ------------------
 
-    from mmrest.engine import setup_safe_loading
-    from mmrest.utils import UnsafeCheckpointError
-    setup_safe_loading()
+# Builds the config's model and a Runner the way a user's script would, with nothing but
+# the config's custom_imports; prints what each API did as JSON.
+OPENMMLAB_APIS = textwrap.dedent('''
+    import copy, json, sys
+    report = dict(mmrest_before_config='mmrest' in sys.modules)
+    import torch
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.runner import Runner, load_checkpoint
+    from mmengine.runner.checkpoint import CheckpointLoader, load_from_local
+    config, ckpt, work_dir = sys.argv[1:4]
+    cfg = Config.fromfile(config)
+    report['mmrest_after_config'] = 'mmrest' in sys.modules
+    report['local_loader_is_mmengines'] = CheckpointLoader._get_checkpoint_loader(
+        ckpt) is load_from_local
+    init_default_scope(cfg.default_scope)
+
+    def attempt(name, call):
+        try:
+            report[name] = call()
+        except Exception as err:
+            report[name] = f'{type(err).__name__}: {err}'
+
+    def mmengine_load_checkpoint():
+        checkpoint = load_checkpoint(MODELS.build(cfg.model), ckpt, map_location='cpu')
+        return dict(iter=checkpoint['meta']['iter'],
+                    classes=list(checkpoint['meta']['dataset_meta']['classes']))
+
+    def runner(resume):
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.work_dir = f'{work_dir}/{"resume" if resume else "load_from"}'
+        run_cfg.experiment_name = 'resume' if resume else 'load_from'
+        run_cfg.load_from, run_cfg.resume = ckpt, resume
+        built = Runner.from_cfg(run_cfg)
+        built.load_or_resume()
+        return dict(iter=built.iter)
+
+    attempt('load_checkpoint', mmengine_load_checkpoint)
+    attempt('runner_resume', lambda: runner(True))
+    attempt('runner_load_from', lambda: runner(False))
+    print('REPORT ' + json.dumps(report))
+''')
+
+
+def _openmmlab_apis(config_text: str, ckpt: str, tmp_path) -> dict:
+    config = write_config(str(tmp_path / 'user_cfg.py'), config_text +
+                          "custom_imports = dict(imports=['mmrest'], "
+                          "allow_failed_imports=False)\n")
+    proc = subprocess.run([PYTHON, '-c', OPENMMLAB_APIS, config, ckpt, str(tmp_path / 'w')],
+                          capture_output=True, text=True, timeout=600, env=tool_env())
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('REPORT ')]
+    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(lines[-1][len('REPORT '):])
+    assert report['mmrest_before_config'] is False and report['mmrest_after_config'] is True
+    assert report['local_loader_is_mmengines'] is True  # mmengine's loader is not replaced
+    return report
+
+
+def test_mmengine_apis_refuse_code_with_custom_imports_alone(demo_setup, tmp_path):
     s = demo_setup
-    with pytest.raises(UnsafeCheckpointError, match='refusing to load') as info:
+    with open(s['config']) as f:
+        config_text = f.read()
+    report = _openmmlab_apis(config_text, s['evil'], tmp_path)
+    for api in ('load_checkpoint', 'runner_resume', 'runner_load_from'):
+        message = report[api]
+        assert isinstance(message, str) and message.startswith('UnpicklingError'), (api,
+                                                                                   message)
+        assert 'Unsupported global: GLOBAL exec was not an allowed global' in message, (
+            api, message)
+    assert not osp.exists(s['marker'])
+
+
+@pytest.fixture(scope='module')
+def tool_checkpoint(demo_setup):
+    """A checkpoint written by tools/train.py (one iteration of the demo config)."""
+    s = demo_setup
+    text = demo_config_text(s['data'], max_iters=1, ckpt_interval=1, with_val=False)
+    config = write_config(str(s['root'] / 'one_iter.py'), text)
+    work_dir = str(s['root'] / 'w_tool')
+    proc = run(train_cmd(config, work_dir))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return text, osp.join(work_dir, 'iter_1.pth')
+
+
+@pytest.mark.slow
+def test_mmengine_apis_read_our_checkpoints_with_custom_imports_alone(tool_checkpoint,
+                                                                     tmp_path):
+    from mmrest.testing import DEMO_CLASSES
+    text, ckpt = tool_checkpoint
+    report = _openmmlab_apis(text, ckpt, tmp_path)
+    assert report['load_checkpoint'] == dict(iter=1, classes=list(DEMO_CLASSES))
+    assert report['runner_resume'] == dict(iter=1)
+    assert report['runner_load_from'] == dict(iter=0)
+
+
+# --- safe_load_checkpoint: what is refused, and with which message ---------------------
+
+def test_mmengine_load_checkpoint_refuses_in_this_process(demo_setup):
+    """The test process imported mmrest: mmengine's loader refuses code the same way."""
+    from mmengine.runner.checkpoint import load_checkpoint
+    s = demo_setup
+    with pytest.raises(pickle.UnpicklingError, match='Unsupported global: GLOBAL exec'):
         load_checkpoint(torch.nn.Linear(2, 2), s['evil'])
-    assert s['evil'] in str(info.value)
     assert not osp.exists(s['marker'])
 
 
 def test_restricted_getattr_refuses_other_objects(tmp_path):
     """``builtins.getattr`` is allowed only for HistoryBuffer's statistics methods."""
-    from mmrest.engine import setup_safe_loading
     from mmrest.utils import UnsafeCheckpointError, safe_load_checkpoint
-    setup_safe_loading()
     path = str(tmp_path / 'getattr.pth')
     torch.save({'x': _GetattrEscape()}, path)
     with pytest.raises(UnsafeCheckpointError, match='refusing getattr'):
         safe_load_checkpoint(path)
 
 
-def test_allowed_types_still_load(tmp_path):
-    """The allowlist covers what mmengine writes: HistoryBuffer, numpy arrays/scalars."""
+def _zip_of_text(path: str) -> str:
+    import zipfile
+    with zipfile.ZipFile(path, 'w') as archive:
+        archive.writestr('notes.txt', 'not a checkpoint')
+    return path
+
+
+@pytest.mark.parametrize('content', [
+    b'garbage',  # 7 bytes of text
+    b'\x80\x02garbage',  # a pickle header, then something torch never writes
+    b'',
+    'zip',
+], ids=['text', 'bad-pickle', 'empty', 'foreign-zip'])
+def test_foreign_or_corrupt_files_are_told_apart_from_unsafe_ones(tmp_path, content):
+    from mmrest.utils import (CheckpointError, UnsafeCheckpointError, safe_load_checkpoint,
+                              verify_checkpoint_file)
+    path = str(tmp_path / 'file.pth')
+    if content == 'zip':
+        _zip_of_text(path)
+    else:
+        with open(path, 'wb') as f:
+            f.write(content)
+    with pytest.raises(CheckpointError) as info:
+        safe_load_checkpoint(path)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+    message = str(info.value)
+    assert message.startswith(f'cannot read checkpoint {path}: it is not a torch '
+                              'checkpoint, or it is truncated or corrupted'), message
+    assert 'could run code' not in message
+    if content != b'\x80\x02garbage':  # the header looks right: only unpickling tells
+        with pytest.raises(CheckpointError):
+            verify_checkpoint_file(path)
+
+
+def test_unsafe_file_message_names_the_global(demo_setup):
+    from mmrest.utils import UnsafeCheckpointError, safe_load_checkpoint
+    s = demo_setup
+    with pytest.raises(UnsafeCheckpointError) as info:
+        safe_load_checkpoint(s['evil'])
+    message = str(info.value)
+    assert message.startswith(f'refusing to load {s["evil"]}: it contains objects other '
+                              'than tensors and plain containers, and loading it could run '
+                              'code (Unsupported global: GLOBAL exec was not an allowed global')
+    assert 'not a torch checkpoint' not in message
+    assert not osp.exists(s['marker'])
+
+
+def _history_buffer_file(path: str) -> str:
     import numpy as np
     from mmengine.logging import HistoryBuffer
-
-    from mmrest.engine import setup_safe_loading
-    from mmrest.utils import safe_load_checkpoint
-    setup_safe_loading()
     buf = HistoryBuffer()
     buf.update(1.5)
     buf.update(2.5)
     obj = dict(buf=buf, arr=np.arange(3, dtype=np.int64), f=np.float64(0.25),
                u=np.array([7], dtype=np.uint32), flag=np.bool_(True))
-    path = str(tmp_path / 'ok.pth')
     torch.save(obj, path)
-    loaded = safe_load_checkpoint(path)
+    return path
+
+
+def test_allowed_types_still_load(tmp_path):
+    """The allowlist covers what mmengine writes: HistoryBuffer, numpy arrays/scalars."""
+    import numpy as np
+
+    from mmrest.utils import safe_load_checkpoint
+    loaded = safe_load_checkpoint(_history_buffer_file(str(tmp_path / 'ok.pth')))
     assert loaded['buf'].mean() == 2.0 and loaded['buf'].current() == 2.5
     assert loaded['arr'].tolist() == [0, 1, 2] and loaded['f'] == 0.25
     assert loaded['u'].dtype == np.uint32 and bool(loaded['flag'])
-    assert os.path.getsize(path) > 0
+
+
+def test_setup_safe_loading_adds_exactly_the_allowlist(tmp_path, torch_allowlist):
+    """What ``import mmrest`` adds to torch, and that it is needed: without it the same
+    file is refused."""
+    from mmrest.utils import (UnsafeCheckpointError, mmengine_safe_globals,
+                              safe_load_checkpoint, setup_safe_loading)
+    path = _history_buffer_file(str(tmp_path / 'hb.pth'))
+    torch.serialization.clear_safe_globals()
+    with pytest.raises(UnsafeCheckpointError, match='HistoryBuffer'):
+        safe_load_checkpoint(path)
+    setup_safe_loading()
+    setup_safe_loading()  # idempotent
+    added = torch.serialization.get_safe_globals()
+    assert len(added) == len(mmengine_safe_globals())
+    assert set(map(repr, added)) == set(map(repr, mmengine_safe_globals()))
+    assert safe_load_checkpoint(path)['buf'].mean() == 2.0
+
+
+# --- atomic writing through mmengine's file backends -----------------------------------
+
+def test_atomic_backend_is_selected_by_backend_args(tmp_path):
+    from mmengine.fileio import get_file_backend
+
+    from mmrest.engine import ATOMIC_BACKEND
+    from mmrest.utils import AtomicLocalBackend
+    backend = get_file_backend(str(tmp_path), backend_args=dict(backend=ATOMIC_BACKEND))
+    assert isinstance(backend, AtomicLocalBackend)
+    path = str(tmp_path / 'sub' / 'f.pth')
+    backend.put(b'first', path)
+    backend.put(b'second', path)
+    backend.put_text('text', str(tmp_path / 'last_checkpoint'))
+    assert open(path, 'rb').read() == b'second'
+    assert sorted(os.listdir(tmp_path)) == ['last_checkpoint', 'sub']
+    assert os.listdir(tmp_path / 'sub') == ['f.pth']
+
+
+def test_atomic_backend_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    from mmengine.fileio.backends import LocalBackend
+
+    from mmrest.utils import AtomicLocalBackend
+    path = str(tmp_path / 'f.pth')
+    backend = AtomicLocalBackend()
+    backend.put(b'previous', path)
+
+    def disk_full(self, obj, filepath):
+        with open(filepath, 'wb') as f:
+            f.write(obj[:len(obj) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filepath))
+
+    monkeypatch.setattr(LocalBackend, 'put', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        backend.put(b'new content', path)
+    assert open(path, 'rb').read() == b'previous'
+    assert os.listdir(tmp_path) == ['f.pth']

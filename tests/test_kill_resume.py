@@ -7,9 +7,12 @@ real subprocess with deterministic CPU settings (``randomness.deterministic=True
 ``num_workers=0``, one thread). Comparisons are exact (``torch.equal``): on one CPU thread
 every kernel used here is deterministic, so no tolerance is needed.
 
-Scenarios: SIGKILL at a random moment after the first checkpoint; SIGKILL in the middle of
+Scenarios: SIGKILL at a random point after the first checkpoint; SIGKILL in the middle of
 a save (the rename is made slow by a test launcher that wraps ``os.replace``); a full disk
 (``OSError(ENOSPC)`` after half of the bytes are written); a truncated newest checkpoint.
+Every kill happens at a known point, whatever the machine's speed: the training process
+reaches it, writes a marker file and waits (tests/_probe_hooks.py, or the launcher's slow
+rename); the test kills it when the marker appears.
 """
 import os
 import os.path as osp
@@ -18,17 +21,30 @@ import shutil
 import signal
 import subprocess
 import time
+from typing import List, Tuple
 
 import pytest
 
 from _engine_helpers import (PYTHON, TRAIN, assert_same_tensors, demo_config_text,
-                             load_ckpt, make_shapes_data, read_last_checkpoint, run,
-                             scalars, tool_env, train_cmd, write_config)
+                             load_ckpt, make_shapes_data, probe_hooks_text,
+                             read_last_checkpoint, run, tool_env, train_cmd, write_config)
 
 pytestmark = pytest.mark.slow
 
 MAX_ITERS = 9
 INTERVAL = 3
+# Seed of the random kill point; set MMREST_KILL_SEED to try others.
+KILL_SEED = int(os.environ.get('MMREST_KILL_SEED', '20261201'))
+
+
+def kill_points() -> List[Tuple[int, str]]:
+    """Every (runner.iter, stage) of tests/_probe_hooks.py's StopAtKillPoint that comes
+    after the first checkpoint (saved in ``after_train_iter`` of iteration INTERVAL - 1,
+    before that probe runs) and before the last one."""
+    points = [(i, 'after_train_iter') for i in range(INTERVAL - 1, MAX_ITERS - 1)]
+    points += [(i, 'before_train_iter') for i in range(INTERVAL, MAX_ITERS)]
+    points += [(i, 'before_val') for i in range(INTERVAL, MAX_ITERS, INTERVAL)]
+    return sorted(points)
 
 # Runs tools/train.py with one fault injected into the N-th checkpoint save.
 FAULT_LAUNCHER = '''
@@ -75,16 +91,13 @@ def setup(tmp_path_factory):
     config = write_config(
         str(root / 'cfg.py'),
         demo_config_text(data, max_iters=MAX_ITERS, ckpt_interval=INTERVAL,
-                         val_interval=INTERVAL))
+                         val_interval=INTERVAL, extra=probe_hooks_text('StopAtKillPoint')))
     launcher = write_config(str(root / 'fault_launcher.py'), FAULT_LAUNCHER)
     ref = str(root / 'ref')
-    start = time.time()
     proc = run(train_cmd(config, ref))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    iter_times = [s['time'] for s in scalars(ref) if 'time' in s and 'loss' in s]
     return dict(root=root, config=config, launcher=launcher, ref=ref,
-                ref_state=load_ckpt(osp.join(ref, f'iter_{MAX_ITERS}.pth')),
-                iter_time=sum(iter_times) / len(iter_times), ref_seconds=time.time() - start)
+                ref_state=load_ckpt(osp.join(ref, f'iter_{MAX_ITERS}.pth')))
 
 
 def _assert_same_final(setup, work_dir: str) -> None:
@@ -120,18 +133,17 @@ def _inspect_ok(path: str) -> None:
 
 
 def test_sigkill_at_random_point_then_resume(setup):
-    seed = int(os.environ.get('MMREST_KILL_SEED', time.time_ns() % 100000))
-    rng = random.Random(seed)
-    work_dir = str(setup['root'] / f'random_kill_{seed}')
-    log = open(osp.join(setup['root'], f'random_kill_{seed}.log'), 'w')
-    proc = subprocess.Popen(train_cmd(setup['config'], work_dir), env=tool_env(),
-                            stdout=log, stderr=subprocess.STDOUT)
+    iteration, stage = random.Random(KILL_SEED).choice(kill_points())
+    point = f'kill point: iteration {iteration}, {stage} (MMREST_KILL_SEED={KILL_SEED})'
+    print(point)
+    work_dir = str(setup['root'] / f'random_kill_{KILL_SEED}')
+    marker = str(setup['root'] / f'random_kill_{KILL_SEED}.flag')
+    log = open(osp.join(setup['root'], f'random_kill_{KILL_SEED}.log'), 'w')
+    env = tool_env(dict(MMREST_KILL_AT=f'{iteration}:{stage}', MMREST_KILL_MARKER=marker))
+    proc = subprocess.Popen(train_cmd(setup['config'], work_dir), env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
     try:
-        _wait_for(osp.join(work_dir, 'last_checkpoint'), proc)
-        remaining = setup['iter_time'] * (MAX_ITERS - INTERVAL)
-        delay = rng.uniform(0, 0.8 * remaining)
-        time.sleep(delay)
-        assert proc.poll() is None, f'finished before the kill (seed {seed})'
+        _wait_for(marker, proc)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(60) == -signal.SIGKILL
     finally:
@@ -141,9 +153,11 @@ def test_sigkill_at_random_point_then_resume(setup):
         log.close()
     latest = read_last_checkpoint(work_dir)
     _inspect_ok(latest)  # what last_checkpoint names is always complete
+    # the newest checkpoint saved before that point
+    expected = INTERVAL * ((iteration + (stage == 'after_train_iter')) // INTERVAL)
+    assert latest == osp.join(work_dir, f'iter_{expected}.pth'), point
     out = _resume(setup, work_dir)
-    resumed_at = int(osp.basename(latest)[5:-4])
-    assert f'resumed epoch: 0, iter: {resumed_at}' in out, f'seed {seed}'
+    assert f'resumed epoch: 0, iter: {expected}' in out, point
     _assert_same_final(setup, work_dir)
 
 

@@ -17,7 +17,7 @@ from _engine_helpers import (PYTHON, TEST, assert_same_tensors, cls_config_text,
                              write_cls_annotations, write_config)
 
 # The globals (pickle GLOBAL opcodes) of an mmengine 0.10.7 training checkpoint of mmdet;
-# mmrest.engine.mmengine_safe_globals() must cover exactly these, plus the numpy dtype
+# mmrest.utils.mmengine_safe_globals() must cover exactly these, plus the numpy dtype
 # classes (used by BUILD, not named by GLOBAL).
 MMENGINE_CKPT_GLOBALS = {
     'builtins.getattr',
@@ -83,6 +83,7 @@ def _resume_from_iter2(runs, name: str, strip_rng: bool = False) -> str:
     return work_dir
 
 
+@pytest.mark.slow
 def test_resume_next_iteration_equals_uninterrupted(runs):
     work_dir = _resume_from_iter2(runs, 'resumed')
     ref = load_ckpt(osp.join(runs['ref'], 'iter_3.pth'))
@@ -97,7 +98,12 @@ def test_resume_next_iteration_equals_uninterrupted(runs):
         assert_same_tensors(ref_opt['state'][idx], res_opt['state'][idx],
                             what=f'optimizer.state[{idx}]')
     assert ref['param_schedulers'] == res['param_schedulers']
-    assert torch.equal(ref['rng_state']['torch'], res['rng_state']['torch'])
+    assert ref['rng_state']['world_size'] == res['rng_state']['world_size'] == 1
+    ref_rng, res_rng = ref['rng_state']['ranks'][0], res['rng_state']['ranks'][0]
+    assert torch.equal(ref_rng['torch'], res_rng['torch'])
+    assert ref_rng['python'] == res_rng['python']
+    assert all((a == b).all() if hasattr(a, 'shape') else a == b
+               for a, b in zip(ref_rng['numpy'], res_rng['numpy']))
     # the logged loss of iteration 3 is the same too
     assert ref['message_hub']['log_scalars']['train/loss'].current() == \
         res['message_hub']['log_scalars']['train/loss'].current()
@@ -113,6 +119,7 @@ def test_without_rng_state_the_resumed_run_differs(runs):
     assert any(not torch.equal(ref[k], res[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_checkpoint_needs_exactly_the_allowlisted_types(runs):
     """torch's default weights-only load refuses mmengine's checkpoint; the allowlist
     covers exactly the globals it names."""
@@ -124,7 +131,7 @@ def test_checkpoint_needs_exactly_the_allowlisted_types(runs):
     names = _pickle_globals(ckpt) - _TORCH_GLOBALS
     assert names == MMENGINE_CKPT_GLOBALS
 
-    from mmrest.engine import mmengine_safe_globals
+    from mmrest.utils import mmengine_safe_globals
     registered = set()
     for entry in mmengine_safe_globals():
         if isinstance(entry, tuple):
@@ -136,6 +143,17 @@ def test_checkpoint_needs_exactly_the_allowlisted_types(runs):
     assert state['meta']['iter'] == 3 and 'optimizer' in state
 
 
+@pytest.mark.slow
+def test_checkpoint_carries_dataset_meta(runs):
+    """mmengine's Runner writes the training set's metainfo into ``meta.dataset_meta``
+    (mmseg's init_model and mmdet's inferencers read the class names from there)."""
+    from mmrest.testing import DEMO_CLASSES
+    meta = load_ckpt(osp.join(runs['ref'], 'iter_3.pth'))['meta']
+    assert tuple(meta['dataset_meta']['classes']) == tuple(DEMO_CLASSES)
+    assert len(meta['dataset_meta']['palette']) == len(DEMO_CLASSES)
+
+
+@pytest.mark.slow
 def test_work_dir_keeps_previous_checkpoint(runs):
     """max_keep_ckpts=1 is raised to 2 and last_checkpoint names the newest."""
     files = sorted(f for f in os.listdir(runs['ref']) if f.endswith('.pth'))
@@ -146,12 +164,15 @@ def test_work_dir_keeps_previous_checkpoint(runs):
 
 # --- segmentation (iteration-based) and classification (epoch-based) -------------------
 
-def _train_resume_compare(root, config: str, first: str, last: str, metric: str) -> None:
+def _train_resume_compare(root, config: str, first: str, last: str, metric: str,
+                          classes: tuple) -> None:
     """Uninterrupted run vs. a run resumed from its first checkpoint; then test.py."""
     ref = str(root / 'ref')
     proc = run(train_cmd(config, ref))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert _pickle_globals(osp.join(ref, last)) - _TORCH_GLOBALS == MMENGINE_CKPT_GLOBALS
+    meta = load_ckpt(osp.join(ref, last))['meta']
+    assert tuple(meta['dataset_meta']['classes']) == classes
     work_dir = str(root / 'resumed')
     os.makedirs(work_dir)
     shutil.copy(osp.join(ref, first), work_dir)
@@ -177,7 +198,14 @@ def test_segmentation_resume_and_test(tmp_path):
     data = make_shapes_data(str(tmp_path / 'data'), num_train=8, num_val=4)
     config = write_config(str(tmp_path / 'seg.py'), seg_config_text(data, max_iters=2,
                                                                      ckpt_interval=1))
-    _train_resume_compare(tmp_path, config, 'iter_1.pth', 'iter_2.pth', 'mIoU')
+    from mmrest.testing import DEMO_CLASSES
+    _train_resume_compare(tmp_path, config, 'iter_1.pth', 'iter_2.pth', 'mIoU',
+                          ('background', ) + tuple(DEMO_CLASSES))
+    # mmseg's own API reads the checkpoint's meta (here: in this process, where the
+    # imported mmrest has allowed mmengine's types)
+    from mmseg.apis import init_model
+    model = init_model(config, str(tmp_path / 'ref' / 'iter_2.pth'), device='cpu')
+    assert tuple(model.dataset_meta['classes']) == ('background', ) + tuple(DEMO_CLASSES)
 
 
 @pytest.mark.slow
@@ -186,7 +214,9 @@ def test_classification_epoch_resume_and_test(tmp_path):
     data = make_shapes_data(str(tmp_path / 'data'), num_train=4, num_val=4)
     write_cls_annotations(data)
     config = write_config(str(tmp_path / 'cls.py'), cls_config_text(data, max_epochs=2))
-    _train_resume_compare(tmp_path, config, 'epoch_1.pth', 'epoch_2.pth', 'accuracy/top1')
+    from mmrest.testing import DEMO_CLASSES
+    _train_resume_compare(tmp_path, config, 'epoch_1.pth', 'epoch_2.pth', 'accuracy/top1',
+                          tuple(DEMO_CLASSES))
 
 
 # --- choosing the checkpoint to resume from (no training) ------------------------------
@@ -295,3 +325,157 @@ def test_not_a_training_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match='not an mmengine training checkpoint'):
         inspect_checkpoint(path)
     assert inspect_checkpoint(path, for_resume=False) == {}
+
+
+# --- the RNG state hook in process (no training) ---------------------------------------
+
+class _Logger:
+
+    def __init__(self) -> None:
+        self.warnings, self.infos = [], []
+
+    def warning(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+    def info(self, msg: str) -> None:
+        self.infos.append(msg)
+
+
+class _Runner:
+    """What RNGStateHook reads of a runner."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, hooks=(), max_iters: int = 8):
+        self.rank, self.world_size = rank, world_size
+        self.hooks = list(hooks)
+        self.iter, self.epoch, self.max_iters, self.max_epochs = 0, 0, max_iters, 1
+        self.logger = _Logger()
+        self.train_loop = object()  # not iteration-based: restores in before_train_epoch
+
+
+def _draw_after(state: dict) -> tuple:
+    """What torch, numpy and python draw next from ``state`` (global generators)."""
+    import random
+
+    import numpy as np
+    torch.set_rng_state(state['torch'])
+    np.random.set_state(state['numpy'])
+    random.setstate(state['python'])
+    return torch.rand(1).item(), np.random.rand(), random.random()
+
+
+def _states(seeds):
+    import random
+
+    import numpy as np
+
+    from mmrest.engine.checkpointing import _rng_state
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        out.append(_rng_state())
+    return out
+
+
+@pytest.fixture
+def keep_generators():
+    """Restore the global generators after a test that sets them."""
+    import random
+
+    import numpy as np
+    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    yield
+    torch.set_rng_state(saved[0])
+    np.random.set_state(saved[1])
+    random.setstate(saved[2])
+
+
+def test_rng_hook_gathers_only_when_a_checkpoint_is_due(monkeypatch):
+    from mmengine.hooks import CheckpointHook
+
+    import mmrest.engine.checkpointing as checkpointing
+    calls = []
+    monkeypatch.setattr(checkpointing, 'all_gather_object',
+                        lambda obj: calls.append(runner.iter) or [obj])
+    ckpt_hook = CheckpointHook(interval=3, by_epoch=False)  # save_last=True
+    runner = _Runner(hooks=[ckpt_hook], max_iters=8)
+    hook = checkpointing.RNGStateHook()
+    for it in range(8):
+        runner.iter = it
+        hook.after_train_iter(runner, it)
+    assert calls == [2, 5, 7]  # iterations 3, 6 and the last (8) save
+    hook.before_val(runner)
+    hook.after_val(runner)
+    assert calls == [2, 5, 7]  # no best checkpoint: no gathering for validation
+    ckpt_hook.save_best = 'auto'
+    hook.before_val(runner)
+    assert calls == [2, 5, 7, 7]
+    epoch_hook = CheckpointHook(interval=2, by_epoch=True)
+    runner = _Runner(hooks=[epoch_hook])
+    runner.max_epochs = 5
+    for epoch in range(5):
+        runner.epoch = epoch
+        hook.after_train_epoch(runner)
+    assert len(calls) == 4 + 3  # epochs 2, 4 and the last (5)
+
+
+def test_rng_hook_saves_every_rank_and_restores_its_own(monkeypatch, keep_generators):
+    import mmrest.engine.checkpointing as checkpointing
+    state0, state1 = _states([11, 22])
+    monkeypatch.setattr(checkpointing, 'all_gather_object', lambda obj: [state0, state1])
+    saver = checkpointing.RNGStateHook()
+    rank0 = _Runner(rank=0, world_size=2, hooks=[checkpointing.CheckpointHook(interval=1)])
+    rank0.iter = 4
+    saver.after_train_epoch(rank0)
+    checkpoint = dict(meta=dict(iter=5))
+    saver.before_save_checkpoint(rank0, checkpoint)
+    assert checkpoint['rng_state']['world_size'] == 2
+    assert checkpoint['rng_state']['ranks'] == [state0, state1]
+    assert rank0.logger.warnings == []
+
+    expected = _draw_after(state1)
+    torch.manual_seed(0)  # the re-seeding of a resumed run
+    rank1 = _Runner(rank=1, world_size=2)
+    rank1.iter = 5
+    loader = checkpointing.RNGStateHook()
+    loader.after_load_checkpoint(rank1, checkpoint)
+    loader.before_train_epoch(rank1)
+    import random
+
+    import numpy as np
+    assert (torch.rand(1).item(), np.random.rand(), random.random()) == expected
+    assert expected != _draw_after(state0)
+
+
+def test_rng_hook_with_another_world_size_warns_and_keeps_the_seeding(keep_generators):
+    from mmrest.engine.checkpointing import RNGStateHook
+    states = _states([1, 2])
+    checkpoint = dict(meta=dict(iter=3), rng_state=dict(world_size=2, ranks=states))
+    runner = _Runner(rank=0, world_size=1)
+    runner.iter = 3
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    hook = RNGStateHook()
+    hook.after_load_checkpoint(runner, checkpoint)
+    hook.before_train_epoch(runner)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(runner.logger.warnings) == 1
+    assert 'random generator states of 2 process(es), but this run has 1' in \
+        runner.logger.warnings[0]
+
+
+def test_rng_hook_reads_single_process_checkpoints_of_older_versions(keep_generators):
+    from mmrest.engine.checkpointing import RNGStateHook
+    (state, ) = _states([7])
+    expected = _draw_after(state)
+    torch.manual_seed(0)
+    runner = _Runner()
+    runner.iter = 3
+    hook = RNGStateHook()
+    hook.after_load_checkpoint(runner, dict(meta=dict(iter=3), rng_state=state))
+    hook.before_train_epoch(runner)
+    import random
+
+    import numpy as np
+    assert (torch.rand(1).item(), np.random.rand(), random.random()) == expected

@@ -308,5 +308,5 @@ print(type(hook).__module__, type(rng).__name__, type(wrapper).__name__)
     proc = subprocess.run([PYTHON, '-c', code], capture_output=True, text=True, cwd=REPO,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ['mmrest.engine.hooks', 'RNGStateHook',
+    assert proc.stdout.split() == ['mmrest.engine.checkpointing', 'RNGStateHook',
                                    'CPUAmpOptimWrapper']

@@ -98,8 +98,8 @@ def _check_classes(cfg, classes: List[str]) -> None:
 
 def prepare_data(data_root: str, settings: Dict[str, object]) -> bool:
     """Generate the dataset unless ``data_root`` already holds it; True if generated."""
-    from mmrest.datasets import generate_shapes_dataset, read_generator_settings
-    from mmrest.datasets.synthetic_shapes import GENERATOR_VERSION
+    from mmrest.testing import (GENERATOR_VERSION, generate_shapes_dataset,
+                                read_generator_settings)
     on_disk = read_generator_settings(data_root)
     if (on_disk is not None and on_disk.get('version') == GENERATOR_VERSION
             and _same_settings(on_disk, settings)):

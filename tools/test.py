@@ -12,7 +12,6 @@ Examples::
     bash tools/dist_test.sh CONFIG CKPT 8
 """
 import argparse
-import json
 import logging
 import os
 import os.path as osp
@@ -88,7 +87,7 @@ def build_config(args: argparse.Namespace):
     Returns:
         Config: The config to build the runner from.
     """
-    import mmrest  # noqa: F401  (registers mmrest.ResT)
+    import mmrest  # noqa: F401  (registers mmrest.ResT, allows mmengine's checkpoint types)
     from mmrest.engine import cpu_amp_config_fix, inspect_checkpoint, load_tool_config
 
     cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
@@ -108,18 +107,6 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, 'item') and getattr(value, 'size', 1) == 1:
-        return value.item()
-    if hasattr(value, 'tolist'):
-        return value.tolist()
-    return value
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Evaluate.
 
@@ -130,9 +117,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         dict: The metrics.
     """
     args = parse_args(argv)
-    from mmrest.engine import (build_runner, check_data_config, init_cpu_distributed,
-                               setup_safe_loading)
-    setup_safe_loading()
+    from mmrest.engine import build_runner, check_data_config, init_cpu_distributed
     cfg = build_config(args)
     if not args.no_data_check:
         check_data_config(cfg, splits=('test', ), max_images=args.data_check_images)
@@ -155,11 +140,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         out = args.metrics_out or osp.join(cfg.work_dir, 'test_metrics.json')
         os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
         record = dict(
-            config=osp.abspath(args.config),
-            checkpoint=args.checkpoint,
-            metrics=_jsonable(metrics))
+            config=osp.abspath(args.config), checkpoint=args.checkpoint, metrics=metrics)
+        import mmengine
+
         from mmrest.utils import atomic_write
-        atomic_write(out, lambda f: json.dump(record, f, indent=2), mode='w')
+        text = mmengine.dump(record, file_format='json', indent=2)
+        atomic_write(out, lambda f: f.write(text), mode='w')
         from mmengine.logging import print_log
         print_log(f'metrics written to {out}', logger='current', level=logging.INFO)
     return metrics

@@ -3,7 +3,8 @@
 The scope (mmdet, mmseg or mmpretrain) comes from the config's ``default_scope``. On top
 of mmengine's runner, this tool
 
-* loads checkpoints safely on torch >= 2.6 (``mmrest.engine.setup_safe_loading``);
+* loads checkpoints safely on torch >= 2.6 (``import mmrest`` allows exactly the types
+  mmengine writes; see ``mmrest.utils.checkpoint``);
 * writes checkpoints atomically and keeps the previous one
   (``mmrest.AtomicCheckpointHook``), and saves/restores the random generators
   (``mmrest.RNGStateHook``), so a killed run resumes exactly;
@@ -24,7 +25,6 @@ Examples::
 """
 import argparse
 import logging
-import os
 import os.path as osp
 import sys
 from typing import List, Optional
@@ -78,7 +78,7 @@ def build_config(args: argparse.Namespace):
     Returns:
         Config: The config to build the runner from.
     """
-    import mmrest  # noqa: F401  (registers mmrest.ResT)
+    import mmrest  # noqa: F401  (registers mmrest.ResT, allows mmengine's checkpoint types)
     from mmrest.engine import (apply_reliability_hooks, check_resume_path,
                                checkpoint_templates, configure_amp, cpu_amp_config_fix,
                                find_resume_checkpoint, inspect_checkpoint, load_tool_config)
@@ -143,9 +143,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         argv (list[str], optional): Command line. Defaults to None (``sys.argv``).
     """
     args = parse_args(argv)
-    from mmrest.engine import (build_runner, check_data_config, init_cpu_distributed,
-                               setup_safe_loading)
-    setup_safe_loading()
+    from mmrest.engine import build_runner, check_data_config, init_cpu_distributed
     cfg = build_config(args)
     if not args.no_data_check:
         check_data_config(cfg, splits=('train', 'val'), max_images=args.data_check_images)

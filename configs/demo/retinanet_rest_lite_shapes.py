@@ -18,7 +18,7 @@ _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 classes = ('circle', 'square', 'triangle', 'star', 'cross')
 palette = [(230, 50, 45), (40, 190, 60), (45, 85, 235), (30, 215, 225), (250, 135, 20)]
 # How data/synthetic_shapes/ is generated (keywords of
-# mmrest.datasets.generate_shapes_dataset); tools/demo.py regenerates the data when the
+# mmrest.testing.generate_shapes_dataset); tools/demo.py regenerates the data when the
 # settings on disk differ. Random colours (the shape alone tells the class), rotation,
 # partial occlusion, textured backgrounds; 1-4 shapes of 19-58 px per 128x128 image.
 synthetic_shapes = dict(

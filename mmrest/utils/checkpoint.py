@@ -1,20 +1,63 @@
-"""Safe checkpoint loading: tensors and plain containers only, never arbitrary code.
+"""Checkpoint files: reading them safely and writing them atomically.
 
-Also the building blocks of crash-safe saving: a checkpoint is written to a temporary file
-in the destination folder, flushed to disk (``fsync``) and renamed over the destination
-(``os.replace``, atomic on POSIX), so the destination is always either the previous
-complete file or the new complete file, never a partial one.
+**Reading.** :func:`safe_load_checkpoint` loads with ``torch.load(weights_only=True)``:
+only tensors, plain containers and allowlisted types are unpickled, nothing in the file
+can run code. It tells two kinds of refusal apart: a file that is not a torch checkpoint,
+or is truncated or corrupted (:class:`CheckpointError`), and a file that contains objects
+whose loading could run code (:class:`UnsafeCheckpointError`). :func:`verify_checkpoint_file`
+recomputes the CRC-32 of every record of a zip-format checkpoint without unpickling it.
+
+**The allowlist of mmengine's types.** mmengine 0.10.7 calls ``torch.load`` without
+``weights_only``; since torch 2.6 that means ``weights_only=True``, which refuses the few
+types mmengine itself writes into training checkpoints (``Runner.resume``, ``load_from``,
+``load_checkpoint`` and the inferencers of mmdet, mmseg and mmpretrain all fail with
+``Weights only load failed``). :func:`setup_safe_loading` adds exactly those types to
+torch's allowlist (:func:`mmengine_safe_globals`, reasons in :data:`SAFE_GLOBAL_REASONS`,
+found by saving real mmdet, mmseg and mmpretrain checkpoints). ``import mmrest`` calls it,
+so ``custom_imports=dict(imports=['mmrest'])`` is enough for all of those APIs.
+
+What this changes in the process, and nothing else: ``torch.serialization.add_safe_globals``
+is called once with
+
+* ``mmengine.logging.history_buffer.HistoryBuffer``;
+* a restricted stand-in registered under the name ``builtins.getattr``: it returns the
+  four statistics methods of ``HistoryBuffer`` and refuses every other object or name
+  (any weights-only load in the process that meets ``builtins.getattr`` gets it);
+* ``numpy.ndarray``, ``numpy.dtype``, numpy's array and scalar reconstructors (under the
+  names of numpy 2 and numpy 1) and numpy's boolean, integer, floating and complex dtype
+  classes (no object, string or structured dtypes).
+
+The entries are added to what is registered already; nothing is removed, ``weights_only``
+keeps torch's default, and mmengine's checkpoint loaders are not replaced (with the
+allowlist they work as they are, and a file with anything else is still refused by
+torch's own weights-only unpickler).
+
+**Writing.** A checkpoint is written to a temporary file ``.<name>.<pid>.tmp`` in the
+destination folder, flushed to disk (``fsync``) and renamed over the destination
+(``os.replace``, atomic on POSIX): the destination is always either the previous complete
+file or the new complete file, never a partial one (:func:`atomic_write`,
+:func:`atomic_torch_save`, and :class:`AtomicLocalBackend` for mmengine's file I/O).
 """
+import builtins
 import os
 import os.path as osp
 import pickle
 import re
 import zipfile
-from typing import Any, Callable, List, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
 
+import numpy as np
 import torch
+from mmengine.fileio.backends import LocalBackend
+from mmengine.logging.history_buffer import HistoryBuffer
+
+try:  # numpy >= 2
+    from numpy._core import multiarray as _np_multiarray
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray as _np_multiarray
 
 PathLike = Union[str, os.PathLike]
+SafeGlobal = Union[Callable, type, Tuple[Any, str]]
 
 #: Names of the temporary files of :func:`atomic_write`: ``.<final name>.<pid>.tmp``.
 TEMP_FILE_RE = re.compile(r'^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$')
@@ -28,13 +71,149 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint holding objects whose unpickling could run code (never unpickled)."""
 
 
+# ---------------------------------------------------------------- the allowlist
+
+#: Why each allowed global appears in an mmengine checkpoint (found with
+#: ``torch.serialization.get_unsafe_globals_in_checkpoint`` on checkpoints written by
+#: mmdet, mmseg and mmpretrain training runs; see tests/test_resume.py).
+SAFE_GLOBAL_REASONS: Dict[str, str] = {
+    'mmengine.logging.history_buffer.HistoryBuffer':
+    "message_hub['log_scalars'] holds one HistoryBuffer per logged scalar (loss, lr, "
+    'time, metrics); it is a plain data container of two numpy arrays',
+    'builtins.getattr':
+    "HistoryBuffer.__getstate__ stores its statistics methods (min, max, mean, current) "
+    "as 'getattr(HistoryBuffer, name)'. Only a restricted stand-in is registered under "
+    'this name: it returns those methods of HistoryBuffer and refuses everything else',
+    'numpy.ndarray':
+    "HistoryBuffer's _log_history/_count_history arrays; numpy arrays in dataset "
+    'metainfo; the numpy RNG state saved by mmrest.RNGStateHook',
+    'numpy._core.multiarray._reconstruct':
+    'how numpy pickles an ndarray (creates an empty array, then fills it from bytes); '
+    "also registered under numpy 1.x's name numpy.core.multiarray._reconstruct",
+    'numpy._core.multiarray.scalar':
+    'how numpy pickles a numpy scalar (np.float64 time/eta in runtime_info, np.float64 '
+    "or np.int64 metric values); also under numpy 1.x's name numpy.core.multiarray.scalar",
+    'numpy.dtype':
+    'the dtype of each pickled array or scalar',
+    'numpy.dtypes.*DType':
+    'numpy >= 1.25 gives each dtype its own class (e.g. Float64DType); unpickling sets '
+    "the dtype's state, which torch only allows on allowlisted classes. Only the "
+    'boolean, integer, floating and complex dtype classes are allowed',
+}
+
+# numpy dtype classes of plain numbers (no object, string or structured dtypes).
+_NUMERIC_DTYPE_NAMES = (
+    'BoolDType', 'Int8DType', 'UInt8DType', 'Int16DType', 'UInt16DType', 'Int32DType',
+    'UInt32DType', 'Int64DType', 'UInt64DType', 'LongLongDType', 'ULongLongDType',
+    'Float16DType', 'Float32DType', 'Float64DType', 'LongDoubleDType', 'Complex64DType',
+    'Complex128DType', 'CLongDoubleDType', 'ByteDType', 'UByteDType', 'ShortDType',
+    'UShortDType', 'IntDType', 'UIntDType', 'LongDType', 'ULongDType')
+
+# The methods HistoryBuffer pickles by reference (HistoryBuffer._set_default_statistics).
+_HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
+
+
+def history_buffer_getattr(obj: Any, name: str) -> Callable:
+    """Stand-in for ``getattr`` while unpickling: HistoryBuffer statistics methods only.
+
+    Args:
+        obj (Any): The object of the pickled ``getattr(obj, name)`` call.
+        name (str): The attribute name.
+
+    Returns:
+        Callable: ``HistoryBuffer.<name>``.
+
+    Raises:
+        pickle.UnpicklingError: For any other object or attribute.
+    """
+    if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
+        return builtins.getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'refusing getattr({obj!r}, {name!r}) in a checkpoint: only the statistics methods '
+        f'{_HISTORY_BUFFER_METHODS} of mmengine HistoryBuffer are allowed')
+
+
+def _numpy_dtype_classes() -> List[type]:
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is None:  # pragma: no cover - numpy < 1.25 has no dtype classes
+        return []
+    classes = []
+    for name in _NUMERIC_DTYPE_NAMES:
+        cls = getattr(dtypes, name, None)
+        if cls is not None and cls not in classes:
+            classes.append(cls)
+    return classes
+
+
+def mmengine_safe_globals() -> List[SafeGlobal]:
+    """The types :func:`setup_safe_loading` allows, in ``add_safe_globals`` form.
+
+    Returns:
+        list: Classes, functions, and ``(object, 'module.name')`` pairs for objects that
+        a checkpoint refers to under another name.
+    """
+    entries: List[SafeGlobal] = [
+        HistoryBuffer,
+        (history_buffer_getattr, 'builtins.getattr'),
+        np.ndarray,
+        np.dtype,
+        (_np_multiarray._reconstruct, 'numpy._core.multiarray._reconstruct'),
+        (_np_multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
+        (_np_multiarray.scalar, 'numpy._core.multiarray.scalar'),
+        (_np_multiarray.scalar, 'numpy.core.multiarray.scalar'),
+    ]
+    entries.extend(_numpy_dtype_classes())
+    return entries
+
+
+def setup_safe_loading() -> None:
+    """Let ``torch.load(weights_only=True)`` read mmengine checkpoints, and only those.
+
+    Adds :func:`mmengine_safe_globals` to torch's allowlist
+    (``torch.serialization.add_safe_globals``); that is all it changes (see the module
+    docstring). ``import mmrest`` calls it; call it again only if something cleared
+    torch's allowlist since. Idempotent.
+    """
+    torch.serialization.add_safe_globals(mmengine_safe_globals())
+
+
+# ---------------------------------------------------------------- safe reading
+
+# Refusals of torch's weights-only unpickler that mean "this is not a pickle torch
+# wrote" rather than "this pickle asks for something that is not allowed".
+_MALFORMED_PICKLE = ('Unsupported operand', 'String is too long', 'negative argument')
+
+
 def _unpickling_reason(err: BaseException) -> str:
-    """The informative line of torch's ``Weights only load failed`` message."""
-    boilerplate = ('Weights only load failed', 'Please file an issue', 'Check the documentation',
-                   'In PyTorch 2.6')
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(boilerplate)]
-    return useful[0] if useful else (lines[-1] if lines else repr(err))
+    """The informative line of torch's ``Weights only load failed`` message, without
+    torch's advice to allowlist what was refused."""
+    text = str(err)
+    _, found, rest = text.partition('WeightsUnpickler error:')
+    lines = [line.strip() for line in (rest if found else text).splitlines() if line.strip()]
+    if not lines:
+        return repr(err)
+    return lines[0].split(' Please use `torch.serialization')[0].rstrip('.')
+
+
+def _not_a_checkpoint(path: str, detail: str) -> CheckpointError:
+    return CheckpointError(f'cannot read checkpoint {path}: it is not a torch checkpoint, '
+                           f'or it is truncated or corrupted ({detail})')
+
+
+def _check_container(path: str) -> bool:
+    """Refuse files that are neither a zip archive nor a pickle (torch's two formats).
+
+    Returns:
+        bool: Whether the file is a zip archive (else a legacy pickle-format file).
+    """
+    if osp.getsize(path) == 0:
+        raise _not_a_checkpoint(path, 'the file is empty')
+    with open(path, 'rb') as f:
+        magic = f.read(4)
+    if magic != b'PK\x03\x04' and magic[:1] != b'\x80':
+        raise _not_a_checkpoint(path, f'it starts with {magic!r}, neither a zip archive '
+                                'nor a pickle')
+    return magic == b'PK\x03\x04'
 
 
 def safe_load_checkpoint(path: PathLike,
@@ -43,8 +222,8 @@ def safe_load_checkpoint(path: PathLike,
     """Load a checkpoint file with ``torch.load(weights_only=True)``.
 
     Only tensors, plain containers and the types registered with
-    ``torch.serialization.add_safe_globals`` (see :func:`mmrest.engine.setup_safe_loading`)
-    are unpickled; nothing in the file can run code.
+    ``torch.serialization.add_safe_globals`` (see :func:`setup_safe_loading`) are
+    unpickled; nothing in the file can run code.
 
     Args:
         path (str | PathLike): Local checkpoint file.
@@ -60,28 +239,28 @@ def safe_load_checkpoint(path: PathLike,
         FileNotFoundError: If the file does not exist.
         UnsafeCheckpointError: If the file holds anything but tensors, plain containers
             and allowed types (its code is never run).
-        CheckpointError: If the file is truncated or corrupted.
+        CheckpointError: If the file is not a torch checkpoint, or is truncated or
+            corrupted.
     """
     path = os.fspath(path)
     if not osp.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
+    is_zip = _check_container(path)
     kwargs = dict(map_location=map_location, weights_only=True)
-    if mmap and zipfile.is_zipfile(path):
+    if mmap and is_zip:
         kwargs['mmap'] = True
     try:
         return torch.load(path, **kwargs)
     except pickle.UnpicklingError as err:
+        reason = _unpickling_reason(err)
+        if any(marker in reason for marker in _MALFORMED_PICKLE):
+            raise _not_a_checkpoint(path, reason) from err
         raise UnsafeCheckpointError(
             f'refusing to load {path}: it contains objects other than tensors and plain '
-            f'containers, and loading it could run code ({_unpickling_reason(err)})') from err
+            f'containers, and loading it could run code ({reason})') from err
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as err:
-        if os.path.getsize(path) == 0:
-            detail = 'the file is empty'
-        else:
-            detail = f'{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}'
-        raise CheckpointError(
-            f'cannot read checkpoint {path}: the file is truncated or corrupted '
-            f'({detail})') from err
+        first_line = str(err).splitlines()[0] if str(err) else ''
+        raise _not_a_checkpoint(path, f'{type(err).__name__}: {first_line}') from err
 
 
 def verify_checkpoint_file(path: PathLike) -> None:
@@ -89,40 +268,39 @@ def verify_checkpoint_file(path: PathLike) -> None:
 
     A zip-format checkpoint (``torch.save`` since torch 1.6) stores a CRC-32 of every
     record; all of them are recomputed, which catches truncation and flipped bytes that
-    ``torch.load`` itself does not notice. Legacy (non-zip) files only get the
-    empty-file check.
+    ``torch.load`` itself does not notice. Legacy (pickle-format) files only get the
+    check of their first bytes.
 
     Args:
         path (str | PathLike): Local checkpoint file.
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        CheckpointError: If the file is empty, truncated or corrupted.
+        CheckpointError: If the file is empty, not a torch checkpoint, truncated or
+            corrupted.
     """
     path = os.fspath(path)
     if not osp.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f'checkpoint {path} is corrupted: the file is empty')
-    with open(path, 'rb') as f:
-        magic = f.read(4)
-    if magic != b'PK\x03\x04':
-        if magic[:1] == b'\x80':  # a legacy pickle-format checkpoint: nothing to verify
-            return
-        raise CheckpointError(
-            f'checkpoint {path} is corrupted: it is neither a zip-format nor a legacy '
-            f'torch checkpoint (starts with {magic!r})')
+    if not _check_container(path):  # a legacy pickle-format checkpoint: nothing to verify
+        return
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         raise CheckpointError(
             f'checkpoint {path} is truncated or corrupted ({type(err).__name__}: {err})'
         ) from err
+    if not any(name.endswith('data.pkl') for name in names):
+        raise CheckpointError(f'{path} is not a torch checkpoint: the zip archive has no '
+                              f'data.pkl record')
     if bad is not None:
         raise CheckpointError(
             f'checkpoint {path} is corrupted: record {bad!r} fails its CRC-32 check')
 
+
+# ---------------------------------------------------------------- atomic writing
 
 def temp_path_for(path: PathLike) -> str:
     """The temporary file :func:`atomic_write` uses for ``path`` (same folder).
@@ -255,3 +433,44 @@ def remove_stale_temp_files(folder: PathLike) -> List[str]:
         except FileNotFoundError:
             pass
     return removed
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's local file backend with atomic writes.
+
+    ``put`` and ``put_text`` write to a temporary file in the destination folder
+    (through :class:`~mmengine.fileio.backends.LocalBackend`), then
+    :func:`commit_file` it: a crash or a full disk never leaves a partial destination,
+    and a failed write removes its temporary file. Everything else is mmengine's.
+    :mod:`mmrest.engine` registers it with mmengine's file backends as
+    ``'mmrest_atomic_local'``, so ``backend_args=dict(backend='mmrest_atomic_local')``
+    selects it wherever mmengine takes ``backend_args`` (``mmrest.AtomicCheckpointHook``
+    does so for local folders).
+    """
+
+    def put(self, obj: bytes, filepath: PathLike) -> None:
+        """Write bytes to ``filepath`` atomically.
+
+        Args:
+            obj (bytes): Data to be written.
+            filepath (str | PathLike): The destination (its folder is created).
+        """
+        filepath = os.fspath(filepath)
+        tmp = temp_path_for(filepath)
+        try:
+            super().put(obj, tmp)
+            commit_file(tmp, filepath)
+        except BaseException:
+            if osp.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def put_text(self, obj: str, filepath: PathLike, encoding: str = 'utf-8') -> None:
+        """Write text to ``filepath`` atomically.
+
+        Args:
+            obj (str): Text to be written.
+            filepath (str | PathLike): The destination (its folder is created).
+            encoding (str): The encoding. Defaults to 'utf-8'.
+        """
+        self.put(obj.encode(encoding), filepath)

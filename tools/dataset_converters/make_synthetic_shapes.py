@@ -1,7 +1,7 @@
 """Write a synthetic COCO-format dataset of coloured shapes on textured backgrounds.
 
-Boxes, instance masks (uncompressed RLE) and semantic label maps, deterministic by seed;
-see :mod:`mmrest.datasets.synthetic_shapes` for the layout. Examples::
+Boxes, instance masks (COCO RLE) and semantic label maps, deterministic by seed;
+see :mod:`mmrest.testing.synthetic_shapes` for the layout. Examples::
 
     # the data of the built-in demo (configs/demo/retinanet_rest_lite_shapes.py)
     python tools/dataset_converters/make_synthetic_shapes.py
@@ -20,7 +20,7 @@ import sys
 import time
 from typing import List, Optional
 
-from mmrest.datasets.synthetic_shapes import DEMO_CLASSES, SHAPES, generate_shapes_dataset
+from mmrest.testing import DEMO_CLASSES, SHAPES, generate_shapes_dataset
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

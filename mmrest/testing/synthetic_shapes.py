@@ -1,4 +1,5 @@
-"""A synthetic COCO-format dataset of coloured geometric shapes on textured backgrounds.
+"""Synthetic data for the demo, the tests and quick experiments: a COCO-format dataset of
+coloured geometric shapes on textured backgrounds.
 
 :func:`generate_shapes_dataset` writes, deterministically from a seed::
 
@@ -12,8 +13,8 @@
 
 Annotations: one COCO ``annotation`` per visible shape with ``bbox`` (``[x, y, w, h]``, the
 tight box of the visible pixels, a pixel ``i`` covering ``[i, i + 1)``), ``area`` (visible
-pixel count), ``segmentation`` (uncompressed RLE ``{'size': [h, w], 'counts': [...]}``,
-column-major as in the COCO API, readable by ``pycocotools`` and mmdet's
+pixel count), ``segmentation`` (COCO RLE ``{'size': [h, w], 'counts': '...'}``, compressed
+by ``pycocotools.mask.encode``, readable by ``pycocotools`` and mmdet's
 ``LoadAnnotations(with_mask=True)``), ``iscrowd`` 0 and ``category_id`` (1-based, in the
 order of ``classes``). Each json's ``info['generator']`` records the generator's settings.
 
@@ -26,7 +27,8 @@ painted in order, so a later shape may hide part of an earlier one when ``max_ov
 allows their boxes to overlap; boxes, masks and the semantic map always describe the
 *visible* pixels, and every shape keeps at least ``min_visible`` of its area.
 
-Only numpy and OpenCV are needed (no pycocotools).
+Needs numpy, OpenCV, mmcv (image writing), pycocotools (RLE) and mmdet (box overlaps);
+``import mmrest`` does not import this module.
 """
 import json
 import os
@@ -34,7 +36,9 @@ import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
+import mmcv
 import numpy as np
+from pycocotools import mask as mask_utils
 
 #: Shapes the generator can draw, as polygons in a unit box ``[-0.5, 0.5]^2``.
 SHAPES: Tuple[str, ...] = ('circle', 'square', 'triangle', 'diamond', 'hexagon', 'star',
@@ -54,8 +58,9 @@ CLASS_COLORS: Dict[str, Tuple[int, int, int]] = {
     'cross': (250, 135, 20),      # orange
 }
 
-#: Format version of the written files; bumped when the output for a seed changes.
-GENERATOR_VERSION = 1
+#: Format version of the written files; bumped when the output for a seed changes
+#: (2: masks as compressed RLE strings instead of run-length lists).
+GENERATOR_VERSION = 2
 
 
 def _unit_polygon(shape: str) -> np.ndarray:
@@ -83,45 +88,10 @@ def _unit_polygon(shape: str) -> np.ndarray:
     raise KeyError(f'Unknown shape {shape!r}; choose from {list(SHAPES)}')
 
 
-def mask_to_rle(mask: np.ndarray) -> Dict[str, list]:
-    """Encode a binary mask as COCO uncompressed RLE.
-
-    Args:
-        mask (np.ndarray): (H, W) array, non-zero where the object is.
-
-    Returns:
-        dict: ``{'size': [H, W], 'counts': [...]}``; run lengths over the column-major
-        (Fortran-order) pixels, starting with a (possibly empty) run of zeros.
-    """
-    flat = np.asarray(mask, dtype=bool).flatten(order='F')
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0] + counts
-    return {'size': [int(mask.shape[0]), int(mask.shape[1])], 'counts': counts}
-
-
-def rle_to_mask(rle: Dict[str, list]) -> np.ndarray:
-    """Decode COCO uncompressed RLE (the inverse of :func:`mask_to_rle`).
-
-    Args:
-        rle (dict): ``{'size': [H, W], 'counts': [...]}`` with a list of run lengths.
-
-    Returns:
-        np.ndarray: (H, W) uint8 mask of 0 and 1.
-
-    Raises:
-        ValueError: If the run lengths do not add up to ``H * W``.
-    """
-    h, w = rle['size']
-    counts = np.asarray(rle['counts'], dtype=np.int64)
-    if counts.sum() != h * w:
-        raise ValueError(f'RLE counts add up to {int(counts.sum())}, expected {h}x{w}='
-                         f'{h * w}')
-    values = np.arange(len(counts)) % 2
-    flat = np.repeat(values, counts).astype(np.uint8)
-    return flat.reshape((h, w), order='F')
+def _encode_rle(mask: np.ndarray) -> Dict[str, object]:
+    """COCO RLE of a binary (H, W) mask, JSON-ready (``counts`` as a string)."""
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {'size': [int(s) for s in rle['size']], 'counts': rle['counts'].decode('ascii')}
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -156,15 +126,15 @@ def _shape_color(rng: np.random.Generator, shape: str, class_colors: bool) -> np
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float64)
 
 
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two ``(x0, y0, x1, y1)`` boxes."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
+def _max_iou(box: Tuple[int, int, int, int], others: Sequence[Tuple[int, ...]]) -> float:
+    """Largest IoU of an ``(x0, y0, x1, y1)`` box with any of ``others`` (0 if none)."""
+    if not others:
         return 0.0
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
+    import torch
+    from mmdet.structures.bbox import bbox_overlaps
+    ious = bbox_overlaps(torch.tensor([box], dtype=torch.float64),
+                         torch.tensor(list(others), dtype=torch.float64))
+    return float(ious.max())
 
 
 def _mask_box(mask: np.ndarray) -> Tuple[int, int, int, int]:
@@ -246,7 +216,7 @@ def render_shapes_image(
             if full.sum() < 4:
                 continue
             box = _mask_box(full)
-            if any(_box_iou(box, p['box']) > max_overlap for p in placed):
+            if _max_iou(box, [p['box'] for p in placed]) > max_overlap:
                 continue
             if any((p['visible'] & ~full).sum() < min_visible * p['full'].sum()
                    for p in placed):
@@ -314,9 +284,10 @@ def generate_shapes_dataset(out_dir: str,
     """Write a synthetic shapes dataset in COCO format (see the module docstring).
 
     The defaults are the data of the built-in demo
-    (``configs/demo/retinanet_rest_lite_shapes.py``). The output depends only on the arguments (not on ``out_dir`` or the machine's state):
-    the same arguments give byte-identical files. Existing files of the same names are
-    overwritten; other files in ``out_dir`` are left alone.
+    (``configs/demo/retinanet_rest_lite_shapes.py``). The output depends only on the
+    arguments (not on ``out_dir`` or the machine's state): the same arguments give
+    byte-identical files. Existing files of the same names are overwritten; other files
+    in ``out_dir`` are left alone.
 
     Args:
         out_dir (str): Folder to write to (created if needed).
@@ -389,7 +360,7 @@ def generate_shapes_dataset(out_dir: str,
                 annotations.append(dict(
                     id=len(annotations) + 1, image_id=image_id,
                     category_id=inst['category_id'], bbox=[x0, y0, x1 - x0, y1 - y0],
-                    area=int(inst['mask'].sum()), segmentation=mask_to_rle(inst['mask']),
+                    area=int(inst['mask'].sum()), segmentation=_encode_rle(inst['mask']),
                     iscrowd=0))
         ann_file = osp.join(out_dir, 'annotations', f'instances_{split}.json')
         coco = dict(info=dict(description=f'mmrest synthetic shapes, {split} split',
@@ -431,5 +402,5 @@ def read_generator_settings(out_dir: str) -> Optional[Dict[str, object]]:
 
 
 def _imwrite(path: str, array: np.ndarray) -> None:
-    if not cv2.imwrite(path, np.ascontiguousarray(array)):
+    if not mmcv.imwrite(np.ascontiguousarray(array), path):
         raise OSError(f'could not write the image {path}')

@@ -1,0 +1,70 @@
+"""The command line shared by ``tools/train.py`` and ``tools/test.py``."""
+import argparse
+import os
+import sys
+from typing import Any, Callable, List, Optional
+
+
+def add_common_tool_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options both tools take: ``--cfg-options``, ``--launcher``, the pre-flight
+    data check (``--data-check-images``, ``--no-data-check``) and ``--local-rank``.
+
+    Args:
+        parser (argparse.ArgumentParser): The tool's parser, extended in place.
+    """
+    from mmengine.config import DictAction
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, key=value (nested keys with dots, lists '
+        'as key="[a,b]" or key=a,b)')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument(
+        '--data-check-images',
+        type=int,
+        default=16,
+        help='images decoded per dataset by the pre-flight data check (-1: all, '
+        '0: none)')
+    parser.add_argument(
+        '--no-data-check', action='store_true', help='skip the pre-flight data check')
+    # torch.distributed.launch passes --local-rank (newer) or --local_rank (older)
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_tool_arguments(parser: argparse.ArgumentParser,
+                         argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse a tool's command line; sets ``LOCAL_RANK`` from ``--local-rank`` if unset.
+
+    Args:
+        parser (argparse.ArgumentParser): A parser with :func:`add_common_tool_arguments`.
+        argv (list[str], optional): Arguments. Defaults to None (``sys.argv``).
+
+    Returns:
+        argparse.Namespace: The parsed arguments.
+    """
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def run_tool_cli(main: Callable[[], Any], prog: str) -> None:
+    """Run a tool's ``main``; data and checkpoint problems end with a one-line message
+    and exit status 1 instead of a traceback.
+
+    Args:
+        main (Callable): The tool's entry point (reads ``sys.argv``).
+        prog (str): The tool's name in the message.
+    """
+    from ..utils import CheckpointError
+    from .preflight import DatasetCheckError
+    try:
+        main()
+    except (DatasetCheckError, CheckpointError, FileNotFoundError) as err:
+        print(f'{prog}: error: {type(err).__name__}: {err}', file=sys.stderr)
+        sys.exit(1)

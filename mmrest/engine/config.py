@@ -1,0 +1,88 @@
+"""Loading a config for ``tools/train.py`` and ``tools/test.py``, and building its runner."""
+import os.path as osp
+from typing import Any, Optional
+
+
+def type_name(value: Any) -> str:
+    """The class name a config's ``type`` entry names, without its scope.
+
+    Args:
+        value (str | type | Any): ``'mmrest.CPUAmpOptimWrapper'``, a class, ...
+
+    Returns:
+        str: E.g. ``'CPUAmpOptimWrapper'``.
+    """
+    name = value if isinstance(value, str) else getattr(value, '__name__', str(value))
+    return name.split('.')[-1]
+
+
+def default_work_dir(config_path: str) -> str:
+    """``./work_dirs/<config name>``, mmdet's default.
+
+    Args:
+        config_path (str): The config file.
+
+    Returns:
+        str: The work dir.
+    """
+    return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
+
+
+def load_tool_config(config_path: str,
+                     cfg_options: Optional[dict] = None,
+                     launcher: str = 'none',
+                     work_dir: Optional[str] = None) -> Any:
+    """Load a config the way ``tools/train.py`` and ``tools/test.py`` both need it.
+
+    Reads the file, applies ``--cfg-options``, enters the config's default scope (mmdet,
+    mmseg or mmpretrain) and sets the work dir (``work_dir``, else the config's, else
+    ``./work_dirs/<config name>``).
+
+    Args:
+        config_path (str): The config file.
+        cfg_options (dict, optional): Overrides (``--cfg-options``). Defaults to None.
+        launcher (str): The job launcher. Defaults to 'none'.
+        work_dir (str, optional): Overrides the work dir. Defaults to None.
+
+    Returns:
+        Config: The config.
+
+    Raises:
+        FileNotFoundError: If the config file does not exist.
+        ValueError: If the config sets no ``default_scope``.
+    """
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    if not osp.isfile(config_path):
+        raise FileNotFoundError(f'config file not found: {config_path}')
+    cfg = Config.fromfile(config_path)
+    cfg.launcher = launcher
+    if cfg_options is not None:
+        cfg.merge_from_dict(cfg_options)
+    scope = cfg.get('default_scope')
+    if not scope:
+        raise ValueError(f'{config_path} sets no default_scope (mmdet, mmseg or mmpretrain): '
+                         f'inherit a stock base config or set default_scope')
+    init_default_scope(scope)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = default_work_dir(config_path)
+    return cfg
+
+
+def build_runner(cfg: Any) -> Any:
+    """mmengine's ``Runner`` from a config, or the config's own ``runner_type``.
+
+    Args:
+        cfg (Config): The prepared config.
+
+    Returns:
+        Runner: The runner.
+    """
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    if 'runner_type' not in cfg:
+        return Runner.from_cfg(cfg)
+    return RUNNERS.build(cfg)
