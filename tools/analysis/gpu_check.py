@@ -74,15 +74,16 @@ DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 #: or bf16 (2**-8 = 3.9e-3) while norms, softmax and the fused attention core stay in
 #: float32. Through up to 24 blocks that gave, measured on the CPU (every ResT arch at
 #: 224x224, ResT-lite at 800x1344): outputs 1.8-2.7e-3 (fp16) and 1.5-2.0e-2 (bf16);
-#: gradients 1.7-2.5e-2 (fp16) and 4.8-6.0e-2 at 224x224, 0.115 at 800x1344 (bf16; the
-#: worst are the stem's first conv and the output norm of stage 1, whose gradients sum
-#: rounded terms over every position). The tolerances leave a margin of 2x or more over
-#: those and still fail real defects: a wrong op, a lost gradient, an overflow or a core
-#: run in low precision gives errors of order 1 or more (the reference, whose attention
-#: core runs in the autocast dtype: outputs 0.05-0.19 in fp16 and 0.30-0.47 in bf16,
-#: gradients 0.18-0.34 in bf16 at 224x224 and not finite in fp16).
+#: gradients 1.7-2.5e-2 (fp16; up to 4.4e-2 on the tiny --smoke sizes) and 4.8-6.0e-2 at
+#: 224x224, 0.115 at 800x1344 (bf16; the worst are the stem's first conv, at the end of
+#: the longest backward path, and the output norm of stage 1, whose gradients sum rounded
+#: terms over every position). The tolerances leave a margin of 2x or more over those and
+#: still fail real defects: a wrong op, a lost gradient, an overflow or a core run in low
+#: precision gives errors of order 1 or more (the reference, whose attention core runs in
+#: the autocast dtype: outputs 0.05-0.19 in fp16 and 0.30-0.47 in bf16, gradients
+#: 0.18-0.34 in bf16 at 224x224 and not finite in fp16).
 TOLERANCES = {'outputs': {'fp32': 1e-4, 'fp16': 2e-2, 'bf16': 5e-2},
-              'gradients': {'fp32': 1e-4, 'fp16': 5e-2, 'bf16': 2.5e-1}}
+              'gradients': {'fp32': 1e-4, 'fp16': 1e-1, 'bf16': 2.5e-1}}
 #: Gradient checks above this many pixels per image run at batch 1.
 GRAD_BATCH1_PIXELS = 512 * 512
 SWIN_CONFIG = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
