@@ -2,7 +2,7 @@
 
 The authors'-layout weights (random, see ``reference_rest.random_authors_state_dict``) go
 through the one conversion (``target='classifier'``); the logits must equal the independent
-oracle ``reference_logits`` (issue 2, section 5: fp32, max abs error < 1e-4 at 224x224).
+oracle ``reference_logits`` (fp32, max abs error < 1e-4 at 224x224; README "Pretrained weights").
 """
 import importlib.util
 import os.path as osp

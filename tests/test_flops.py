@@ -30,7 +30,7 @@ RELEASED = {
 PAPER = {'lite': (1.4, 10.49), 'small': (1.9, 13.66), 'base': (4.3, 30.28),
          'large': (7.9, 51.63)}
 
-ARCH = {  # embed_dims, depths, heads, sr ratios (the table)
+ARCH = {  # embed_dims, depths, heads, sr ratios (README arch table)
     'lite': ([64, 128, 256, 512], [2, 2, 2, 2]),
     'small': ([64, 128, 256, 512], [2, 2, 6, 2]),
     'base': ([96, 192, 384, 768], [2, 2, 6, 2]),

@@ -13,7 +13,7 @@ from mmrest.models import ResT
 
 ALL_ARCHS = ('lite', 'small', 'base', 'large')
 ATTN_IMPLS = ('fused', 'reference')
-# Parameter counts of the authors' models with their 1000-class linear head (issue 2).
+# Parameter counts of the authors' models with their 1000-class linear head.
 AUTHORS_PARAMS = {'lite': 10_508_300, 'small': 13_679_708, 'base': 30_327_052,
                   'large': 51_676_156}
 
@@ -135,7 +135,7 @@ def test_features_float32_224_as_accurate_as_the_oracle(rest_with_authors_weight
 
     Through the depth of a random network float32 rounding alone reaches a few 1e-4 on
     the O(1) values of the last stages (the oracle's own float32 error), so the bound is
-    relative to that error. (The logits' absolute 1e-4 bound of issue 2 is checked in
+    relative to that error. (The logits' absolute 1e-4 bound is checked in
     test_classifier_logits.py.)
     """
     model, sd = rest_with_authors_weights(arch, attn_impl=attn_impl)

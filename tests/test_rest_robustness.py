@@ -1,4 +1,4 @@
-"""ResT on unusual inputs (issue 5, section 3) and in mixed precision (section 4).
+"""ResT on unusual inputs and in mixed precision.
 
 Documented behaviour checked here:
 
@@ -11,8 +11,11 @@ Documented behaviour checked here:
   whole batch and into the running statistics, which stay NaN: sanitise inputs upstream;
 * non-contiguous and channels-last inputs, and a channels-last model, give the result of
   the contiguous input; float64, float16 and bfloat16 models run on the CPU;
-* ``torch.autocast('cpu', dtype=torch.bfloat16)`` forward and backward stay finite, within
-  the tolerances :data:`AUTOCAST_TOL` of float32 (loose: see there why).
+* ``torch.autocast('cpu', dtype=torch.bfloat16)`` forward and backward of the default
+  (fused) model stay within :data:`AUTOCAST_TOL` of float32, and at the stages with head
+  mixing at least :data:`REFERENCE_LOSS_FACTOR` times closer to float32 than the
+  reference implementation, whose attention core runs in bfloat16 (README "Mixed
+  precision").
 * any H, W in 32..700 and batch 1..3 give finite maps of ceil(H / 2**(i+2)) x
   ceil(W / 2**(i+2)) for every arch (hypothesis).
 """
@@ -33,11 +36,10 @@ from mmrest.models import ResT
 # (measured: stages 0.008, 0.009, 0.011, 0.012; parameter gradients 0.040; input gradient
 # 0.063). The reference runs it in bfloat16, where the instance norm of nearly uniform
 # softmax maps cancels most of bfloat16's 8 bits (measured: 0.008, 0.035, 0.17, 0.34;
-# 0.34; 0.14); its bounds only check that it stays finite and in range.
-AUTOCAST_TOL = {
-    'fused': dict(stages=(0.02, 0.02, 0.025, 0.03), param_grads=0.08, input_grad=0.12),
-    'reference': dict(stages=(0.02, 0.3, 0.5, 0.7), param_grads=0.7, input_grad=0.35),
-}
+# 0.34; 0.14): what is asserted of it is that the fused core is much closer.
+AUTOCAST_TOL = dict(stages=(0.02, 0.02, 0.025, 0.03), param_grads=0.08, input_grad=0.12)
+#: The reference's bfloat16 error over the fused one's at stages 2-4 (measured 4, 15, 28).
+REFERENCE_LOSS_FACTOR = 2
 # A bfloat16 / float16 model (module.to(dtype)) vs float32, relative L2 error per stage;
 # measured: bfloat16 0.007, 0.008, 0.010, 0.013; float16 0.0009, 0.0011, 0.0014, 0.0017.
 LOW_PRECISION_TOL = {torch.bfloat16: (0.02, 0.02, 0.025, 0.03),
@@ -171,8 +173,9 @@ def test_low_precision_model_on_cpu(dtype):
         assert err < LOW_PRECISION_TOL[dtype][i], f'stage {i}: relative error {err:.3g}'
 
 
-@pytest.mark.parametrize('attn_impl', ['fused', 'reference'])
-def test_bfloat16_autocast_forward_backward(attn_impl):
+def bfloat16_autocast_errors(attn_impl: str):
+    """Relative errors of bf16 autocast against float32: per stage output, all
+    parameter gradients, the input gradient (ResT-Lite, BN statistics frozen)."""
     torch.manual_seed(0)
     model = ResT('lite', drop_path_rate=0., attn_impl=attn_impl)
     model.init_weights()
@@ -196,14 +199,23 @@ def test_bfloat16_autocast_forward_backward(attn_impl):
 
     outs32, grads32, gx32 = run(False)
     outs16, grads16, gx16 = run(True)
-    tol = AUTOCAST_TOL[attn_impl]
-    for i, (o16, o32) in enumerate(zip(outs16, outs32)):
+    for o16 in outs16:
         assert o16.dtype == torch.bfloat16 and torch.isfinite(o16).all()
-        err = rel_err(o16, o32)
-        assert err < tol['stages'][i], f'stage {i}: relative error {err:.3g}'
     assert torch.isfinite(grads16).all() and torch.isfinite(gx16).all()
-    assert rel_err(grads16, grads32) < tol['param_grads']
-    assert rel_err(gx16, gx32) < tol['input_grad']
+    return ([rel_err(o16, o32) for o16, o32 in zip(outs16, outs32)],
+            rel_err(grads16, grads32), rel_err(gx16, gx32))
+
+
+def test_bfloat16_autocast_forward_backward():
+    stages, param_grads, input_grad = bfloat16_autocast_errors('fused')
+    for i, err in enumerate(stages):
+        assert err < AUTOCAST_TOL['stages'][i], f'stage {i}: relative error {err:.3g}'
+    assert param_grads < AUTOCAST_TOL['param_grads']
+    assert input_grad < AUTOCAST_TOL['input_grad']
+    # the reference's bfloat16 attention core with head mixing is far less accurate
+    ref_stages, _, _ = bfloat16_autocast_errors('reference')
+    for i in (1, 2, 3):
+        assert ref_stages[i] > REFERENCE_LOSS_FACTOR * stages[i], (i, ref_stages, stages)
 
 
 # ------------------------------------------------------------------ property-based

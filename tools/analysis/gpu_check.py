@@ -1,0 +1,794 @@
+"""GPU check of the ResT backbones: fused vs reference agreement, speed and memory.
+
+Needs only torch, mmengine and mmcv (mmcv without its C++ ops is enough): it imports
+:mod:`mmrest.models` and nothing of mmdet, except to build Swin-T for the speed table when
+mmdet is importable. ResT: Zhang and Yang, NeurIPS 2021, https://arxiv.org/abs/2105.13677;
+authors' code: https://github.com/wofmanaf/ResT.
+
+**Agreement.** For every ResT arch, and every ResTV2 arch when :mod:`mmrest.models` has a
+``ResTV2`` with an ``attn_impl`` switch, a model with the default fused attention
+(``attn_impl='fused'``) is compared with one with the reference (``attn_impl='reference'``,
+the paper's equations as written). Both hold one state dict of non-trivial random weights
+(:func:`randomize_weights`), at 224x224 and 800x1344:
+
+* outputs: eval mode, ``torch.no_grad``, all four stage maps, batch 2;
+* parameter gradients: train mode, ``drop_path_rate=0``, batch 2 (1 above 512x512
+  pixels, so 800x1344 runs at batch 1), loss ``sum((out * r).sum())`` with fixed random
+  ``r`` (with a mean loss the gradients behind the output LayerNorms vanish).
+
+Errors are max |a - b| relative to a scale, as in ``tests/test_emsa_module.py``: for a stage
+map ``max(1, max |reference|)``; for gradients the largest reference gradient of the part
+of the model (stem, a patch embedding, a stage, an output norm) the parameter belongs to
+(:func:`gradient_error`). float32 runs with TF32 off (``torch.backends.cuda.matmul.
+allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` are False during all checks) and must
+agree to < 1e-4, the CPU tests' standard. Under fp16 and bf16 autocast the fused model is
+compared with the float32 reference (tolerances: :data:`TOLERANCES`); the reference's own
+error under the same autocast is reported beside it, for scale, and not judged.
+
+**Speed and memory.** Inference and training-step time and ``torch.cuda.max_memory_allocated``
+(reset before each case; weights, input and gradients included) of ResT-small fused and
+reference, ResTV2-tiny when present and mmdet's Swin-T (``model.backbone`` of
+``mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``, no weights) at 224x224 batch 64 and
+800x1344 batch 2. Training step: forward in train mode, loss ``sum(out.float().mean())``,
+backward (no optimizer step). Timed with ``torch.utils.benchmark.Timer.blocked_autorange``
+(it synchronises the GPU) after warm-up runs, median reported; float32 with PyTorch's TF32
+defaults as found, optionally also bf16 autocast (``--speed-dtypes fp32 bf16``).
+
+Prints markdown tables to stdout and progress to stderr; writes JSON (``--out``) with the
+environment. Exit status 0 if every check passes, 1 if any fails or any case raised, 2
+without CUDA (``--device cpu`` runs the whole flow on the CPU, for testing; use
+``--smoke`` for tiny sizes). Examples::
+
+    python tools/analysis/gpu_check.py --out work_dirs/gpu_check.json   # whole check
+    python tools/analysis/gpu_check.py --archs small --sizes 800x1344 --no-speed
+    python tools/analysis/gpu_check.py --device cpu --smoke --archs lite  # seconds, CPU
+"""
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import math
+import os
+import os.path as osp
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+REST_ARCHS = ('lite', 'small', 'base', 'large')
+V2_ARCHS = ('tiny', 'small', 'base', 'large')
+DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+#: Max relative error (see the module docstring) of the fused model against the float32
+#: reference, per quantity and dtype. float32: the CPU tests' standard. Under autocast,
+#: matmuls and convs round their inputs and outputs to fp16 (unit roundoff 2**-11 = 4.9e-4)
+#: or bf16 (2**-8 = 3.9e-3) while norms, softmax and the fused attention core stay in
+#: float32. Through up to 24 blocks that gave, measured on the CPU (every ResT arch at
+#: 224x224, ResT-lite at 800x1344): outputs 1.8-2.7e-3 (fp16) and 1.5-2.0e-2 (bf16);
+#: gradients 1.7-2.5e-2 (fp16; up to 4.4e-2 on the tiny --smoke sizes) and 4.8-6.0e-2 at
+#: 224x224, 0.115 at 800x1344 (bf16; the worst are the stem's first conv, at the end of
+#: the longest backward path, and the output norm of stage 1, whose gradients sum rounded
+#: terms over every position). The tolerances leave a margin of 2x or more over those and
+#: still fail real defects: a wrong op, a lost gradient, an overflow or a core run in low
+#: precision gives errors of order 1 or more (the reference, whose attention core runs in
+#: the autocast dtype: outputs 0.05-0.19 in fp16 and 0.30-0.47 in bf16, gradients
+#: 0.18-0.34 in bf16 at 224x224 and not finite in fp16).
+TOLERANCES = {'outputs': {'fp32': 1e-4, 'fp16': 2e-2, 'bf16': 5e-2},
+              'gradients': {'fp32': 1e-4, 'fp16': 1e-1, 'bf16': 2.5e-1}}
+#: Gradient checks above this many pixels per image run at batch 1.
+GRAD_BATCH1_PIXELS = 512 * 512
+SWIN_CONFIG = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
+SWIN_LABEL = 'mmdet Swin-T'
+V2_SPEED_ARCH = 'tiny'
+
+
+@dataclass(frozen=True)
+class SpeedCase:
+    """One speed case: ``kind`` is ``'infer'`` or ``'train'``; ``size`` is (H, W)."""
+    kind: str
+    size: Tuple[int, int]
+    batch: int
+
+    @property
+    def name(self) -> str:
+        return f'{self.kind} {self.size[0]}x{self.size[1]} b{self.batch}'
+
+
+SPEED_CASES = (SpeedCase('infer', (224, 224), 64), SpeedCase('infer', (800, 1344), 2),
+               SpeedCase('train', (224, 224), 64), SpeedCase('train', (800, 1344), 2))
+SMOKE_SPEED_CASES = (SpeedCase('infer', (64, 64), 2), SpeedCase('infer', (64, 96), 1),
+                     SpeedCase('train', (64, 64), 2), SpeedCase('train', (64, 96), 1))
+DEFAULT_SIZES, SMOKE_SIZES = ((224, 224), (800, 1344)), ((64, 64), (48, 80))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A backbone to check or time.
+
+    Attributes:
+        name (str): Name in ``--archs`` (``'small'``, ``'v2-tiny'``) or ``'swin-t'``.
+        label (str): Name in the tables.
+        build (callable): ``build(attn_impl, drop_path_rate)`` returns the model; for
+            models without an ``attn_impl`` switch it is called with None.
+        has_attn_impl (bool): Whether the model has the fused/reference switch.
+    """
+    name: str
+    label: str
+    build: Callable[[Optional[str], Optional[float]], torch.nn.Module]
+    has_attn_impl: bool
+
+
+# ----------------------------------------------------------------------------- options
+def parse_size(text: str) -> Tuple[int, int]:
+    """``'800x1344'`` -> (800, 1344); an argparse type."""
+    match = re.fullmatch(r'(\d+)x(\d+)', text)
+    if not match or min(int(match[1]), int(match[2])) < 1:
+        raise argparse.ArgumentTypeError(
+            f'a size is HxW with positive integers, e.g. 800x1344; got {text!r}')
+    return int(match[1]), int(match[2])
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'not a number: {text!r}') from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f'must be > 0, got {text}')
+        return value
+    return convert
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Options of the tool (see ``--help``); ``--smoke`` fills unset sizes and times.
+
+    Args:
+        argv (Sequence[str], optional): Arguments. Defaults to None (``sys.argv``).
+
+    Returns:
+        argparse.Namespace: The options, with ``sizes``, ``speed_cases`` and
+        ``min_run_time`` resolved.
+    """
+    all_archs = list(REST_ARCHS) + [f'v2-{a}' for a in V2_ARCHS]
+    parser = argparse.ArgumentParser(
+        description='GPU check of ResT: fused vs reference agreement (fp32, fp16, bf16), '
+        'speed and memory; markdown tables and JSON.')
+    parser.add_argument('--archs', nargs='+', choices=all_archs, default=None,
+                        help='models to check (default: every ResT arch, and every '
+                        'ResTV2 arch if mmrest.models has ResTV2)')
+    parser.add_argument('--sizes', nargs='+', type=parse_size, default=None,
+                        help='input sizes HxW of the checks (default: 224x224 800x1344)')
+    parser.add_argument('--dtypes', nargs='+', choices=list(DTYPES),
+                        default=list(DTYPES), help='precisions of the checks')
+    parser.add_argument('--speed-dtypes', nargs='+', choices=list(DTYPES),
+                        default=['fp32'], help='precisions of the speed rows '
+                        '(default: fp32; add bf16 for bf16 autocast rows)')
+    parser.add_argument('--speed-arch', choices=REST_ARCHS, default='small',
+                        help='ResT arch of the speed table (default: small)')
+    parser.add_argument('--no-checks', dest='checks', action='store_false',
+                        help='skip the agreement checks')
+    parser.add_argument('--no-speed', dest='speed', action='store_false',
+                        help='skip the speed and memory table')
+    parser.add_argument('--device', default='cuda',
+                        help="'cuda' or 'cuda:N' (default); 'cpu' runs the flow on the "
+                        'CPU, for testing only')
+    parser.add_argument('--smoke', action='store_true',
+                        help='tiny sizes and short timing (a CPU run takes seconds)')
+    parser.add_argument('--min-run-time', type=_positive(float), default=None,
+                        help='seconds of timed runs per speed row (default 1, smoke 0.01)')
+    parser.add_argument('--warmup', type=int, default=2,
+                        help='untimed runs before timing (default 2)')
+    parser.add_argument('--seed', type=int, default=0, help='weights and inputs seed')
+    parser.add_argument('--out', default=osp.join('work_dirs', 'gpu_check.json'),
+                        help='JSON output (default: work_dirs/gpu_check.json)')
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', args.device):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.warmup < 0:
+        parser.error(f'--warmup must be >= 0, got {args.warmup}')
+    if not (args.checks or args.speed):
+        parser.error('--no-checks and --no-speed together leave nothing to do')
+    if args.sizes is None:
+        args.sizes = list(SMOKE_SIZES if args.smoke else DEFAULT_SIZES)
+    if args.min_run_time is None:
+        args.min_run_time = 0.01 if args.smoke else 1.0
+    args.speed_cases = list(SMOKE_SPEED_CASES if args.smoke else SPEED_CASES)
+    return args
+
+
+# ----------------------------------------------------------------------------- models
+def _rest_spec(cls: type, name: str, label: str, arch: str) -> ModelSpec:
+    has_switch = 'attn_impl' in inspect.signature(cls.__init__).parameters
+
+    def build(attn_impl: Optional[str], drop_path_rate: Optional[float]) -> torch.nn.Module:
+        kwargs: Dict[str, Any] = dict(arch=arch, out_indices=(0, 1, 2, 3))
+        if attn_impl is not None:
+            kwargs['attn_impl'] = attn_impl
+        if drop_path_rate is not None:
+            kwargs['drop_path_rate'] = drop_path_rate
+        return cls(**kwargs)
+
+    return ModelSpec(name, label, build, has_switch)
+
+
+def available_specs() -> Dict[str, ModelSpec]:
+    """Every ResT arch, and every ResTV2 arch if :mod:`mmrest.models` has ``ResTV2``.
+
+    Returns:
+        dict[str, ModelSpec]: Models by ``--archs`` name (``'small'``, ``'v2-tiny'``).
+    """
+    import mmrest.models as models
+    specs = {a: _rest_spec(models.ResT, a, f'ResT-{a}', a) for a in REST_ARCHS}
+    v2 = getattr(models, 'ResTV2', None)
+    if v2 is not None:
+        specs.update({f'v2-{a}': _rest_spec(v2, f'v2-{a}', f'ResTV2-{a}', a)
+                      for a in V2_ARCHS})
+    return specs
+
+
+def swin_backbone_cfg() -> dict:
+    """``model.backbone`` of :data:`SWIN_CONFIG`, without weights, four outputs.
+
+    Raises:
+        Exception: If mmdet or its config is not installed (mmengine's error).
+    """
+    from mmengine.hub import get_config
+    cfg = get_config(SWIN_CONFIG).model.backbone.to_dict()
+    cfg.update(init_cfg=None, out_indices=(0, 1, 2, 3))
+    cfg.pop('pretrained', None)
+    return cfg
+
+
+def swin_spec() -> ModelSpec:
+    """mmdet's Swin-T backbone (:func:`swin_backbone_cfg`), randomly initialised.
+
+    Raises:
+        Exception: If mmdet is not importable (e.g. mmcv without its C++ ops).
+    """
+    cfg = swin_backbone_cfg()
+    import mmdet.models  # noqa: F401  (registers the backbones)
+    from mmdet.registry import MODELS
+    return ModelSpec('swin-t', SWIN_LABEL, lambda attn_impl, dpr: MODELS.build(cfg), False)
+
+
+def randomize_weights(model: torch.nn.Module, seed: int) -> None:
+    """The model's own initialisation with non-trivial 1-D tensors, drawn from ``seed``.
+
+    ``model.init_weights()`` (for ResT the authors' initialisation: truncated normal
+    std 0.02 weights, unit norms, zero linear biases), then, drawn on the CPU: norm scales
+    (1-D ``weight``) 1 + N(0, 0.1^2), biases N(0, 0.1^2), BatchNorm running means
+    N(0, 0.1^2) and variances U(1, 2), so that no norm is the identity and no bias zero.
+    (Weights of a trained network's scale, N(0, 1/fan_in), make the random network
+    chaotic: a float32 input perturbation of bf16's rounding size changes its outputs by
+    6% and its gradients by 30%, so the low-precision checks would measure that.)
+
+    Args:
+        model (nn.Module): Model to modify in place.
+        seed (int): Seed of the draws.
+    """
+    torch.manual_seed(seed)
+    model.init_weights()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if not tensor.is_floating_point() or tensor.dim() != 1:
+                continue
+            leaf = name.rpartition('.')[2]
+            noise = torch.randn(tensor.shape, generator=gen)
+            if leaf == 'running_var':
+                value = 1 + torch.rand(tensor.shape, generator=gen)
+            elif leaf == 'weight':
+                value = 1 + 0.1 * noise
+            else:
+                value = 0.1 * noise
+            tensor.copy_(value)
+
+
+# ----------------------------------------------------------------------------- checks
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """TF32 off for matmuls and cuDNN convolutions (restored afterwards)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` (``'fp16'``, ``'bf16'``); nothing for ``'fp32'``."""
+    if DTYPES[dtype] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def run_pass(model: torch.nn.Module, state: Dict[str, torch.Tensor], x: torch.Tensor,
+             x_train: torch.Tensor, dtype: str,
+             seed: int) -> Tuple[List[torch.Tensor], Dict[str, torch.Tensor]]:
+    """Eval-mode outputs on ``x`` and parameter gradients of a train-mode step on ``x_train``.
+
+    ``state`` is loaded first (the train step updates BatchNorm statistics). The loss is
+    ``sum((out.float() * r).sum())`` with ``r ~ N(0, 1)`` drawn from ``seed`` on the
+    input's device, so two models with the same outputs get the same ``r``.
+
+    Returns:
+        tuple[list[Tensor], dict[str, Tensor]]: float32 outputs, gradients by name.
+    """
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad(), autocast(x.device, dtype):
+        outs = [o.float() for o in model(x)]
+    model.train()
+    model.zero_grad(set_to_none=True)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    with autocast(x.device, dtype):
+        train_outs = model(x_train)
+        loss = sum((o.float() * torch.randn(o.shape, generator=gen, device=o.device)).sum()
+                   for o in train_outs)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return outs, grads
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
+
+
+def output_error(outs: Sequence[torch.Tensor],
+                 refs: Sequence[torch.Tensor]) -> Tuple[float, str]:
+    """Largest ``max |out - ref| / max(1, max |ref|)`` over the stage maps, and where.
+
+    Returns:
+        tuple[float, str]: The error (inf if not finite) and ``'stage i'``.
+
+    Raises:
+        ValueError: If the number or the shapes of the maps differ.
+    """
+    if len(outs) != len(refs):
+        raise ValueError(f'{len(outs)} outputs vs {len(refs)} of the reference')
+    worst, where = 0.0, ''
+    for i, (out, ref) in enumerate(zip(outs, refs)):
+        if out.shape != ref.shape:
+            raise ValueError(f'stage {i + 1}: shape {tuple(out.shape)} vs reference '
+                             f'{tuple(ref.shape)}')
+        err = _finite(((out - ref).abs().max() / ref.abs().max().clamp(min=1)).item())
+        if err >= worst:
+            worst, where = err, f'stage {i + 1}'
+    return worst, where
+
+
+def _stage_of(name: str) -> str:
+    """The part of the model a parameter belongs to: the digits of its top-level module
+    (``patch_embed_2``, ``stage2`` and ``norm2`` are stage 2), else that module (``stem``,
+    ``norm``)."""
+    top = name.partition('.')[0]
+    digits = re.sub(r'\D', '', top)
+    return f'stage {digits}' if digits else top
+
+
+def gradient_error(grads: Dict[str, torch.Tensor],
+                   refs: Dict[str, torch.Tensor]) -> Tuple[float, str]:
+    """Largest gradient error, relative to the scale of its stage, and where.
+
+    The parameters are grouped by stage (:func:`_stage_of`: a stage's patch embedding,
+    blocks and output norm; the stem and the final norm on their own). A parameter's error
+    is ``max |g - g_ref|`` divided by its group's largest ``max |g_ref|``: the max-abs
+    error of one stage's gradients relative to their scale, as for a stage map. Some
+    gradients vanish analytically (a conv bias before a BatchNorm; biases and shifts that
+    cancel in the softmax or the instance norm of EMSA) and are rounding noise in both
+    implementations, so no per-parameter scale is meaningful; ``tests/test_emsa_module.py``
+    judges those at the module's scale too.
+
+    Args:
+        grads (dict[str, Tensor]): Gradients by parameter name.
+        refs (dict[str, Tensor]): Reference gradients by parameter name.
+
+    Returns:
+        tuple[float, str]: The error (inf if not finite) and the parameter name.
+
+    Raises:
+        ValueError: If the parameters with a gradient differ.
+    """
+    if set(grads) != set(refs):
+        diff = sorted(set(grads) ^ set(refs))
+        raise ValueError(f'gradients of different parameters: {diff[:5]}')
+    group_peak: Dict[str, float] = {}
+    for name, ref in refs.items():
+        group = _stage_of(name)
+        group_peak[group] = max(group_peak.get(group, 0.0), ref.abs().max().item())
+    worst, where = 0.0, ''
+    for name, ref in refs.items():
+        scale = max(group_peak[_stage_of(name)], 1e-30)
+        err = _finite((grads[name].float() - ref).abs().max().item() / scale)
+        if err >= worst:
+            worst, where = err, name
+    return worst, where
+
+
+def _error_text(err: Exception) -> str:
+    return f'{type(err).__name__}: {err}'
+
+
+def build_pair(spec: ModelSpec, seed: int, device: torch.device
+               ) -> Tuple[torch.nn.Module, torch.nn.Module, Dict[str, torch.Tensor]]:
+    """Reference and fused model of ``spec`` (``drop_path_rate=0``) with one state dict.
+
+    Returns:
+        tuple: ``(reference, fused, state)``, on ``device``; ``state`` is a copy of the
+        weights and buffers, for :func:`run_pass` to load before each pass.
+    """
+    ref = spec.build('reference', 0.)
+    randomize_weights(ref, seed)
+    fused = spec.build('fused', 0.)
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    ref, fused = ref.to(device), fused.to(device)
+    return ref, fused, {k: v.clone() for k, v in ref.state_dict().items()}
+
+
+def check_model(spec: ModelSpec, sizes: Sequence[Tuple[int, int]], dtypes: Sequence[str],
+                device: torch.device, seed: int,
+                log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Agreement rows of one model at every size and dtype (see the module docstring).
+
+    An exception fails the rows it prevents, with its message; the run goes on. One of
+    the reference under autocast (not judged) is shown in ``reference_error``.
+
+    Returns:
+        list[dict]: One row per (size, dtype, quantity): ``model``, ``size``, ``batch``,
+        ``dtype``, ``quantity`` (``'outputs'`` or ``'gradients'``), ``error``, ``worst``
+        (stage or parameter), ``tolerance``, ``passed``, ``reference_error`` (autocast
+        only: a number, or the exception's message) and ``exception``.
+    """
+    rows: List[Dict[str, Any]] = []
+    pair = None
+    for h, w in sizes:
+        batch = 1 if h * w > GRAD_BATCH1_PIXELS else 2
+        ref32, results = None, {}
+        try:
+            pair = pair or build_pair(spec, seed, device)
+            ref, fused, state = pair
+            gen = torch.Generator().manual_seed(seed + 1)
+            x = torch.randn(2, 3, h, w, generator=gen).to(device)
+            with strict_fp32():
+                ref32 = run_pass(ref, state, x, x[:batch], 'fp32', seed)
+                for dtype in dtypes:
+                    try:
+                        got = run_pass(fused, state, x, x[:batch], dtype, seed)
+                    except Exception as err:  # noqa: BLE001  (reported as a failure)
+                        results[dtype] = _error_text(err), None
+                        continue
+                    try:
+                        own = None if dtype == 'fp32' else \
+                            run_pass(ref, state, x, x[:batch], dtype, seed)
+                    except Exception as err:  # noqa: BLE001  (shown, not judged)
+                        own = _error_text(err)
+                    results[dtype] = got, own
+        except Exception as err:  # noqa: BLE001  (reported as a failure)
+            pair = ref = fused = None
+            results = {dtype: (_error_text(err), None) for dtype in dtypes}
+        size_rows = []
+        for dtype in dtypes:
+            size_rows += _agreement_rows(spec.label, f'{h}x{w}', batch, dtype, ref32,
+                                         *results[dtype])
+        rows += size_rows
+        log(f'checked {spec.label} {h}x{w}: ' + ', '.join(
+            f'{r["dtype"]} {r["quantity"]} ' +
+            ('ERROR' if r['exception'] else f'{r["error"]:.1e}') for r in size_rows))
+        del ref32, results
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _agreement_rows(model: str, size: str, grad_batch: int, dtype: str, ref32: Any,
+                    got: Any, own: Any) -> List[Dict[str, Any]]:
+    """The outputs and gradients rows of one (model, size, dtype).
+
+    ``got`` and ``own`` are :func:`run_pass` results of the fused model and of the
+    reference under autocast (None for float32), or an exception's message.
+    """
+    rows = []
+    for i, quantity in enumerate(('outputs', 'gradients')):
+        row = dict(model=model, size=size, batch=2 if quantity == 'outputs' else grad_batch,
+                   dtype=dtype, quantity=quantity, error=None, worst='',
+                   tolerance=TOLERANCES[quantity][dtype], passed=False,
+                   reference_error=own if isinstance(own, str) else None, exception=None)
+        measure = output_error if quantity == 'outputs' else gradient_error
+        try:
+            if isinstance(got, str):
+                raise RuntimeError(got)
+            row['error'], row['worst'] = measure(got[i], ref32[i])
+            row['passed'] = row['error'] < row['tolerance']
+            if own is not None and not isinstance(own, str):
+                row['reference_error'] = measure(own[i], ref32[i])[0]
+        except Exception as err:  # noqa: BLE001  (reported as a failure)
+            row['exception'] = got if isinstance(got, str) else _error_text(err)
+            row['passed'] = False
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- speed
+def time_case(model: torch.nn.Module, case: SpeedCase, dtype: str, device: torch.device,
+              warmup: int, min_run_time: float) -> Tuple[float, Optional[int], int]:
+    """Median seconds of one run, peak CUDA memory and the number of timed runs.
+
+    The peak is ``torch.cuda.max_memory_allocated`` from a reset just before the warm-up
+    (the model, its input and gradients included); None on the CPU.
+    """
+    from torch.utils import benchmark
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(case.batch, 3, *case.size, generator=gen).to(device)
+    if case.kind == 'infer':
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), autocast(device, dtype):
+                model(x)
+    else:
+        model.train()
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            with autocast(device, dtype):
+                loss = sum(o.float().mean() for o in model(x))
+            loss.backward()
+
+    cuda = device.type == 'cuda'
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        step()
+    timer = benchmark.Timer(stmt='step()', globals=dict(step=step),
+                            num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    model.zero_grad(set_to_none=True)
+    return measurement.median, peak, len(measurement.times)
+
+
+def speed_rows(specs: Sequence[Tuple[ModelSpec, Optional[str]]],
+               cases: Sequence[SpeedCase], dtypes: Sequence[str], device: torch.device,
+               warmup: int, min_run_time: float,
+               log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Speed rows of every (model, case, dtype), one model on the device at a time.
+
+    Args:
+        specs (Sequence[tuple[ModelSpec, str | None]]): Models with their ``attn_impl``.
+
+    Returns:
+        list[dict]: ``model``, ``case``, ``dtype``, ``ms``, ``img_per_s``, ``peak_mib``,
+        ``runs``, ``exception`` and the ratios of :func:`add_ratios`.
+    """
+    rows = []
+    for spec, impl in specs:
+        label = spec.label + (' reference' if impl == 'reference' else '')
+        try:
+            torch.manual_seed(0)
+            model = spec.build(impl, None).to(device)
+        except Exception as err:  # noqa: BLE001  (reported, the run goes on)
+            model, failure = None, _error_text(err)
+        for case in cases:
+            for dtype in dtypes:
+                row = dict(model=label, case=case.name, dtype=dtype, ms=None, img_per_s=None,
+                           peak_mib=None, runs=0, exception=None)
+                if model is None:
+                    rows.append(dict(row, exception=failure))
+                    continue
+                try:
+                    seconds, peak, runs = time_case(model, case, dtype, device, warmup,
+                                                    min_run_time)
+                    row.update(ms=seconds * 1e3, img_per_s=case.batch / seconds, runs=runs,
+                               peak_mib=None if peak is None else peak / 2**20)
+                    log(f'timed {label} {case.name} {dtype}: {seconds * 1e3:.1f} ms')
+                except Exception as err:  # noqa: BLE001  (reported, the run goes on)
+                    row['exception'] = _error_text(err)
+                    log(f'timed {label} {case.name} {dtype}: {row["exception"]}')
+                rows.append(row)
+        del model
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: List[Dict[str, Any]]) -> None:
+    """Add ``ms_vs_reference``, ``peak_vs_reference`` (a model against its ``reference``
+    row) and ``ms_vs_swin`` (against mmdet Swin-T) to the rows of the same case and dtype."""
+    index = {(r['model'], r['case'], r['dtype']): r for r in rows}
+
+    def ratio(row: Dict[str, Any], other: Optional[Dict[str, Any]], key: str) -> Any:
+        if other is None or other is row or not row[key] or not other[key]:
+            return None
+        return row[key] / other[key]
+
+    for row in rows:
+        ref = index.get((row['model'] + ' reference', row['case'], row['dtype']))
+        swin = index.get((SWIN_LABEL, row['case'], row['dtype']))
+        row['ms_vs_reference'] = ratio(row, ref, 'ms')
+        row['peak_vs_reference'] = ratio(row, ref, 'peak_mib')
+        row['ms_vs_swin'] = ratio(row, swin, 'ms')
+
+
+# ----------------------------------------------------------------------------- output
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; None cells are empty."""
+    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+    for row in rows:
+        lines.append('| ' + ' | '.join('' if c is None else str(c) for c in row) + ' |')
+    return '\n'.join(lines)
+
+
+def _fmt(value: Optional[float], spec: str) -> Optional[str]:
+    return None if value is None else format(value, spec)
+
+
+def checks_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """The agreement rows as a markdown table."""
+    return markdown_table(
+        ['model', 'size', 'batch', 'dtype', 'quantity', 'max rel. error', 'worst at',
+         'tolerance', 'pass', 'reference under autocast'],
+        [[r['model'], r['size'], r['batch'], r['dtype'], r['quantity'],
+          _fmt(r['error'], '.2e') if r['exception'] is None else f'error: {r["exception"]}',
+          r['worst'], _fmt(r['tolerance'], 'g'), 'yes' if r['passed'] else 'NO',
+          f'error: {r["reference_error"]}' if isinstance(r['reference_error'], str)
+          else _fmt(r['reference_error'], '.2e')] for r in rows])
+
+
+def speed_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """The speed rows as a markdown table."""
+    return markdown_table(
+        ['model', 'case', 'dtype', 'ms per batch', 'img/s', 'peak MiB', 'ms / reference',
+         'peak / reference', 'ms / Swin-T'],
+        [[r['model'], r['case'], r['dtype'],
+          _fmt(r['ms'], '.1f') if r['exception'] is None else f'error: {r["exception"]}',
+          _fmt(r['img_per_s'], '.1f'), _fmt(r['peak_mib'], '.0f'),
+          _fmt(r['ms_vs_reference'], '.2f'), _fmt(r['peak_vs_reference'], '.2f'),
+          _fmt(r['ms_vs_swin'], '.2f')] for r in rows])
+
+
+def environment(device: torch.device, command: str) -> Dict[str, Any]:
+    """Versions, device, date and command of this run."""
+
+    def version(name: str) -> Optional[str]:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    env = dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+               command=command, python=platform.python_version(), torch=torch.__version__,
+               cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+               mmengine=version('mmengine'), mmcv=version('mmcv') or version('mmcv-lite'),
+               mmdet=version('mmdet'), device=str(device), threads=torch.get_num_threads(),
+               speed_tf32=dict(matmul=torch.backends.cuda.matmul.allow_tf32,
+                               cudnn=torch.backends.cudnn.allow_tf32),
+               cudnn_benchmark=torch.backends.cudnn.benchmark)
+    if device.type == 'cuda':
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   capability=f'{props.major}.{props.minor}')
+    else:
+        env.update(gpu=None, cpu=platform.processor() or platform.machine())
+    return env
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the checks and the speed table; see the module docstring.
+
+    Returns:
+        int: 0 if every check passed, 1 if any failed or any case raised, 2 without CUDA.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.device != 'cpu' and not torch.cuda.is_available():
+        print(f'gpu_check: CUDA is not available (torch {torch.__version__}, CUDA build '
+              f'{torch.version.cuda}): this check needs a GPU; --device cpu runs it on the '
+              'CPU for testing only', file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if device.type == 'cuda':
+        if (device.index or 0) >= torch.cuda.device_count():
+            print(f'gpu_check: --device {args.device}: there are only '
+                  f'{torch.cuda.device_count()} CUDA devices', file=sys.stderr)
+            return 2
+        torch.cuda.set_device(device)  # the Timer synchronises the current device
+    out_dir = osp.dirname(args.out)
+    try:
+        os.makedirs(out_dir or '.', exist_ok=True)
+    except OSError as err:
+        print(f'gpu_check: --out {args.out}: cannot create its folder ({err})',
+              file=sys.stderr)
+        return 2
+    if importlib.util.find_spec('mmrest') is None:
+        sys.path.insert(0, ROOT)  # a plain clone, not installed
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f'[{time.perf_counter() - start:7.1f} s] {message}', file=sys.stderr, flush=True)
+
+    available = available_specs()
+    notes = [] if 'v2-tiny' in available else [
+        'ResTV2 is not in mmrest.models: no ResTV2 checks or speed rows']
+    missing = [name for name in args.archs or () if name not in available]
+    if missing:
+        print(f'gpu_check: --archs {" ".join(missing)}: mmrest.models has no ResTV2',
+              file=sys.stderr)
+        return 2
+    specs = [available[name] for name in args.archs or available]
+    log(f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"})'
+        + (f', checks of {len(specs)} models' if args.checks else '')
+        + (f', speed of ResT-{args.speed_arch} and peers' if args.speed else ''))
+
+    checks: List[Dict[str, Any]] = []
+    if args.checks:
+        for spec in specs:
+            if not spec.has_attn_impl:
+                notes.append(f'{spec.label} has no attn_impl switch: not checked')
+                continue
+            checks += check_model(spec, args.sizes, args.dtypes, device, args.seed, log)
+
+    speed: List[Dict[str, Any]] = []
+    if args.speed:
+        timed = [(available[args.speed_arch], 'fused'), (available[args.speed_arch],
+                                                         'reference')]
+        v2 = available.get(f'v2-{V2_SPEED_ARCH}')
+        if v2 is not None:
+            timed += [(v2, 'fused'), (v2, 'reference')] if v2.has_attn_impl else [(v2, None)]
+        try:
+            timed.append((swin_spec(), None))
+        except Exception as err:  # noqa: BLE001  (mmdet absent or broken: a note)
+            notes.append(f'{SWIN_LABEL} skipped: mmdet not importable '
+                         f'({type(err).__name__}: {err})')
+        speed = speed_rows(timed, args.speed_cases, args.speed_dtypes, device, args.warmup,
+                           args.min_run_time, log)
+
+    failed = [r for r in checks if not r['passed']]
+    raised = [r for r in speed if r['exception']]
+    command = 'python tools/analysis/gpu_check.py' + (' ' + shlex.join(argv) if argv else '')
+    result = dict(environment=environment(device, command), passed=not failed and not raised,
+                  tolerances=TOLERANCES, checks=checks,
+                  speed=speed, notes=notes, elapsed_s=round(time.perf_counter() - start, 1))
+    if checks:
+        print('## Agreement: fused vs reference\n\n' + checks_table(checks) + '\n')
+    if speed:
+        print('## Speed and memory\n\n' + speed_table(speed) + '\n')
+    for note in notes:
+        print(f'Note: {note}')
+    with open(args.out, 'w') as f:
+        json.dump(_json_safe(result), f, indent=1)
+    summary = (f'{len(checks) - len(failed)} of {len(checks)} checks passed, '
+               f'{len(speed) - len(raised)} of {len(speed)} speed rows measured '
+               f'in {result["elapsed_s"]} s; JSON: {args.out}')
+    print(('gpu_check: ' if result['passed'] else 'gpu_check: FAILED: ') + summary)
+    return 0 if result['passed'] else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
