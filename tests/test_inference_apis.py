@@ -11,7 +11,8 @@ checkpoint whose loading would run code is refused by the same API and its paylo
 runs. The predictions on scikit-image's photos (astronaut 512x512, coffee 400x600, chelsea
 300x451) have the right structure: boxes inside the image, masks and label maps of the
 image's size, class names from the checkpoint. ``tools/infer.py`` writes the inferencers'
-pictures and a JSON of the predictions.
+pictures and a JSON of the predictions. The checkpoints come from one-iteration
+``tools/train.py`` runs: the tests that use them are marked slow.
 """
 import json
 import os
@@ -279,6 +280,7 @@ CHECKS = dict(DetInferencer=check_mmdet, init_detector=check_mmdet,
               ImageClassificationInferencer=check_mmpretrain, get_model=check_mmpretrain)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('api', list(SCRIPTS))
 def test_api_in_a_fresh_process(setup, api):
     """The code-running checkpoint refused, then predictions on the photos."""
@@ -287,7 +289,7 @@ def test_api_in_a_fresh_process(setup, api):
     CHECKS[api](result, setup, api)
 
 
-def test_payload_of_the_refused_checkpoint_is_real(setup, tmp_path):
+def test_payload_of_the_refused_checkpoint_is_real(tmp_path):
     """Control: unpickled without the weights-only restriction, the checkpoint runs its
     payload (in a child process), so the refusals above are not vacuous."""
     marker = str(tmp_path / 'RAN')
@@ -298,6 +300,7 @@ def test_payload_of_the_refused_checkpoint_is_real(setup, tmp_path):
 
 
 # ------------------------------------------------------------------------ tools/infer.py
+@pytest.mark.slow
 @pytest.mark.parametrize('task,model', [('detection', 'mask_rcnn'),
                                         ('segmentation', 'upernet'),
                                         ('classification', 'classifier')])
@@ -332,6 +335,7 @@ def test_infer_tool_writes_pictures_and_json(setup, tmp_path, capsys, task, mode
             assert abs(sum(entry['pred_scores']) - 1) < 1e-4
 
 
+@pytest.mark.slow
 def test_infer_tool_refuses_bad_input(setup, tmp_path, capsys):
     infer = load_tool('infer')
     missing = str(tmp_path / 'none.jpg')
@@ -345,6 +349,7 @@ def test_infer_tool_refuses_bad_input(setup, tmp_path, capsys):
         capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_infer_tool_from_the_command_line(setup, tmp_path):
     """The script itself (a fresh process), on one photo."""
     proc = run([PYTHON, osp.join(REPO, 'tools', 'infer.py'), setup['configs']['retinanet'],
@@ -355,6 +360,7 @@ def test_infer_tool_from_the_command_line(setup, tmp_path):
     assert os.path.getsize(tmp_path / 'predictions.json') > 0
 
 
+@pytest.mark.slow
 def test_demo_photo_picture(setup, tmp_path):
     """``predict_photo`` (what ``make demo`` calls after training): the detector's
     predictions on scikit-image's chelsea, drawn by DetInferencer's visualizer."""
