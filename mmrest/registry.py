@@ -27,3 +27,15 @@ OPTIM_WRAPPERS = Registry('optim_wrapper', parent=MMENGINE_OPTIM_WRAPPERS, scope
                           locations=['mmrest.engine'])
 
 __all__ = ['MODELS', 'HOOKS', 'OPTIM_WRAPPERS']
+
+# Optimizer wrapper constructors, e.g.
+# ``constructor='mmrest.ResTLearningRateDecayOptimWrapperConstructor'``.
+from mmengine.registry import \
+    OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS  # noqa: E402
+
+OPTIM_WRAPPER_CONSTRUCTORS = Registry(
+    'optimizer wrapper constructor',
+    parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
+    scope='mmrest',
+    locations=['mmrest.engine.optim_constructor'])
+__all__.append('OPTIM_WRAPPER_CONSTRUCTORS')

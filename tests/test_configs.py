@@ -30,6 +30,21 @@ def _name(path: str) -> str:
 
 
 # Whole-model parameter counts of the paper (M) and the authors' ImageNet models (exact).
+# ResT V2: the authors' counts (M, within 0.1M) and their ImageNet models (exact).
+V2_PAPER_PARAMS_M = {
+    'mask_rcnn_restv2_tiny_3x_coco.py': 49.9,
+    'mask_rcnn_restv2_small_3x_coco.py': 60.7,
+    'mask_rcnn_restv2_base_3x_coco.py': 75.5,
+    'upernet_restv2_tiny_ade20k.py': 62.1,
+    'upernet_restv2_small_ade20k.py': 72.9,
+    'upernet_restv2_base_ade20k.py': 87.6,
+}
+V2_AUTHORS_PARAMS = {
+    'restv2_tiny_imagenet.py': 30_434_776,
+    'restv2_small_imagenet.py': 41_205_976,
+    'restv2_base_imagenet.py': 55_965_208,
+    'restv2_large_imagenet.py': 86_532_520,
+}
 PAPER_PARAMS_M = {
     'retinanet_rest_small_coco.py': 23.40,
     'retinanet_rest_base_coco.py': 40.50,
@@ -42,6 +57,17 @@ AUTHORS_PARAMS = {
     'rest_base_imagenet.py': 30_327_052,
     'rest_large_imagenet.py': 51_676_156,
 }
+
+
+@pytest.fixture(scope='module', autouse=True)
+def restore_default_scope():
+    """The builds here switch mmengine's default scope (mmdet, mmseg, mmpretrain); the
+    scope that was current before this module is current again after it."""
+    from mmengine.registry import DefaultScope
+    before = dict(DefaultScope._instance_dict)
+    yield
+    DefaultScope._instance_dict.clear()
+    DefaultScope._instance_dict.update(before)
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,6 +122,24 @@ def _scope(cfg: Config) -> str:
     return cfg.get('default_scope', 'mmengine')
 
 
+def _is_v2(path: str) -> bool:
+    return 'restv2' in osp.basename(path)
+
+
+def _optim_wrapper_cfg(cfg: Config, cpu_amp: bool = True) -> dict:
+    """A copy of ``cfg.optim_wrapper`` as ``tools/train.py`` uses it on this machine: a
+    GPU config's ``AmpOptimWrapper`` becomes the CPU's bfloat16 wrapper without CUDA
+    (with ``cpu_amp=False``, the float32 ``OptimWrapper``)."""
+    from mmrest.engine import cpu_amp_config_fix
+    copied = Config(dict(optim_wrapper=copy.deepcopy(cfg.optim_wrapper)))
+    if cpu_amp:
+        cpu_amp_config_fix(copied)
+    elif copied.optim_wrapper.get('type') == 'AmpOptimWrapper':
+        copied.optim_wrapper.type = 'OptimWrapper'
+        copied.optim_wrapper.pop('loss_scale', None)
+    return copied.optim_wrapper
+
+
 def _det_batch(model, h=64, w=96):
     from mmdet.testing import demo_mm_inputs
     with_mask = getattr(model, 'with_mask', False)
@@ -144,9 +188,10 @@ def test_config_loads_with_its_scope_and_the_rest_backbone(path):
                 if line.startswith(('import ', 'from '))], 'configs must not import'
     cfg = _fromfile(path)
     assert cfg.default_scope in ('mmdet', 'mmseg', 'mmpretrain')
-    assert cfg.model.backbone.type == 'mmrest.ResT'
+    assert cfg.model.backbone.type == ('mmrest.ResTV2' if _is_v2(path) else 'mmrest.ResT')
     if path in MAIN_CONFIGS:
-        assert text.startswith('# ') and 'arxiv.org/abs/2105.13677' in text
+        paper = 'arxiv.org/abs/2204.07366' if _is_v2(path) else 'arxiv.org/abs/2105.13677'
+        assert text.startswith('# ') and paper in text
         assert 'python tools/test.py' in text and 'tools/dist_train.sh' in text
         init_cfg = cfg.model.backbone.get('init_cfg')
         if 'imagenet' not in path:  # downstream: ImageNet weights through init_cfg
@@ -158,11 +203,15 @@ def test_config_loads_with_its_scope_and_the_rest_backbone(path):
 def test_config_trains_one_step_and_predicts(path):
     cfg, model = _build(path, small_seg_size=(64, 64))
     scope = _scope(cfg)
-    assert type(model.backbone).__module__ == 'mmrest.models.backbones.rest'
+    assert type(model.backbone).__module__ == (
+        'mmrest.models.backbones.rest_v2' if _is_v2(path) else 'mmrest.models.backbones.rest')
 
-    # one optimisation step with the config's own optimiser wrapper (paramwise_cfg, clip)
+    # one optimisation step with the config's own optimiser wrapper (paramwise_cfg, clip);
+    # a GPU AMP config in float32 where bfloat16 autocast cannot run on the CPU: mmcv
+    # 2.1.0's CPU nms (the RPN's proposals while training) takes float32 only
     model.train()
-    optim_wrapper = build_optim_wrapper(model, copy.deepcopy(cfg.optim_wrapper))
+    optim_wrapper = build_optim_wrapper(
+        model, _optim_wrapper_cfg(cfg, cpu_amp=not hasattr(model, 'rpn_head')))
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     log_vars = model.train_step(_batch(scope, model), optim_wrapper)
     assert torch.isfinite(log_vars['loss']), log_vars
@@ -193,12 +242,15 @@ def test_config_trains_one_step_and_predicts(path):
             assert torch.allclose(r.pred_score.sum(), torch.tensor(1.0), atol=1e-4)
 
 
-@pytest.mark.parametrize('name', list(PAPER_PARAMS_M) + list(AUTHORS_PARAMS))
+@pytest.mark.parametrize('name', list(PAPER_PARAMS_M) + list(AUTHORS_PARAMS) +
+                         list(V2_PAPER_PARAMS_M) + list(V2_AUTHORS_PARAMS))
 def test_parameter_totals_match_the_paper(name):
     _, model = _built(osp.join(ROOT, 'configs', name))
     params = sum(p.numel() for p in model.parameters())
-    if name in AUTHORS_PARAMS:
-        assert params == AUTHORS_PARAMS[name]
+    if name in AUTHORS_PARAMS or name in V2_AUTHORS_PARAMS:
+        assert params == {**AUTHORS_PARAMS, **V2_AUTHORS_PARAMS}[name]
+    elif name in V2_PAPER_PARAMS_M:
+        assert abs(params / 1e6 - V2_PAPER_PARAMS_M[name]) <= 0.1, params
     else:
         assert abs(params / 1e6 - PAPER_PARAMS_M[name]) <= 0.05, params
 
@@ -236,11 +288,16 @@ def _norm_param_names(model) -> set:
             for p_name, _ in m.named_parameters(recurse=False)}
 
 
-@pytest.mark.parametrize('path', [p for p in MAIN_CONFIGS if 'imagenet' not in p], ids=_name)
+# The ResT V2 UperNet recipes follow the authors' other rules (test_restv2_segmentation_*).
+NORM_RULE_CONFIGS = [p for p in MAIN_CONFIGS
+                     if 'imagenet' not in p and not (_is_v2(p) and 'upernet' in p)]
+
+
+@pytest.mark.parametrize('path', NORM_RULE_CONFIGS, ids=_name)
 def test_no_weight_decay_exactly_on_norm_layers(path):
     """The downstream recipes exempt every norm layer, and nothing else, from weight decay."""
     cfg, model = _built(path)
-    optim_wrapper = build_optim_wrapper(model, copy.deepcopy(cfg.optim_wrapper))
+    optim_wrapper = build_optim_wrapper(model, _optim_wrapper_cfg(cfg))
     base_wd = cfg.optim_wrapper.optimizer.weight_decay
     by_param = {id(p): n for n, p in model.named_parameters()}
     no_decay, decay = set(), set()
@@ -323,6 +380,18 @@ def test_segmentation_recipe():
     assert cfg.model.decode_head.in_channels == [96, 192, 384, 768]
 
 
+def _assert_imagenet_augmentations(cfg: Config) -> None:
+    """Mixup 0.8 / CutMix 1.0, label smoothing 0.1, bicubic crops, RandAugment m9
+    mstd0.5, random erasing 0.25: the augmentations of both ResT recipes."""
+    assert [a.type for a in cfg.model.train_cfg.augments] == ['Mixup', 'CutMix']
+    assert [a.alpha for a in cfg.model.train_cfg.augments] == [0.8, 1.0]
+    assert cfg.model.head.loss.label_smooth_val == 0.1
+    train = {t.type: t for t in cfg.train_pipeline}
+    assert train['RandomResizedCrop'].interpolation == 'bicubic'
+    assert (train['RandAugment'].magnitude_level, train['RandAugment'].magnitude_std) == (9, 0.5)
+    assert train['RandomErasing'].erase_prob == 0.25
+
+
 def test_classification_recipe():
     cfg = _fromfile(osp.join(ROOT, 'configs', 'rest_large_imagenet.py'))
     warm, cos = cfg.param_scheduler
@@ -333,16 +402,147 @@ def test_classification_recipe():
     assert cfg.optim_wrapper.clip_grad.max_norm == 5.0
     assert cfg.model.backbone.drop_path_rate == 0.3
     assert cfg.optim_wrapper.optimizer.lr == pytest.approx(5e-4 * 1920 / 512)
-    assert [a.type for a in cfg.model.train_cfg.augments] == ['Mixup', 'CutMix']
-    assert [a.alpha for a in cfg.model.train_cfg.augments] == [0.8, 1.0]
-    assert cfg.model.head.loss.label_smooth_val == 0.1
-    train = {t.type: t for t in cfg.train_pipeline}
-    assert train['RandomResizedCrop'].interpolation == 'bicubic'
-    assert (train['RandAugment'].magnitude_level, train['RandAugment'].magnitude_std) == (9, 0.5)
-    assert train['RandomErasing'].erase_prob == 0.25
+    _assert_imagenet_augmentations(cfg)
     test = {t.type: t for t in cfg.val_dataloader.dataset.pipeline}
     assert test['ResizeEdge'].scale == int(224 / 0.9)
     assert test['CenterCrop'].crop_size == 224
+
+
+def test_restv2_detection_recipes():
+    """The ResT V2 Mask R-CNN / RetinaNet 3x settings (authors' detectron2 files)."""
+    mask = _fromfile(osp.join(ROOT, 'configs', 'mask_rcnn_restv2_tiny_3x_coco.py'))
+    retina = _fromfile(osp.join(ROOT, 'configs', 'retinanet_restv2_tiny_3x_coco.py'))
+    assert mask.model.neck.in_channels == [96, 192, 384, 768]
+    assert retina.model.neck.in_channels == [192, 384, 768]
+    assert retina.model.backbone.out_indices == (1, 2, 3)
+    assert mask.optim_wrapper.clip_grad == dict(max_norm=0.01, norm_type=2)
+    assert 'clip_grad' not in retina.optim_wrapper
+    crop = [t for t in mask.train_pipeline if t.type == 'RandomCrop']
+    assert crop and crop[0].crop_type == 'relative' and crop[0].crop_size == (0.9, 0.9)
+    assert not [t for t in retina.train_pipeline if t.type == 'RandomCrop']
+    shorter = {'mask': [480, 512, 534, 576, 640, 672, 704, 736, 768, 800],
+               'retina': [384, 512, 640, 768, 896, 1024]}
+    for name, cfg in (('mask', mask), ('retina', retina)):
+        backbone = cfg.model.backbone
+        assert (backbone.arch, backbone.frozen_stages, backbone.drop_path_rate) == (
+            'tiny', -1, 0.1)
+        assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+        assert cfg.optim_wrapper.paramwise_cfg == dict(norm_decay_mult=0.)
+        assert (cfg.optim_wrapper.optimizer.lr, cfg.optim_wrapper.optimizer.weight_decay) == (
+            1e-4, 0.05)
+        assert cfg.train_cfg.max_epochs == 36
+        warm, steps = cfg.param_scheduler
+        assert (warm.end, warm.by_epoch, steps.milestones, steps.end) == (1000, False,
+                                                                          [28, 33], 36)
+        assert cfg.auto_scale_lr.base_batch_size == 16 == 8 * cfg.train_dataloader.batch_size
+        resize = [t for t in cfg.train_dataloader.dataset.pipeline
+                  if t.type == 'RandomChoiceResize'][0]
+        assert [s[1] for s in resize.scales] == shorter[name]
+        assert all(s[0] == 1333 for s in resize.scales)
+    for arch, rate in (('small', 0.2), ('base', 0.3)):
+        cfg = _fromfile(osp.join(ROOT, 'configs', f'mask_rcnn_restv2_{arch}_3x_coco.py'))
+        assert (cfg.model.backbone.arch, cfg.model.backbone.drop_path_rate) == (arch, rate)
+        assert cfg.model.backbone.init_cfg.checkpoint == f'checkpoints/restv2_{arch}.pth'
+
+
+def test_restv2_amp_config_becomes_the_cpu_wrapper_on_this_machine():
+    """``AmpOptimWrapper`` (the GPU recipe) needs CUDA; on this machine the configs get the
+    CPU's bfloat16 wrapper, as tools/train.py gives them."""
+    cfg = _fromfile(osp.join(ROOT, 'configs', 'mask_rcnn_restv2_tiny_3x_coco.py'))
+    wrapper = _optim_wrapper_cfg(cfg)
+    assert wrapper.type == 'mmrest.CPUAmpOptimWrapper' and wrapper.dtype == 'bfloat16'
+    assert wrapper.paramwise_cfg == cfg.optim_wrapper.paramwise_cfg
+    assert wrapper.clip_grad == cfg.optim_wrapper.clip_grad
+
+
+def _decay_by_name(path: str):
+    cfg, model = _built(path)
+    optim_wrapper = build_optim_wrapper(model, _optim_wrapper_cfg(cfg))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups = {name_of[id(p)]: g for g in optim_wrapper.optimizer.param_groups
+              for p in g['params']}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(groups) == set(trainable)
+    return cfg, trainable, groups
+
+
+def test_restv2_segmentation_tiny_spares_names_with_norm():
+    """Tiny: lr 6e-5, wd 0.01, no decay exactly where the name contains 'norm' (so the
+    stem's BatchNorms stem.proj.1/.4 and the heads' BatchNorms do decay)."""
+    cfg, params, groups = _decay_by_name(
+        osp.join(ROOT, 'configs', 'upernet_restv2_tiny_ade20k.py'))
+    assert (cfg.optim_wrapper.optimizer.lr, cfg.optim_wrapper.optimizer.weight_decay) == (
+        6e-5, 0.01)
+    for name in params:
+        assert groups[name]['weight_decay'] == (0 if 'norm' in name else 0.01), name
+        assert groups[name]['lr'] == 6e-5, name
+    assert groups['backbone.stem.proj.1.weight']['weight_decay'] == 0.01
+    assert groups['backbone.stage1.0.attn.up_norm.weight']['weight_decay'] == 0
+
+
+@pytest.mark.parametrize('arch', ['small', 'base'])
+def test_restv2_segmentation_stage_wise_lr_decay(arch):
+    """Small and base: every parameter's lr is 1.5e-4 x 0.9 ** (5 - stage id) (heads 5,
+    stem 0, stage i its patch embedding, blocks and output norm) and only the 1-D
+    parameters skip the 0.05 weight decay."""
+    cfg, params, groups = _decay_by_name(
+        osp.join(ROOT, 'configs', f'upernet_restv2_{arch}_ade20k.py'))
+    assert cfg.optim_wrapper.constructor == \
+        'mmrest.ResTLearningRateDecayOptimWrapperConstructor'
+
+    def stage(name: str) -> int:
+        if not name.startswith('backbone.'):
+            return 5
+        part = name.split('.')[1]
+        if part == 'stem':
+            return 0
+        return 4 if part == 'norm' else int(part[-1])
+
+    seen = set()
+    for name, param in params.items():
+        expected_lr = 1.5e-4 * 0.9**(5 - stage(name))
+        assert groups[name]['lr'] == pytest.approx(expected_lr, rel=1e-12), name
+        assert groups[name]['weight_decay'] == (0 if param.ndim == 1 else 0.05), name
+        seen.add(stage(name))
+    assert seen == {0, 1, 2, 3, 4, 5}
+    assert cfg.model.backbone.drop_path_rate == {'small': 0.2, 'base': 0.3}[arch]
+
+
+def test_restv2_segmentation_recipe():
+    cfg = _fromfile(osp.join(ROOT, 'configs', 'upernet_restv2_tiny_ade20k.py'))
+    assert cfg.train_cfg.max_iters == 160000
+    warm, poly = cfg.param_scheduler
+    assert (warm.type, warm.end, poly.type, poly.begin, poly.end, poly.power) == (
+        'LinearLR', 1500, 'PolyLR', 1500, 160000, 1.0)
+    assert cfg.auto_scale_lr.base_batch_size == 16 == 8 * cfg.train_dataloader.batch_size
+    aux = cfg.model.auxiliary_head
+    assert (aux.in_index, aux.in_channels, aux.channels, aux.loss_decode.loss_weight) == (
+        2, 384, 256, 0.4)
+    assert cfg.model.decode_head.in_channels == [96, 192, 384, 768]
+    assert cfg.model.backbone.drop_path_rate == 0.1
+
+
+def test_restv2_classification_recipe():
+    cfg = _fromfile(osp.join(ROOT, 'configs', 'restv2_tiny_imagenet.py'))
+    lr = 1.5e-4 * 2048 / 256
+    assert cfg.optim_wrapper.optimizer.lr == pytest.approx(lr)
+    assert cfg.optim_wrapper.optimizer.weight_decay == 0.05
+    assert cfg.optim_wrapper.paramwise_cfg == dict(flat_decay_mult=0.0)
+    assert cfg.optim_wrapper.clip_grad.max_norm == 1.0
+    warm, cos = cfg.param_scheduler
+    assert (warm.type, warm.begin, warm.end, cos.type, cos.begin, cos.end) == (
+        'LinearLR', 0, 50, 'CosineAnnealingLR', 50, 300)
+    assert warm.start_factor * lr < 1e-8 and cos.eta_min == 1e-6
+    assert cfg.train_cfg.max_epochs == 300
+    assert cfg.auto_scale_lr.base_batch_size == 2048
+    assert cfg.custom_hooks == [dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]
+    assert cfg.train_dataloader.sampler.type == 'DefaultSampler'
+    _assert_imagenet_augmentations(cfg)
+    test = {t.type: t for t in cfg.val_dataloader.dataset.pipeline}
+    assert test['ResizeEdge'].scale == 224 == test['CenterCrop'].crop_size  # crop ratio 1.0
+    large = _fromfile(osp.join(ROOT, 'configs', 'restv2_large_imagenet.py'))
+    assert (large.model.backbone.arch, large.model.head.in_channels) == ('large', 1024)
+    assert large.model.backbone.drop_path_rate == 0.5
 
 
 # ---------------------------------------------------------------- registry scopes
@@ -356,9 +556,10 @@ REGISTRY_SCRIPT = textwrap.dedent('''
     registry = __import__(cfg.default_scope + '.registry', fromlist=['MODELS']).MODELS
     assert ('mmrest' in sys.modules) == ('custom_imports' in cfg), sorted(
         m for m in sys.modules if m.startswith('mmrest'))
-    model = registry.build(cfg.model)
-    out = model(torch.zeros(1, 3, 64, 96))
-    print(type(model).__module__, type(model).__name__, tuple(out[-1].shape))
+    for model_cfg in (cfg.model, cfg.model_v2):
+        model = registry.build(model_cfg)
+        out = model(torch.zeros(1, 3, 64, 96))
+        print(type(model).__module__, type(model).__name__, tuple(out[-1].shape))
 ''')
 
 
@@ -366,11 +567,14 @@ REGISTRY_SCRIPT = textwrap.dedent('''
 @pytest.mark.parametrize('custom_imports', [False, True], ids=['scoped-type', 'custom-imports'])
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg', 'mmpretrain'])
 def test_registry_from_downstream_scopes(tmp_path, scope, custom_imports):
+    """ResT and ResTV2 by ``type='mmrest.X'`` or, after ``custom_imports``, ``type='X'``."""
     if custom_imports:
         body = ("custom_imports = dict(imports=['mmrest'], allow_failed_imports=False)\n"
-                "model = dict(type='ResT', arch='lite', out_indices=(3, ))\n")
+                "model = dict(type='ResT', arch='lite', out_indices=(3, ))\n"
+                "model_v2 = dict(type='ResTV2', arch='tiny', out_indices=(3, ))\n")
     else:
-        body = "model = dict(type='mmrest.ResT', arch='lite', out_indices=(3, ))\n"
+        body = ("model = dict(type='mmrest.ResT', arch='lite', out_indices=(3, ))\n"
+                "model_v2 = dict(type='mmrest.ResTV2', arch='tiny', out_indices=(3, ))\n")
     cfg_file = tmp_path / 'cfg.py'
     cfg_file.write_text(f"default_scope = '{scope}'\n" + body)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -378,5 +582,6 @@ def test_registry_from_downstream_scopes(tmp_path, scope, custom_imports):
     res = subprocess.run([sys.executable, '-c', REGISTRY_SCRIPT, str(cfg_file)],
                          capture_output=True, text=True, cwd=str(tmp_path), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip().splitlines()[-1] == \
-        'mmrest.models.backbones.rest ResT (1, 512, 2, 3)'
+    assert res.stdout.strip().splitlines()[-2:] == [
+        'mmrest.models.backbones.rest ResT (1, 512, 2, 3)',
+        'mmrest.models.backbones.rest_v2 ResTV2 (1, 768, 2, 3)']

@@ -1,4 +1,4 @@
 """Models of mmrest; importing this module registers them."""
-from .backbones import ResT
+from .backbones import ResT, ResTV2
 
-__all__ = ['ResT']
+__all__ = ['ResT', 'ResTV2']

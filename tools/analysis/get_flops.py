@@ -7,6 +7,8 @@ Usage::
     python tools/analysis/get_flops.py --arch small --shape 384
     # the same models with the paper-era stem (see "The paper's numbers" below)
     python tools/analysis/get_flops.py --paper-stem
+    # the four ResT V2 ImageNet models, also counted as the authors count them
+    python tools/analysis/get_flops.py --family ResTV2
     # any config: a whole detector / segmentor / classifier at an input shape (H W)
     python tools/analysis/get_flops.py configs/retinanet_rest_small_coco.py --shape 800 1333
 
@@ -43,6 +45,18 @@ counted without the attention matmuls: 1.404, 1.947, 4.276, 7.934 GFLOPs and 10.
 30.28, 51.63 M parameters. ``--paper-stem`` builds that variant, for counting only. This
 suggests that the paper's table was computed on models with that stem, without the
 attention matmuls; the released checkpoints have the 3-conv stem.
+
+ResT V2 (``--family ResTV2``; Zhang & Yang, NeurIPS 2022, https://arxiv.org/abs/2204.07366):
+its attention is plain multi-head attention (no instance norm) plus an up-sampling conv
+that the tracer counts as a convolution. The authors' README gives 4.1, 6.0, 7.9 and 13.8
+GFLOPs at 224x224 for tiny, small, base and large, counted by their get_flops.py: mmcv
+1.x's ``get_model_complexity_info`` (per-module rules, :func:`mmcv1_flops` here) plus
+``2*h*w*(h//r)*(w//r)*dim`` per block with ``h = H // 2**(i+2)``
+(:func:`authors_attention_flops`). That "authors' count" column gives 4.10, 5.97, 7.88 and
+13.83, i.e. their numbers; this tool's own convention gives 4.11, 5.98, 7.90 and 13.86
+with the attention matmuls counted (the difference: mmcv 1.x counts conv biases, ReLU and
+2 per element for affine norms, and no LayerNorm statistics). Parameters with the
+1000-class head: 30,434,776, 41,205,976, 55,965,208 and 86,532,520, the authors' models'.
 """
 import argparse
 import copy
@@ -53,6 +67,8 @@ import torch
 from torch import nn
 
 ARCHS = ('lite', 'small', 'base', 'large')
+#: Arch names of each backbone family (``--family``).
+FAMILY_ARCHS = {'ResT': ARCHS, 'ResTV2': ('tiny', 'small', 'base', 'large')}
 #: FLOPs the instance-norm convention assigns per element of an attention map (fvcore's
 #: count of ``aten::instance_norm`` without affine parameters).
 INSTANCE_NORM_FLOPS_PER_ELEMENT = 4
@@ -65,13 +81,17 @@ class Complexity:
     Attributes:
         params (int): Number of parameters.
         flops (int): FLOPs (multiply-accumulates) with the attention matmuls counted.
-        attn_matmul_flops (int): FLOPs of the EMSA matmuls ``q @ k^T`` and ``attn @ v``.
+        attn_matmul_flops (int): FLOPs of the attention matmuls ``q @ k^T`` and
+            ``attn @ v``.
         attn_norm_flops (int): FLOPs assigned to the attention maps' instance norms.
+        authors_flops (int, optional): The count of the authors' get_flops.py (mmcv 1.x
+            rules plus their analytic attention term), where computed. Defaults to None.
     """
     params: int
     flops: int
     attn_matmul_flops: int
     attn_norm_flops: int
+    authors_flops: Optional[int] = None
 
     @property
     def flops_without_matmul(self) -> int:
@@ -86,16 +106,20 @@ class ResTClassifier(nn.Module):
         arch (str): ResT arch name. Defaults to 'small'.
         num_classes (int): Classes of the linear head. Defaults to 1000.
         paper_stem (bool): Replace the 3-conv stem by the paper-era 7x7 conv, BN, ReLU,
-            max-pool and pixel-attention stem (for counting the paper's numbers only).
-            Defaults to False.
+            max-pool and pixel-attention stem (for counting the paper's numbers only;
+            ResT only). Defaults to False.
+        family (str): ``'ResT'`` or ``'ResTV2'``. Defaults to 'ResT'.
     """
 
     def __init__(self, arch: str = 'small', num_classes: int = 1000,
-                 paper_stem: bool = False) -> None:
+                 paper_stem: bool = False, family: str = 'ResT') -> None:
         super().__init__()
-        from mmrest.models import ResT
+        import mmrest.models
         from mmrest.models.layers.embed import PixelAttention
-        self.backbone = ResT(arch=arch, out_indices=(3, ), attn_impl='reference')
+        if paper_stem and family != 'ResT':
+            raise ValueError('paper_stem applies to ResT only')
+        self.backbone = getattr(mmrest.models, family)(
+            arch=arch, out_indices=(3, ), attn_impl='reference')
         if paper_stem:
             channels = self.backbone.embed_dims[0]
             self.backbone.stem = nn.Sequential(
@@ -117,7 +141,8 @@ def _conv_out(size: int, conv: nn.Conv2d, dim: int) -> int:
 def count_complexity(model: nn.Module, inputs: Tuple) -> Complexity:
     """Count parameters and FLOPs of ``model(*inputs)`` with the convention of this module.
 
-    EMSA modules should use ``attn_impl='reference'`` so that their matmuls are traced.
+    Attention modules (EMSA, EMSAv2) should use ``attn_impl='reference'`` so that their
+    matmuls are traced.
 
     Args:
         model (nn.Module): The model, in eval mode.
@@ -128,9 +153,9 @@ def count_complexity(model: nn.Module, inputs: Tuple) -> Complexity:
     """
     from mmengine.analysis import FlopAnalyzer
 
-    from mmrest.models.layers.emsa import EMSA
+    from mmrest.models.layers import EMSA, EMSAv2
 
-    emsa_names = [name for name, m in model.named_modules() if isinstance(m, EMSA)]
+    emsa_names = [name for name, m in model.named_modules() if isinstance(m, (EMSA, EMSAv2))]
     bad = [n for n in emsa_names if model.get_submodule(n).attn_impl != 'reference']
     if bad:
         raise ValueError(f'EMSA modules {bad[:3]} use attn_impl != "reference"; their attention '
@@ -139,7 +164,7 @@ def count_complexity(model: nn.Module, inputs: Tuple) -> Complexity:
     norm_flops: List[int] = []
 
     def norm_hook(module: nn.Module, args: Tuple, output: torch.Tensor) -> None:
-        if not module.apply_transform:
+        if not getattr(module, 'apply_transform', False):  # EMSAv2 has no instance norm
             return
         x, (h, w) = args
         # Under the JIT tracer sizes may be traced values: make them plain ints.
@@ -170,26 +195,95 @@ def count_complexity(model: nn.Module, inputs: Tuple) -> Complexity:
                       attn_matmul_flops=int(matmul), attn_norm_flops=attn_norm)
 
 
-def classifier_complexity(arch: str, shape: Sequence[int] = (224, 224),
-                          paper_stem: bool = False) -> Complexity:
-    """Complexity of the ResT ImageNet classifier of ``arch`` (1000 classes).
+def mmcv1_flops(model: nn.Module, inputs: Tuple) -> int:
+    """Multiply-adds as mmcv 1.x's ``get_model_complexity_info`` counts them.
+
+    Its per-module rules, for the modules of the ResT models: ``Conv2d`` kernel x
+    in / groups x out per output position plus one per output for the bias; ``Linear``
+    input elements x output features; BatchNorm / LayerNorm 2 per input element with an
+    affine (1 without); ``ReLU`` 1 per output element; adaptive average pooling 1 per
+    input element; nothing else (GELU, sigmoid, pixel shuffle, matmuls) is counted.
 
     Args:
-        arch (str): ResT arch name.
+        model (nn.Module): The model, in eval mode.
+        inputs (tuple): Positional inputs of its forward.
+
+    Returns:
+        int: The count.
+    """
+    total = [0]
+
+    def conv(m: nn.Conv2d, args: Tuple, out: torch.Tensor) -> None:
+        positions = out.numel() // out.shape[1]
+        kernel = m.kernel_size[0] * m.kernel_size[1]
+        total[0] += kernel * m.in_channels * (m.out_channels // m.groups) * positions
+        total[0] += m.out_channels * positions if m.bias is not None else 0
+
+    def linear(m: nn.Linear, args: Tuple, out: torch.Tensor) -> None:
+        total[0] += args[0].numel() * out.shape[-1]
+
+    def norm(m: nn.Module, args: Tuple, out: torch.Tensor) -> None:
+        affine = getattr(m, 'affine', False) or getattr(m, 'elementwise_affine', False)
+        total[0] += args[0].numel() * (2 if affine else 1)
+
+    def relu(m: nn.Module, args: Tuple, out: torch.Tensor) -> None:
+        total[0] += out.numel()
+
+    def pool(m: nn.Module, args: Tuple, out: torch.Tensor) -> None:
+        total[0] += args[0].numel()
+
+    rules = {nn.Conv2d: conv, nn.Linear: linear, nn.BatchNorm2d: norm, nn.LayerNorm: norm,
+             nn.ReLU: relu, nn.AdaptiveAvgPool2d: pool}
+    handles = [m.register_forward_hook(rules[type(m)]) for m in model.modules()
+               if type(m) in rules]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total[0]
+
+
+def authors_attention_flops(backbone: nn.Module, shape: Sequence[int]) -> int:
+    """The attention term the authors' get_flops.py adds: ``2*h*w*(h//r)*(w//r)*dim`` per
+    block, with ``h, w = H // 2**(i+2), W // 2**(i+2)`` at stage i."""
+    total = 0
+    for i, (dims, depth) in enumerate(zip(backbone.embed_dims, backbone.depths)):
+        r = backbone.arch_settings['sr_ratios'][i]
+        h, w = shape[0] // 2**(i + 2), shape[1] // 2**(i + 2)
+        total += 2 * h * w * (h // r) * (w // r) * dims * depth
+    return total
+
+
+def classifier_complexity(arch: str, shape: Sequence[int] = (224, 224),
+                          paper_stem: bool = False, family: str = 'ResT') -> Complexity:
+    """Complexity of the ImageNet classifier of ``arch`` (1000 classes).
+
+    Args:
+        arch (str): Arch name of the family.
         shape (Sequence[int]): Input (H, W). Defaults to (224, 224).
-        paper_stem (bool): Count the paper-era stem (see module docstring).
+        paper_stem (bool): Count the paper-era stem (see module docstring; ResT only).
             Defaults to False.
+        family (str): ``'ResT'`` or ``'ResTV2'``; for ResTV2 the authors' count is
+            filled in too. Defaults to 'ResT'.
 
     Returns:
         Complexity: The counts.
     """
-    model = ResTClassifier(arch, paper_stem=paper_stem).eval()
-    return count_complexity(model, (torch.zeros(1, 3, *shape), ))
+    model = ResTClassifier(arch, paper_stem=paper_stem, family=family).eval()
+    inputs = (torch.zeros(1, 3, *shape), )
+    result = count_complexity(model, inputs)
+    if family == 'ResTV2':
+        result.authors_flops = mmcv1_flops(model, inputs) + authors_attention_flops(
+            model.backbone, shape)
+    return result
 
 
 def _set_reference_attention(model_cfg: dict) -> None:
     backbone = model_cfg.get('backbone')
-    if isinstance(backbone, dict) and str(backbone.get('type', '')).split('.')[-1] == 'ResT':
+    if isinstance(backbone, dict) and str(backbone.get('type', '')).split('.')[-1] in (
+            'ResT', 'ResTV2'):
         backbone['attn_impl'] = 'reference'
         backbone['init_cfg'] = None
 
@@ -263,7 +357,7 @@ def _gflops(flops: int) -> str:
 
 
 def format_arch_table(rows: Dict[str, Complexity], shape: Sequence[int],
-                      paper_stem: bool = False) -> str:
+                      paper_stem: bool = False, family: str = 'ResT') -> str:
     """Markdown table of :func:`classifier_complexity` results.
 
     Args:
@@ -271,19 +365,24 @@ def format_arch_table(rows: Dict[str, Complexity], shape: Sequence[int],
         shape (Sequence[int]): Input (H, W) the counts were made at.
         paper_stem (bool): Whether the counts are of the paper-era stem.
             Defaults to False.
+        family (str): ``'ResT'`` or ``'ResTV2'`` (which adds the authors' count).
+            Defaults to 'ResT'.
 
     Returns:
         str: The table.
     """
     stem = ' (paper-era 7x7 stem)' if paper_stem else ''
+    authors = family == 'ResTV2'
     lines = [
-        f'| ResT{stem} | params (M) | GFLOPs at {shape[0]}x{shape[1]}, attention matmuls '
-        'counted | GFLOPs, without attention matmuls |',
-        '|---|---|---|---|',
+        f'| {family}{stem} | params (M) | GFLOPs at {shape[0]}x{shape[1]}, attention matmuls '
+        'counted | GFLOPs, without attention matmuls |' +
+        (" GFLOPs, the authors' count (mmcv 1.x + 2*h*w*(h//r)*(w//r)*C) |" if authors else ''),
+        '|---|---|---|---|' + ('---|' if authors else ''),
     ]
     for arch, c in rows.items():
         lines.append(f'| {arch} | {c.params / 1e6:.2f} ({c.params:,}) | {_gflops(c.flops)} | '
-                     f'{_gflops(c.flops_without_matmul)} |')
+                     f'{_gflops(c.flops_without_matmul)} |' +
+                     (f' {_gflops(c.authors_flops)} |' if authors else ''))
     return '\n'.join(lines)
 
 
@@ -300,8 +399,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', nargs='?', help='a config file; without it, the ResT '
                         'ImageNet classifiers are counted')
-    parser.add_argument('--arch', nargs='+', default=list(ARCHS), choices=ARCHS,
-                        help='ResT archs to count (without a config)')
+    parser.add_argument('--family', choices=sorted(FAMILY_ARCHS), default='ResT',
+                        help='backbone family of the classifiers (without a config)')
+    parser.add_argument('--arch', nargs='+', default=None,
+                        choices=sorted(set(a for v in FAMILY_ARCHS.values() for a in v)),
+                        help="archs to count (without a config; default: all of the "
+                        "family's)")
     parser.add_argument('--shape', type=int, nargs='+', default=None,
                         help='input H [W]; default 224 (classifiers) or 800 1333 (config)')
     parser.add_argument('--paper-stem', action='store_true',
@@ -312,8 +415,16 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if args.config is None:
         shape = _parse_shape(args.shape or [224])
-        rows = {a: classifier_complexity(a, shape, args.paper_stem) for a in args.arch}
-        print(format_arch_table(rows, shape, args.paper_stem))
+        archs = args.arch or list(FAMILY_ARCHS[args.family])
+        wrong = [a for a in archs if a not in FAMILY_ARCHS[args.family]]
+        if wrong:
+            parser.error(f'--arch {" ".join(wrong)}: not a {args.family} arch; choose from '
+                         f'{", ".join(FAMILY_ARCHS[args.family])}')
+        if args.paper_stem and args.family != 'ResT':
+            parser.error('--paper-stem applies to --family ResT only')
+        rows = {a: classifier_complexity(a, shape, args.paper_stem, args.family)
+                for a in archs}
+        print(format_arch_table(rows, shape, args.paper_stem, args.family))
         return
     from mmengine.config import DictAction
     cfg_options = None

@@ -1,10 +1,12 @@
-"""Convert a ResT checkpoint of any supported layout to a plain tensor state dict.
+"""Convert a ResT or ResT V2 checkpoint of any supported layout to a plain tensor state dict.
 
 Understood layouts (see :func:`mmrest.models.utils.convert_rest_checkpoint`, the same
-conversion the backbone's ``init_cfg=dict(type='Pretrained', ...)`` uses): the authors'
+conversion the backbones' ``init_cfg=dict(type='Pretrained', ...)`` uses): the authors'
 ImageNet files (``{'model': state_dict}``, https://github.com/wofmanaf/ResT), their
-detectron2 detectors (``backbone.bottom_up.``), mmdet/mmseg/mmpretrain checkpoints
-(``{'state_dict': ...}`` with ``backbone.``), DDP files (``module.``) and plain state dicts.
+detectron2 detectors (``backbone.bottom_up.``; ResT V2 output norms ``norm_1.0`` ...), their
+mmseg 0.x ResT V2 segmentors (``backbone.``, ``norm_1`` ...), mmdet/mmseg/mmpretrain
+checkpoints (``{'state_dict': ...}`` with ``backbone.``), DDP files (``module.``) and plain
+state dicts. The output says which family (ResT or ResTV2) the weights are of.
 
 The input is loaded with ``torch.load(weights_only=True)``: a file holding anything but
 tensors and plain containers is refused, never unpickled. The output is written
@@ -14,6 +16,8 @@ Examples::
 
     # backbone weights (keys ``stem.conv1.weight`` ...), for ResT(init_cfg=Pretrained)
     python tools/model_converters/rest_to_mmrest.py rest_small.pth rest_small_mm.pth
+    # the same for ResT V2 (keys ``stem.proj.0.weight`` ...)
+    python tools/model_converters/rest_to_mmrest.py restv2_tiny_224.pth restv2_tiny.pth
     # an mmpretrain ImageClassifier with a LinearClsHead (``backbone.*``, ``head.fc.*``)
     python tools/model_converters/rest_to_mmrest.py rest_small.pth cls.pth --target classifier
 """
@@ -23,7 +27,7 @@ import os.path as osp
 import sys
 from typing import List, Optional
 
-from mmrest.models.utils import convert_rest_checkpoint
+from mmrest.models.utils import convert_rest_checkpoint, rest_checkpoint_family
 from mmrest.utils import CheckpointError, atomic_torch_save, safe_load_checkpoint
 
 
@@ -38,16 +42,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         argparse.Namespace: ``src``, ``dst`` and ``target``.
     """
     parser = argparse.ArgumentParser(
-        description='Convert a ResT checkpoint (authors\' ImageNet or detectron2 file, '
-        'mmdet/mmseg/mmpretrain checkpoint, DDP file or plain state dict) to a plain '
-        'tensor state dict for mmrest.')
+        description='Convert a ResT or ResT V2 checkpoint (authors\' ImageNet, detectron2 '
+        'or mmseg 0.x file, mmdet/mmseg/mmpretrain checkpoint, DDP file or plain state '
+        'dict) to a plain tensor state dict for mmrest.')
     parser.add_argument('src', help='input checkpoint file')
     parser.add_argument('dst', help='output file (a dict of tensors, written atomically)')
     parser.add_argument(
         '--target',
         choices=['backbone', 'classifier'],
         default='backbone',
-        help="'backbone': keys of mmrest.ResT (for init_cfg=dict(type='Pretrained')); "
+        help="'backbone': keys of mmrest.ResT / mmrest.ResTV2 (for "
+        "init_cfg=dict(type='Pretrained')); "
         "'classifier': keys of an mmpretrain ImageClassifier with a LinearClsHead "
         "('backbone.*', 'head.fc.*'). Default: backbone")
     return parser.parse_args(argv)
@@ -84,8 +89,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'error: cannot write {args.dst}: {err}', file=sys.stderr)
         return 1
     num_params = sum(v.numel() for v in state_dict.values())
+    backbone = convert_rest_checkpoint(checkpoint) if args.target == 'classifier' else state_dict
+    family = rest_checkpoint_family(backbone) or 'unknown family'
     print(f'{args.src} -> {args.dst}: {len(state_dict)} tensors '
-          f'({num_params / 1e6:.2f} M values), target {args.target}')
+          f'({num_params / 1e6:.2f} M values, {family}), target {args.target}')
     if args.target == 'classifier' and 'head.fc.weight' not in state_dict:
         print(f'warning: {args.src} has no classification head (head.weight); only the '
               'backbone was converted', file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The ResT transformer block: pre-norm EMSA and MLP with stochastic depth."""
+"""The transformer blocks of ResT and ResT V2: pre-norm attention and MLP with stochastic
+depth."""
 from typing import Optional, Tuple
 
 import torch
@@ -39,8 +40,51 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(hidden)))
 
 
-class ResTBlock(nn.Module):
-    """``x + DropPath(EMSA(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``.
+class PreNormBlock(nn.Module):
+    """``x + DropPath(attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``: the block of every
+    ResT version, with the version's attention module.
+
+    Args:
+        embed_dims (int): Channels of the tokens.
+        attn (nn.Module): The attention, called as ``attn(tokens, hw_shape)``.
+        mlp_ratio (float): Hidden / input channels of the MLP. Defaults to 4.
+        drop (float): Dropout after the MLP fcs. Defaults to 0.
+        drop_path (float): Stochastic depth probability. Defaults to 0.
+        norm_cfg (dict, optional): Config of the LayerNorms. Defaults to
+            ``dict(type='LN')``.
+        attn_impl (str): ``'fused'``: for CPU training the memory-lean LayerNorm + MLP
+            (:mod:`mmrest.models.layers.norm_mlp`); ``'reference'``: plain modules.
+            Defaults to 'fused'.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 attn: nn.Module,
+                 mlp_ratio: float = 4.,
+                 drop: float = 0.,
+                 drop_path: float = 0.,
+                 norm_cfg: Optional[dict] = None,
+                 attn_impl: str = 'fused') -> None:
+        super().__init__()
+        norm_cfg = dict(type='LN') if norm_cfg is None else norm_cfg
+        self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.attn = attn
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop)
+        self.attn_impl = attn_impl
+
+    def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        x = add_residual(x, self.drop_path(self.attn(self.norm1(x), hw_shape)))
+        if self.attn_impl == 'fused' and norm_mlp_applies(x, self.norm2, self.mlp):
+            mlp_out = norm_mlp(x, self.norm2, self.mlp)
+        else:
+            mlp_out = self.mlp(self.norm2(x))
+        return add_residual(x, self.drop_path(mlp_out))
+
+
+class ResTBlock(PreNormBlock):
+    """The ResT block: :class:`PreNormBlock` with EMSA.
 
     Args:
         embed_dims (int): Channels of the tokens.
@@ -74,10 +118,7 @@ class ResTBlock(nn.Module):
                  apply_transform: bool = True,
                  norm_cfg: Optional[dict] = None,
                  attn_impl: str = 'fused') -> None:
-        super().__init__()
-        norm_cfg = dict(type='LN') if norm_cfg is None else norm_cfg
-        self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.attn = EMSA(
+        attn = EMSA(
             embed_dims,
             num_heads=num_heads,
             sr_ratio=sr_ratio,
@@ -88,23 +129,13 @@ class ResTBlock(nn.Module):
             apply_transform=apply_transform,
             norm_cfg=norm_cfg,
             attn_impl=attn_impl)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop)
-        self.attn_impl = attn_impl
-
-    def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        x = _add_residual(x, self.drop_path(self.attn(self.norm1(x), hw_shape)))
-        if self.attn_impl == 'fused' and norm_mlp_applies(x, self.norm2, self.mlp):
-            mlp_out = norm_mlp(x, self.norm2, self.mlp)
-        else:
-            mlp_out = self.mlp(self.norm2(x))
-        return _add_residual(x, self.drop_path(mlp_out))
+        super().__init__(embed_dims, attn, mlp_ratio=mlp_ratio, drop=drop,
+                         drop_path=drop_path, norm_cfg=norm_cfg, attn_impl=attn_impl)
 
 
-def _add_residual(x: Tensor, branch: Tensor) -> Tensor:
+def add_residual(x: Tensor, branch: Tensor) -> Tensor:
     """``x + branch``; for CPU inference, added into ``branch`` (a fresh tensor of the
-    block) instead of allocating a third one, where that gives the same result."""
+    caller's) instead of allocating a third one, where that gives the same result."""
     if (torch.is_grad_enabled() or not cpu_tuned(x) or branch.dtype != x.dtype
             or branch.shape != x.shape):
         return x + branch

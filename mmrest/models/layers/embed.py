@@ -1,8 +1,11 @@
-"""Convolutional embeddings of ResT: pixel-attention position encoding, stem, patch embedding.
+"""Convolutional embeddings of ResT and ResT V2: pixel-attention position encoding, stems,
+patch embeddings.
 
 ResT: An Efficient Transformer for Visual Recognition (Zhang & Yang, NeurIPS 2021,
-https://arxiv.org/abs/2105.13677); authors' code: https://github.com/wofmanaf/ResT.
-Module names (``conv1``, ``norm1``, ``pos.pa_conv``, ...) follow the authors' models.
+https://arxiv.org/abs/2105.13677); ResT V2: Simpler, Faster and Stronger (Zhang & Yang,
+NeurIPS 2022, https://arxiv.org/abs/2204.07366); authors' code:
+https://github.com/wofmanaf/ResT. Module names (``conv1``, ``norm1``, ``pos.pa_conv``,
+``proj.0``, ...) follow the authors' models.
 """
 from typing import Optional, Tuple
 
@@ -36,6 +39,19 @@ def tokens_to_map(tokens: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
 
 def _bn_cfg(norm_cfg: Optional[dict]) -> dict:
     return dict(type='BN') if norm_cfg is None else norm_cfg
+
+
+def _ln_cfg(norm_cfg: Optional[dict]) -> dict:
+    return dict(type='LN', eps=1e-6) if norm_cfg is None else norm_cfg
+
+
+def stem_layout(x: Tensor) -> Tensor:
+    """The layout a stem's convolutions run in: channels-last on the CPU (oneDNN's
+    convs ran 25-45% faster here in that layout, and the output map flattens to
+    (B, H * W, C) tokens without a copy), the input's own elsewhere."""
+    if cpu_tuned(x):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 class PixelAttention(nn.Module):
@@ -83,10 +99,7 @@ class ConvStem(nn.Module):
         self.pos = PixelAttention(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        if cpu_tuned(x):
-            # Channels-last on the CPU: oneDNN's convs ran 25-45% faster here in that
-            # layout, and the output map flattens to (B, H * W, C) tokens without a copy.
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = stem_layout(x)
         x = self.act(self.norm1(self.conv1(x)))
         x = self.act(self.norm2(self.conv2(x)))
         return self.pos(self.conv3(x))
@@ -116,3 +129,66 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pos(self.norm(self.conv(x)))
+
+
+class ConvStemV2(nn.Module):
+    """The ResT V2 stem (stride 4): conv3x3/2 + BN + ReLU, conv3x3/2 + BN + ReLU, conv1x1,
+    PA, then a LayerNorm of the tokens.
+
+    Args:
+        in_channels (int): Input channels. Defaults to 3.
+        out_channels (int): Output channels. Defaults to 96.
+        norm_cfg (dict, optional): Config of the two BatchNorms. Defaults to
+            ``dict(type='BN')``.
+        token_norm_cfg (dict, optional): Config of the token norm. Defaults to
+            ``dict(type='LN', eps=1e-6)``.
+    """
+
+    def __init__(self,
+                 in_channels: int = 3,
+                 out_channels: int = 96,
+                 norm_cfg: Optional[dict] = None,
+                 token_norm_cfg: Optional[dict] = None) -> None:
+        super().__init__()
+        hidden = out_channels // 2
+        norm_cfg = _bn_cfg(norm_cfg)
+        # indices 0-6 as in the authors' ``stem.proj`` (2 and 5 are the ReLUs)
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, kernel_size=3, stride=2, padding=1, bias=False),
+            build_norm_layer(norm_cfg, hidden)[1], nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, out_channels, kernel_size=3, stride=2, padding=1, bias=False),
+            build_norm_layer(norm_cfg, out_channels)[1], nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, kernel_size=1))
+        self.pos = PixelAttention(out_channels)
+        self.norm = build_norm_layer(_ln_cfg(token_norm_cfg), out_channels)[1]
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """Images (B, C_in, H, W) -> tokens (B, h * w, C) of the (h, w) map."""
+        x = self.pos(self.proj(stem_layout(x)))
+        return self.norm(map_to_tokens(x)), (x.shape[2], x.shape[3])
+
+
+class PatchEmbedV2(nn.Module):
+    """The ResT V2 patch embedding: conv3x3 stride 2 (padding 1, with bias), PA, then a
+    LayerNorm of the tokens. The output map is ``ceil(H / 2) x ceil(W / 2)``.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels.
+        norm_cfg (dict, optional): Config of the token norm. Defaults to
+            ``dict(type='LN', eps=1e-6)``.
+    """
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 norm_cfg: Optional[dict] = None) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
+        self.pos = PixelAttention(out_channels)
+        self.norm = build_norm_layer(_ln_cfg(norm_cfg), out_channels)[1]
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """Map (B, C_in, H, W) -> tokens (B, h * w, C) of the (h, w) map."""
+        x = self.pos(self.proj(x))
+        return self.norm(map_to_tokens(x)), (x.shape[2], x.shape[3])

@@ -20,6 +20,54 @@ from .emsa_ops import INSTANCE_NORM_EPS, cpu_tuned, emsa_fused
 ATTN_IMPLS = ('fused', 'reference')
 
 
+def check_attn_impl(attn_impl: str) -> None:
+    """Raise ``ValueError`` unless ``attn_impl`` is one of :data:`ATTN_IMPLS`."""
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
+
+
+def build_reduction(embed_dims: int, sr_ratio: int,
+                    norm_cfg: dict) -> Tuple[nn.Conv2d, nn.Module]:
+    """The reduction conv (depthwise, kernel ``sr_ratio + 1``, stride ``sr_ratio``,
+    padding ``sr_ratio // 2``, with bias) and the norm after it (``sr``, ``sr_norm``)."""
+    conv = nn.Conv2d(
+        embed_dims,
+        embed_dims,
+        kernel_size=sr_ratio + 1,
+        stride=sr_ratio,
+        padding=sr_ratio // 2,
+        groups=embed_dims)
+    return conv, build_norm_layer(norm_cfg, embed_dims)[1]
+
+
+def reduce_tokens(x: Tensor, hw_shape: Tuple[int, int], conv: nn.Conv2d,
+                  norm: nn.Module) -> Tuple[Tensor, Tuple[int, int]]:
+    """The spatial reduction of keys and values: ``norm(conv(x as a map))`` as tokens.
+
+    Args:
+        x (Tensor): Tokens (B, N, C) of an (H, W) map, N = H * W.
+        hw_shape (tuple[int, int]): (H, W).
+        conv (nn.Conv2d): The strided depthwise reduction conv.
+        norm (nn.Module): The norm applied to the reduced tokens.
+
+    Returns:
+        tuple[Tensor, tuple[int, int]]: Reduced tokens (B, M, C) and their map's (h, w).
+    """
+    B, N, C = x.shape
+    if cpu_tuned(x):
+        # A channels-last view of the token map (no copy). Built this way its
+        # strides are unambiguous even for B = 1, so the depthwise conv takes
+        # oneDNN's channels-last kernel (an order of magnitude faster here than the
+        # NCHW fallback that ``x.transpose(1, 2).reshape(B, C, H, W)`` triggers for
+        # B = 1), and its channels-last output flattens back to tokens without a
+        # copy.
+        x_map = x.reshape(B, *hw_shape, C).permute(0, 3, 1, 2)
+    else:
+        x_map = x.transpose(1, 2).reshape(B, C, *hw_shape).contiguous()
+    x_map = conv(x_map)
+    return norm(x_map.flatten(2).transpose(1, 2)), (x_map.shape[2], x_map.shape[3])
+
+
 def emsa_reference(q: Tensor, k: Tensor, v: Tensor, scale: float,
                    transform_weight: Optional[Tensor] = None,
                    transform_bias: Optional[Tensor] = None,
@@ -62,7 +110,65 @@ def emsa_reference(q: Tensor, k: Tensor, v: Tensor, scale: float,
     return attn @ v
 
 
-class EMSA(nn.Module):
+class ReducedKVAttention(nn.Module):
+    """What the attentions of ResT (:class:`EMSA`) and ResT V2
+    (:class:`~mmrest.models.layers.EMSAv2`) share: the head settings, queries from the
+    tokens, keys and values from the spatially reduced tokens.
+
+    Subclasses build ``q``, ``kv`` and, for ``sr_ratio > 1``, ``sr`` and ``sr_norm``
+    (:func:`build_reduction`), in the order of their authors' models.
+
+    Args:
+        embed_dims (int): Channels of the tokens.
+        num_heads (int): Number of attention heads.
+        sr_ratio (int): Spatial reduction ratio of keys and values.
+        qk_scale (float, optional): Override of ``head_dim ** -0.5``.
+        attn_impl (str): One of :data:`ATTN_IMPLS`.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, sr_ratio: int,
+                 qk_scale: Optional[float], attn_impl: str) -> None:
+        super().__init__()
+        if embed_dims % num_heads != 0:
+            raise ValueError(f'embed_dims ({embed_dims}) must be divisible by '
+                             f'num_heads ({num_heads})')
+        check_attn_impl(attn_impl)
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.head_dims = embed_dims // num_heads
+        self.scale = qk_scale or self.head_dims**-0.5
+        self.sr_ratio = sr_ratio
+        self.attn_impl = attn_impl
+
+    def reduce_tokens(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        """Tokens (B, N, C) -> the tokens keys and values are computed from (B, M, C)."""
+        if self.sr_ratio == 1:
+            return x
+        return reduce_tokens(x, hw_shape, self.sr, self.sr_norm)[0]
+
+    def project(self, x: Tensor, hw_shape: Tuple[int, int]
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tuple[int, int]]:
+        """Queries, keys and values of tokens (B, N, C) of an (H, W) map.
+
+        Returns:
+            tuple: ``q`` (B, heads, N, head_dim), ``k`` and ``v`` (B, heads, M, head_dim)
+            (views of the projections, no copies), the ``kv`` projection (B, M, 2 C)
+            (``k`` is its first C channels, ``v`` its last C, channel ``head * head_dim +
+            j`` in each) and the (h, w) of the reduced map (M = h * w).
+        """
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dims
+        q = self.q(x).reshape(B, N, h, d).transpose(1, 2)
+        if self.sr_ratio > 1:
+            kv_in, kv_hw = reduce_tokens(x, hw_shape, self.sr, self.sr_norm)
+        else:
+            kv_in, kv_hw = x, hw_shape
+        kv = self.kv(kv_in)
+        k, v = kv.reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v, kv, kv_hw
+
+
+class EMSA(ReducedKVAttention):
     """Efficient multi-head self-attention.
 
     Keys and values come from the input map shrunk by a depthwise conv (kernel
@@ -100,19 +206,8 @@ class EMSA(nn.Module):
                  apply_transform: bool = True,
                  norm_cfg: Optional[dict] = None,
                  attn_impl: str = 'fused') -> None:
-        super().__init__()
-        if embed_dims % num_heads != 0:
-            raise ValueError(f'embed_dims ({embed_dims}) must be divisible by '
-                             f'num_heads ({num_heads})')
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
+        super().__init__(embed_dims, num_heads, sr_ratio, qk_scale, attn_impl)
         norm_cfg = dict(type='LN') if norm_cfg is None else norm_cfg
-        self.embed_dims = embed_dims
-        self.num_heads = num_heads
-        self.head_dims = embed_dims // num_heads
-        self.scale = qk_scale or self.head_dims**-0.5
-        self.sr_ratio = sr_ratio
-        self.attn_impl = attn_impl
 
         self.q = nn.Linear(embed_dims, embed_dims, bias=qkv_bias)
         self.kv = nn.Linear(embed_dims, embed_dims * 2, bias=qkv_bias)
@@ -120,35 +215,10 @@ class EMSA(nn.Module):
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(proj_drop)
         if sr_ratio > 1:
-            self.sr = nn.Conv2d(
-                embed_dims,
-                embed_dims,
-                kernel_size=sr_ratio + 1,
-                stride=sr_ratio,
-                padding=sr_ratio // 2,
-                groups=embed_dims)
-            self.sr_norm = build_norm_layer(norm_cfg, embed_dims)[1]
+            self.sr, self.sr_norm = build_reduction(embed_dims, sr_ratio, norm_cfg)
         self.apply_transform = apply_transform and num_heads > 1
         if self.apply_transform:
             self.transform_conv = nn.Conv2d(num_heads, num_heads, kernel_size=1)
-
-    def reduce_tokens(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        """Tokens (B, N, C) -> the tokens keys and values are computed from (B, M, C)."""
-        if self.sr_ratio == 1:
-            return x
-        B, N, C = x.shape
-        if cpu_tuned(x):
-            # A channels-last view of the token map (no copy). Built this way its
-            # strides are unambiguous even for B = 1, so the depthwise conv takes
-            # oneDNN's channels-last kernel (an order of magnitude faster here than the
-            # NCHW fallback that ``x.transpose(1, 2).reshape(B, C, H, W)`` triggers for
-            # B = 1), and its channels-last output flattens back to tokens without a
-            # copy.
-            x_map = x.reshape(B, *hw_shape, C).permute(0, 3, 1, 2)
-        else:
-            x_map = x.transpose(1, 2).reshape(B, C, *hw_shape).contiguous()
-        x_map = self.sr(x_map)
-        return self.sr_norm(x_map.flatten(2).transpose(1, 2))
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
         """Forward.
@@ -161,11 +231,7 @@ class EMSA(nn.Module):
             Tensor: Tokens of shape (B, N, C).
         """
         B, N, C = x.shape
-        h, d = self.num_heads, self.head_dims
-        # (B, heads, N, head_dim) views of the projections; no copies
-        q = self.q(x).reshape(B, N, h, d).transpose(1, 2)
-        kv = self.kv(self.reduce_tokens(x, hw_shape))
-        k, v = kv.reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.project(x, hw_shape)[:3]
         weight = self.transform_conv.weight if self.apply_transform else None
         bias = self.transform_conv.bias if self.apply_transform else None
         if self.attn_impl == 'reference' or (self.training and self.attn_drop.p > 0):

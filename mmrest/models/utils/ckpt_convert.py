@@ -1,16 +1,24 @@
-"""Conversion of ResT checkpoints from every layout they are published in.
+"""Conversion of ResT and ResT V2 checkpoints from every layout they are published in.
 
-The one conversion used by :class:`mmrest.models.ResT` (``init_cfg`` and its
-load-state-dict hook) and by ``tools/model_converters/rest_to_mmrest.py``.
+The one conversion used by :class:`mmrest.models.ResT` and :class:`mmrest.models.ResTV2`
+(``init_cfg`` and their load-state-dict hook) and by
+``tools/model_converters/rest_to_mmrest.py``.
 
 Layouts understood (keys as in the authors' repository, https://github.com/wofmanaf/ResT):
 
-- the authors' ImageNet files: ``{'model': state_dict, ...}`` with ``stem.conv1.weight``,
-  ``stage3.4.attn.q.weight``, ``norm.weight``, ``head.weight`` ...;
-- their detectron2 detectors: prefix ``backbone.bottom_up.``;
+- the authors' ImageNet files: ``{'model': state_dict, ...}`` with ``stem.conv1.weight``
+  (ResT) or ``stem.proj.0.weight`` (ResT V2), ``stage3.4.attn.q.weight``,
+  ``norm.weight``, ``head.weight`` ...;
+- their detectron2 detectors: prefix ``backbone.bottom_up.``; the ResT V2 ones name their
+  output norms ``norm_1.0`` ... ``norm_4.0``;
+- their mmseg 0.x ResT V2 segmentors: prefix ``backbone.``, output norms ``norm_1`` ...
+  ``norm_4``;
 - mmdet / mmseg / mmpretrain models: ``{'state_dict': ...}`` with prefix ``backbone.``;
 - any of those saved from DistributedDataParallel: prefix ``module.``;
 - a plain backbone state dict (what the CLI writes).
+
+The authors' output norms of stages 1-3 become ``norm1`` ... ``norm3``, and that of stage 4
+becomes ``norm``, the final norm the backbones use for stage 4.
 """
 import re
 from collections import OrderedDict
@@ -23,14 +31,22 @@ import torch
 #: detector's ``backbone.`` prefix.
 BACKBONE_PREFIXES = ('module.', 'backbone.bottom_up.', 'backbone.', 'bottom_up.')
 
-# A key of the ResT backbone itself (after the prefixes are stripped).
-_BACKBONE_KEY = re.compile(r'^(stem|patch_embed_[234]|stage[1-4]|norm[123]?)\.')
+# A key of the ResT / ResT V2 backbone itself (after the prefixes are stripped).
+_BACKBONE_KEY = re.compile(r'^(stem|patch_embed_[234]|patch_[234]|stage[1-4]|norm[123]?)\.')
+# The authors' ResT V2 output norms: ``norm_1.0.`` (detectron2), ``norm_1.`` (mmseg 0.x).
+_AUTHORS_OUT_NORM = re.compile(r'^norm_([1-4])\.(?:0\.)?')
+# Keys found in one version only.
+_VERSION_KEYS = {
+    'ResT': re.compile(r'^(stem\.conv[123]\.|patch_embed_[234]\.|stage[1-4]\.\d+\.attn\.'
+                       r'transform_conv\.)'),
+    'ResTV2': re.compile(r'^(stem\.proj\.|patch_[234]\.|stage[1-4]\.\d+\.attn\.up(_norm)?\.)'),
+}
 # The authors' ImageNet classifier.
 _CLS_HEAD_KEY = re.compile(r'^head\.(weight|bias)$')
 
 
 def normalize_rest_key(key: str) -> Optional[str]:
-    """Map one checkpoint key to the ResT backbone's key, or None if it is not one.
+    """Map one checkpoint key to the backbone's key, or None if it is not one.
 
     Args:
         key (str): A key of any supported layout.
@@ -41,7 +57,41 @@ def normalize_rest_key(key: str) -> Optional[str]:
     for prefix in BACKBONE_PREFIXES:
         if key.startswith(prefix):
             key = key[len(prefix):]
+    key = _AUTHORS_OUT_NORM.sub(
+        lambda m: 'norm.' if m.group(1) == '4' else f'norm{m.group(1)}.', key)
     return key if _BACKBONE_KEY.match(key) else None
+
+
+def rest_checkpoint_family(state_dict: Mapping) -> Optional[str]:
+    """Which model a converted backbone state dict is of, by the keys only one has.
+
+    Args:
+        state_dict (Mapping): Backbone keys, e.g. from :func:`convert_rest_checkpoint`.
+
+    Returns:
+        str | None: ``'ResT'``, ``'ResTV2'``, or None where neither's keys (or both's)
+        are found.
+    """
+    found = [name for name, pattern in _VERSION_KEYS.items()
+             if any(pattern.match(str(k)) for k in state_dict)]
+    return found[0] if len(found) == 1 else None
+
+
+def check_rest_family(state_dict: Mapping, family: str) -> None:
+    """Refuse the weights of the other ResT version.
+
+    Args:
+        state_dict (Mapping): Backbone keys, e.g. from :func:`convert_rest_checkpoint`.
+        family (str): The model's family, ``'ResT'`` or ``'ResTV2'``.
+
+    Raises:
+        ValueError: If the keys are those of the other family, naming one of them.
+    """
+    found = rest_checkpoint_family(state_dict)
+    if found is not None and found != family:
+        example = next(k for k in state_dict if _VERSION_KEYS[found].match(str(k)))
+        raise ValueError(f'it holds {found} weights (keys such as {example!r}), but the '
+                         f'model is a {family}: use a {found} backbone or {family} weights')
 
 
 def _unwrap(checkpoint: Mapping) -> Mapping:
@@ -57,11 +107,12 @@ def _unwrap(checkpoint: Mapping) -> Mapping:
 
 def convert_rest_checkpoint(checkpoint: Mapping,
                             target: str = 'backbone') -> Dict[str, torch.Tensor]:
-    """Convert a ResT checkpoint of any supported layout.
+    """Convert a ResT or ResT V2 checkpoint of any supported layout.
 
     Args:
         checkpoint (Mapping): The loaded checkpoint (see the module docstring).
-        target (str): ``'backbone'`` for the keys of :class:`mmrest.models.ResT`, or
+        target (str): ``'backbone'`` for the keys of :class:`mmrest.models.ResT` and
+            :class:`mmrest.models.ResTV2`, or
             ``'classifier'`` for an mmpretrain ``ImageClassifier`` with a
             ``LinearClsHead`` (``backbone.*`` and ``head.fc.*``). Defaults to 'backbone'.
 
@@ -91,6 +142,7 @@ def convert_rest_checkpoint(checkpoint: Mapping,
     if not any(normalize_rest_key(k) for k in state_dict):
         sample = ', '.join(list(map(str, state_dict))[:5]) or '<empty>'
         raise ValueError('no ResT backbone weights found in the checkpoint (expected keys '
-                         "like 'stem.conv1.weight' or 'stage1.0.attn.q.weight', with an "
-                         f"optional 'backbone.' or 'module.' prefix); its keys start: {sample}")
+                         "like 'stem.conv1.weight', 'stem.proj.0.weight' or "
+                         "'stage1.0.attn.q.weight', with an optional 'backbone.' or "
+                         f"'module.' prefix); its keys start: {sample}")
     return out

@@ -1,0 +1,338 @@
+"""What the ResT backbones share: arch parsing, stages, output norms, freezing, loading.
+
+:class:`ResTBase` is the four-stage skeleton of ResT (https://arxiv.org/abs/2105.13677)
+and ResT V2 (https://arxiv.org/abs/2204.07366), both by Qing-Long Zhang and Yu-Bin Yang
+(authors' code: https://github.com/wofmanaf/ResT). A version supplies its stem and patch
+embeddings, its block (with its attention) and a few class attributes; the rest is here.
+"""
+import re
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.utils.checkpoint as cp
+from mmcv.cnn import build_norm_layer
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ...utils.checkpoint import CheckpointError, safe_load_checkpoint
+from ..layers import map_to_tokens, tokens_to_map
+from ..utils.ckpt_convert import check_rest_family, convert_rest_checkpoint, normalize_rest_key
+
+NUM_STAGES = 4
+
+
+class ResTBase(BaseModule):
+    """The four-stage backbone that ResT and ResT V2 share.
+
+    Stage i (0-3) embeds its input (the stem for i = 0, a patch embedding
+    ``{patch_embed_prefix}{i + 1}`` otherwise) into tokens, runs the blocks ``stage{i + 1}``
+    and, if selected in ``out_indices``, returns its map through an output norm: the
+    pretrained final ``norm`` for stage 4 and new LayerNorms ``norm1``-``norm3`` for the
+    others. Subclasses build the modules in their ``__init__`` with
+    :meth:`_build_stages` and may override :meth:`_embed`.
+
+    Class attributes of a version:
+
+    - ``arch_zoo``: arch name -> settings with the keys ``arch_keys``;
+    - ``family_name``: the name in messages (``'ResT'``, ``'ResTV2'``), which is also
+      the family :func:`mmrest.models.utils.rest_checkpoint_family` finds in its
+      weights;
+    - ``patch_embed_prefix``: name of the patch embeddings without the stage number;
+    - ``zero_bias_types``: module types whose biases the default initialisation zeroes.
+
+    Args:
+        arch (str | dict): A name in ``arch_zoo`` or a dict with the keys ``arch_keys``
+            (four values each).
+        in_channels (int): Channels of the input images.
+        out_indices (Sequence[int] | int): Stages (0-3) whose maps are returned.
+        frozen_stages (int): -1 freezes nothing, 0 the stem, k (1-4) also the patch
+            embedding, blocks and output norm of stages 1..k.
+        norm_eval (bool): Keep the BatchNorms in eval mode while training.
+        with_cp (bool): Gradient checkpointing (non-reentrant) of every block while
+            training.
+        out_norm_in_main_path (bool): Whether the next stage consumes the output norm's
+            result (True) or the un-normalised tokens (False).
+        init_cfg (dict | list[dict], optional): Initialization config.
+    """
+    arch_zoo: Dict[str, Dict[str, List[int]]] = {}
+    arch_keys = ('embed_dims', 'depths', 'num_heads', 'mlp_ratios', 'sr_ratios')
+    family_name = 'ResT'
+    patch_embed_prefix = 'patch_embed_'
+    zero_bias_types: Tuple[Type[nn.Module], ...] = (nn.Linear, )
+
+    def __init__(self,
+                 arch: Union[str, dict],
+                 in_channels: int,
+                 out_indices: Union[Sequence[int], int],
+                 frozen_stages: int,
+                 norm_eval: bool,
+                 with_cp: bool,
+                 out_norm_in_main_path: bool,
+                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = self._parse_arch(arch)
+        self.embed_dims = list(self.arch_settings['embed_dims'])
+        self.depths = list(self.arch_settings['depths'])
+        self.in_channels = in_channels
+        self.out_indices = self._parse_out_indices(out_indices)
+        if not -1 <= frozen_stages <= NUM_STAGES:
+            raise ValueError(f'frozen_stages must be in [-1, {NUM_STAGES}], '
+                             f'got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+        self.out_norm_in_main_path = out_norm_in_main_path
+
+    def _build_stages(self, embedding: Callable[[int], nn.Module],
+                      block: Callable[[int, float], nn.Module], drop_path_rate: float,
+                      norm_cfg: dict) -> None:
+        """Add the modules: the embeddings, the blocks, the output norms; then register
+        the checkpoint-layout hook and apply ``frozen_stages``.
+
+        Args:
+            embedding (Callable): Stage index (0-3) -> its stem / patch embedding.
+            block (Callable): (stage index, drop-path rate) -> one block of the stage.
+            drop_path_rate (float): Stochastic depth rate, rising linearly from 0 over
+                all blocks to this value.
+            norm_cfg (dict): Config of the output norms.
+        """
+        self.stem = embedding(0)
+        for i in range(1, NUM_STAGES):
+            self.add_module(f'{self.patch_embed_prefix}{i + 1}', embedding(i))
+        # python floats (computed on the CPU whatever the default device)
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths), device='cpu').tolist()
+        cur = 0
+        for i, depth in enumerate(self.depths):
+            self.add_module(f'stage{i + 1}',
+                            nn.ModuleList([block(i, dpr[cur + j]) for j in range(depth)]))
+            cur += depth
+        # Output norms of stages 1-3 (new, as in the authors' detection backbones), and
+        # the pretrained final norm of stage 4.
+        for i in self.out_indices:
+            if i < NUM_STAGES - 1:
+                self.add_module(f'norm{i + 1}',
+                                build_norm_layer(norm_cfg, self.embed_dims[i])[1])
+        self.norm = build_norm_layer(norm_cfg, self.embed_dims[-1])[1]
+
+        self._register_load_state_dict_pre_hook(self._convert_old_layout)
+        self._freeze_stages()
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def _parse_arch(cls, arch: Union[str, dict]) -> Dict[str, List[int]]:
+        name = cls.family_name
+        if isinstance(arch, str):
+            if arch not in cls.arch_zoo:
+                raise KeyError(f'Unknown {name} arch {arch!r}; choose one of '
+                               f'{sorted(set(cls.arch_zoo), key=str.lower)} or pass a dict '
+                               f'with the keys {list(cls.arch_keys)}')
+            return {k: list(v) for k, v in cls.arch_zoo[arch].items()}
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
+        missing = [k for k in cls.arch_keys if k not in arch]
+        if missing:
+            raise KeyError(f'The {name} arch dict is missing the keys {missing}; it needs '
+                           f'{list(cls.arch_keys)}')
+        extra = sorted(set(arch) - set(cls.arch_keys))
+        if extra:
+            raise KeyError(f'The {name} arch dict has unknown keys {extra}; it takes '
+                           f'{list(cls.arch_keys)}')
+        for key in cls.arch_keys:
+            if len(arch[key]) != NUM_STAGES:
+                raise ValueError(f'arch[{key!r}] needs {NUM_STAGES} values, got '
+                                 f'{list(arch[key])}')
+        return {k: list(arch[k]) for k in cls.arch_keys}
+
+    @staticmethod
+    def _parse_out_indices(out_indices: Union[Sequence[int], int]) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        out = []
+        for index in out_indices:
+            if not isinstance(index, int) or not -NUM_STAGES <= index < NUM_STAGES:
+                raise ValueError(f'out_indices must be stage indices in [0, {NUM_STAGES - 1}]'
+                                 f' (or negative), got {index!r}')
+            out.append(index % NUM_STAGES)
+        if not out or len(set(out)) != len(out):
+            raise ValueError(f'out_indices must be non-empty and unique, got {out_indices}')
+        return tuple(sorted(out))
+
+    # ------------------------------------------------------------ weights/init
+    def _embedding(self, i: int) -> nn.Module:
+        """The stem (i = 0) or the patch embedding of stage i (0-3)."""
+        return self.stem if i == 0 else getattr(self, f'{self.patch_embed_prefix}{i + 1}')
+
+    def _stage_modules(self, i: int) -> List[nn.Module]:
+        """Modules of stage i (1-4): patch embedding, blocks and output norm."""
+        mods: List[nn.Module] = []
+        if i > 1:
+            mods.append(self._embedding(i - 1))
+        mods.append(getattr(self, f'stage{i}'))
+        norm_name = 'norm' if i == NUM_STAGES else f'norm{i}'
+        if hasattr(self, norm_name):
+            mods.append(getattr(self, norm_name))
+        return mods
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        mods = [self.stem]
+        for i in range(1, self.frozen_stages + 1):
+            mods += self._stage_modules(i)
+        for m in mods:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'ResTBase':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def init_weights(self) -> None:
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            self.load_pretrained(self.init_cfg['checkpoint'])
+            return
+        if self.init_cfg is not None:
+            super().init_weights()
+            return
+        # The authors' initialisation.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                trunc_normal_(m.weight, std=.02)
+                if isinstance(m, self.zero_bias_types) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, _BatchNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def load_pretrained(self, checkpoint: str) -> None:
+        """Load weights of any supported layout from a file, safely.
+
+        Missing and unexpected keys are logged by name. Only the new output norms
+        ``norm1``-``norm3`` (and BN ``num_batches_tracked``) may be missing, and only
+        output norms of unselected stages may be extra; any other difference means
+        another architecture and raises.
+
+        Args:
+            checkpoint (str): Path of the checkpoint file.
+
+        Raises:
+            CheckpointError: If the file is unsafe, unreadable, holds no ResT weights,
+                holds the weights of the other ResT version, or its weights do not fit
+                this architecture.
+        """
+        logger = MMLogger.get_current_instance()
+        name = self.family_name
+        try:
+            state_dict = convert_rest_checkpoint(safe_load_checkpoint(checkpoint))
+            check_rest_family(state_dict, name)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f'{checkpoint}: {err}') from err
+        own = self.state_dict()
+        mismatched = [
+            f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+            for k, v in state_dict.items() if k in own and v.shape != own[k].shape
+        ]
+        if mismatched:
+            raise CheckpointError(
+                f'{checkpoint} does not fit this {name} (arch embed_dims='
+                f'{self.embed_dims}, depths={self.depths}): {len(mismatched)} shape '
+                'mismatches, e.g. ' + '; '.join(mismatched[:5]))
+        matched = [k for k in state_dict if k in own]
+        if not matched:
+            raise CheckpointError(f'{checkpoint}: none of its keys match this {name}')
+        # Only the new output norms (and BN counters) may be absent, and only output
+        # norms of unselected stages may be extra; anything else is another arch (e.g.
+        # small weights into large would leave 12 blocks at their random init).
+        absent = [k for k in own if k not in state_dict and
+                  not re.match(r'^norm[123]\.|.*\.num_batches_tracked$', k)]
+        extra = [k for k in state_dict if k not in own and not re.match(r'^norm[123]\.', k)]
+        if absent or extra:
+            raise CheckpointError(
+                f'{checkpoint} does not fit this {name} (arch embed_dims={self.embed_dims}, '
+                f'depths={self.depths}): {len(absent)} of its weights are missing from the '
+                f'checkpoint {absent[:5]}, {len(extra)} checkpoint weights are not in the '
+                f'model {extra[:5]}')
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        logger.info(f'Loaded {len(matched)} {name} tensors from {checkpoint}')
+        if missing:
+            logger.warning(f'Keys missing from {checkpoint} (left at their '
+                           f'initialisation): {missing}')
+        if unexpected:
+            logger.warning(f'Unexpected keys in {checkpoint} (ignored): {unexpected}')
+
+    def _convert_old_layout(self, state_dict: dict, prefix: str, *args) -> None:
+        """Load-state-dict pre-hook: rename keys of other layouts under ``prefix``.
+
+        E.g. an authors' detectron2 detector loaded into an mmdet detector has
+        ``backbone.bottom_up.stem.conv1.weight`` where ``backbone.stem.conv1.weight`` is
+        expected; the classification head ``head.*`` of the authors' ImageNet models is
+        left in place (reported as unexpected by a non-strict load).
+        """
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            new = normalize_rest_key(key[len(prefix):])
+            if new is not None and prefix + new != key and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(key)
+
+    # ---------------------------------------------------------------- forward
+    def _check_input(self, x: Tensor) -> None:
+        name = self.family_name
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f'{name} expects a 4-D (N, C, H, W) tensor, got {shape}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'{name} was built for {self.in_channels} input channels '
+                             f'(in_channels), got an input of shape {tuple(x.shape)}')
+        if x.shape[0] == 0:
+            raise ValueError(f'{name} got an empty batch: input shape {tuple(x.shape)}')
+
+    def _embed(self, i: int, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """Stage i's embedding of ``x`` (images or the previous stage's map): tokens
+        (B, H * W, C) and (H, W). For embeddings that return a map."""
+        x = self._embedding(i)(x)
+        return map_to_tokens(x), (x.shape[2], x.shape[3])
+
+    def _run_block(self, block: nn.Module, x: Tensor, hw: Tuple[int, int]) -> Tensor:
+        if self.with_cp and self.training and torch.is_grad_enabled():
+            return cp.checkpoint(block, x, hw, use_reentrant=False)
+        return block(x, hw)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Forward.
+
+        Args:
+            x (Tensor): Images of shape (N, in_channels, H, W), any H, W.
+
+        Returns:
+            tuple[Tensor]: Maps of the stages in ``out_indices``, each
+            (N, C_i, ceil(H / 2**(i+2)), ceil(W / 2**(i+2))), contiguous NCHW.
+        """
+        self._check_input(x)
+        outs = []
+        for i in range(NUM_STAGES):
+            tokens, (H, W) = self._embed(i, x)
+            B, _, C = tokens.shape
+            for block in getattr(self, f'stage{i + 1}'):
+                tokens = self._run_block(block, tokens, (H, W))
+            norm = self.norm if i == NUM_STAGES - 1 else getattr(self, f'norm{i + 1}', None)
+            out = None
+            if norm is not None:
+                out = norm(tokens)
+                if self.out_norm_in_main_path or i == NUM_STAGES - 1:
+                    tokens = out
+            if i in self.out_indices:
+                # plain contiguous NCHW, as mmdet's backbones return (a channels-last
+                # view would be misread by ops that index data_ptr as NCHW, such as
+                # mmcv's RoIAlign)
+                outs.append(out.transpose(1, 2).reshape(B, C, H, W).contiguous())
+            if i < NUM_STAGES - 1:
+                x = tokens_to_map(tokens, (H, W))
+        return tuple(outs)
