@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import mmrest.models
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools', 'analysis', 'gpu_check.py')
 
@@ -22,6 +24,9 @@ def _load_tool():
 
 
 tool = _load_tool()
+#: Speed rows of ResT V2-tiny, measured beside ResT-small whenever mmrest has ResT V2.
+V2_LABELS = (['ResTV2-tiny', 'ResTV2-tiny reference']
+             if hasattr(mmrest.models, 'ResTV2') else [])
 
 
 #: The runs here are tiny: on one intra-op thread (see conftest.py).
@@ -63,9 +68,10 @@ def test_bad_options_name_the_problem(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_v2_arch_without_resv2_is_refused(capsys, tmp_path):
-    if 'v2-tiny' in tool.available_specs():
-        pytest.skip('mmrest.models has ResTV2 here')  # then the arch is valid
+def test_v2_arch_without_resv2_is_refused(capsys, tmp_path, monkeypatch):
+    """An installation without ResT V2 (as before it existed) refuses the v2 archs."""
+    monkeypatch.delattr(mmrest.models, 'ResTV2', raising=False)
+    assert 'v2-tiny' not in tool.available_specs()
     out = tmp_path / 'r.json'
     assert tool.main(['--device', 'cpu', '--archs', 'v2-tiny', '--out', str(out)]) == 2
     assert '--archs v2-tiny: mmrest.models has no ResTV2' in capsys.readouterr().err
@@ -168,8 +174,11 @@ def test_cpu_smoke_run_writes_tables_and_json(tmp_path, monkeypatch, capsys):
     stdout = capsys.readouterr().out
     assert '| model | size | batch | dtype | quantity | max rel. error |' in stdout
     assert '| model | case | dtype | ms per batch | img/s | peak MiB | ms / reference |' in stdout
-    assert stdout.strip().splitlines()[-1].startswith('gpu_check: 8 of 8 checks passed, '
-                                                      '12 of 12 speed rows measured')
+    # 12 speed rows for ResT-small fused and reference and Swin-T; ResT V2-tiny fused
+    # and reference add 8
+    rows = 12 + 4 * len(V2_LABELS)
+    assert stdout.strip().splitlines()[-1].startswith(
+        f'gpu_check: 8 of 8 checks passed, {rows} of {rows} speed rows measured')
     result = json.loads(out.read_text())
     env = result['environment']
     for key in ('date', 'command', 'torch', 'cuda', 'cudnn', 'gpu', 'mmengine', 'mmcv'):
@@ -188,14 +197,15 @@ def test_cpu_smoke_run_writes_tables_and_json(tmp_path, monkeypatch, capsys):
         assert (row['reference_error'] is None) == (row['dtype'] == 'fp32')
         assert f'| {row["error"]:.2e} |' in stdout
     speed = result['speed']
-    labels = ['ResT-lite', 'ResT-lite reference', tool.SWIN_LABEL]
+    labels = ['ResT-lite', 'ResT-lite reference'] + V2_LABELS + [tool.SWIN_LABEL]
     assert [(r['model'], r['case'], r['dtype']) for r in speed] == [
         (m, c.name, 'fp32') for m in labels for c in tool.SMOKE_SPEED_CASES]
     for row in speed:
         assert row['ms'] > 0 and row['runs'] >= 1 and row['peak_mib'] is None
         batch = int(row['case'].rpartition('b')[2])
         assert row['img_per_s'] == pytest.approx(batch / row['ms'] * 1e3)
-        assert (row['ms_vs_reference'] is None) == (row['model'] != 'ResT-lite')
+        fused = row['model'] in ('ResT-lite', 'ResTV2-tiny')
+        assert (row['ms_vs_reference'] is None) == (not fused)
         assert (row['ms_vs_swin'] is None) == (row['model'] == tool.SWIN_LABEL)
 
 
@@ -273,7 +283,8 @@ def test_runs_with_only_torch_mmengine_and_mmcv_without_ops(tmp_path):
     assert 'Note: mmdet Swin-T skipped: mmdet not importable' in proc.stdout
     result = json.loads(out.read_text())
     assert result['passed'] and len(result['checks']) == 6
-    assert {r['model'] for r in result['speed']} == {'ResT-lite', 'ResT-lite reference'}
+    assert {r['model'] for r in result['speed']} == {'ResT-lite', 'ResT-lite reference',
+                                                     *V2_LABELS}
 
 
 def test_a_model_that_fails_to_build_gives_error_rows_in_the_speed_table():

@@ -115,3 +115,10 @@ def test_cli_rejects_odd_arguments_and_bad_files(tmp_path):
     res = subprocess.run([sys.executable, TOOL, 'configs/a.py', str(tmp_path / 'x.json')],
                          capture_output=True, text=True)
     assert res.returncode == 1 and 'x.json: no such file or directory' in res.stderr
+
+
+def test_every_config_has_a_table_row():
+    import glob
+    names = {osp.splitext(osp.basename(p))[0]
+             for p in glob.glob(osp.join(ROOT, 'configs', '*.py'))}
+    assert names == set(rt.KNOWN_CONFIGS)

@@ -45,6 +45,21 @@ KNOWN_CONFIGS: Dict[str, Tuple[str, str, str, str]] = {
     'rest_small_imagenet': ('ImageNet-1k 300 ep', 'ResT-Small', '13.68M', '79.6 top-1'),
     'rest_base_imagenet': ('ImageNet-1k 300 ep', 'ResT-Base', '30.33M', '81.6 top-1'),
     'rest_large_imagenet': ('ImageNet-1k 300 ep', 'ResT-Large', '51.68M', '83.6 top-1'),
+    'mask_rcnn_restv2_tiny_3x_coco': ('Mask R-CNN 3x', 'ResTv2-Tiny', '49.94M',
+                                      '47.6 box / 43.2 mask AP'),
+    'mask_rcnn_restv2_small_3x_coco': ('Mask R-CNN 3x', 'ResTv2-Small', '60.71M',
+                                       '48.1 box / 43.3 mask AP'),
+    'mask_rcnn_restv2_base_3x_coco': ('Mask R-CNN 3x', 'ResTv2-Base', '75.47M',
+                                      '48.7 box / 43.9 mask AP'),
+    'retinanet_restv2_tiny_3x_coco': ('RetinaNet 3x', 'ResTv2-Tiny', '40.61M',
+                                      'not reported'),
+    'upernet_restv2_tiny_ade20k': ('UperNet 160k', 'ResTv2-Tiny', '62.09M', '47.3 mIoU'),
+    'upernet_restv2_small_ade20k': ('UperNet 160k', 'ResTv2-Small', '72.86M', '49.2 mIoU'),
+    'upernet_restv2_base_ade20k': ('UperNet 160k', 'ResTv2-Base', '87.62M', '49.6 mIoU'),
+    'restv2_tiny_imagenet': ('ImageNet-1k 300 ep', 'ResTv2-Tiny', '30.43M', '82.3 top-1'),
+    'restv2_small_imagenet': ('ImageNet-1k 300 ep', 'ResTv2-Small', '41.21M', '83.2 top-1'),
+    'restv2_base_imagenet': ('ImageNet-1k 300 ep', 'ResTv2-Base', '55.97M', '83.7 top-1'),
+    'restv2_large_imagenet': ('ImageNet-1k 300 ep', 'ResTv2-Large', '86.53M', '84.2 top-1'),
 }
 
 _TIMESTAMP = re.compile(r'^\d{8}_\d{6}$')
