@@ -1,4 +1,5 @@
 """Shared fixtures of the ResT backbone tests: cached weights and models."""
+import contextlib
 import functools
 from typing import Callable, Dict, Tuple
 
@@ -7,6 +8,18 @@ import torch
 from reference_rest import random_authors_state_dict
 
 from mmrest.models import ResT
+
+
+@pytest.fixture(autouse=True)
+def restore_default_scope():
+    """mmengine's default scope (a process-wide global that builds and runners switch to
+    mmdet, mmseg or mmpretrain) is, after each test, what it was before it: no test sees
+    a scope left by another."""
+    from mmengine.registry import DefaultScope
+    before = dict(DefaultScope._instance_dict)
+    yield
+    DefaultScope._instance_dict.clear()
+    DefaultScope._instance_dict.update(before)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,6 +95,16 @@ def to_double() -> Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
     return double_state_dict
 
 
+@contextlib.contextmanager
+def _intra_op_threads(threads: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope='module')
 def one_intra_op_thread():
     """One intra-op thread for a test module of small cases (``pytestmark``).
@@ -89,7 +112,20 @@ def one_intra_op_thread():
     Their ops take microseconds, so OpenMP fork/joins would dominate them (and make the
     file slow on a busy machine); what they check does not depend on the thread count.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with _intra_op_threads(1):
+        yield
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, so that batch 1 x 1 head takes the blocked backward."""
+    with _intra_op_threads(2):
+        yield
+
+
+@pytest.fixture
+def many_threads():
+    """32 intra-op threads, as on a GPU node (the CPU-tuned dispatch rules would fire
+    for small batches if they were not limited to CPU tensors)."""
+    with _intra_op_threads(32):
+        yield

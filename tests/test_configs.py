@@ -59,17 +59,6 @@ AUTHORS_PARAMS = {
 }
 
 
-@pytest.fixture(scope='module', autouse=True)
-def restore_default_scope():
-    """The builds here switch mmengine's default scope (mmdet, mmseg, mmpretrain); the
-    scope that was current before this module is current again after it."""
-    from mmengine.registry import DefaultScope
-    before = dict(DefaultScope._instance_dict)
-    yield
-    DefaultScope._instance_dict.clear()
-    DefaultScope._instance_dict.update(before)
-
-
 @functools.lru_cache(maxsize=None)
 def _parsed(path: str) -> Config:
     # mmengine re-reads every model-index of a package for each ``pkg::`` base: parse once.

@@ -34,15 +34,6 @@ BRANCHES = {
 BLOCK_BYTES = {'one': 1 << 40, 'many': 4096}
 
 
-@pytest.fixture
-def many_threads():
-    """32 intra-op threads, as on a GPU node (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(32)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Spy:
     """Records which attention paths ran (wraps module functions of ``emsa_ops``)."""
 

@@ -168,15 +168,6 @@ def test_gradcheck_float64(B, h, N, M, block_size):
     assert torch.autograd.gradcheck(fn, args)
 
 
-@pytest.fixture
-def two_threads():
-    """Two intra-op threads, so that batch 1 x 1 head takes the blocked backward."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize('N,M,block_size', [(333, 64, 16), (50, 5, None), (7, 1, 3),
                                             (1, 1, None)])
 def test_plain_attention_blocked_backward(two_threads, N, M, block_size):

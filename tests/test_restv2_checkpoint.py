@@ -130,7 +130,7 @@ def test_classifier_target_gives_the_authors_logits(tmp_path):
     torch.save({'model': sd}, src)
     assert cli.main([str(src), str(dst), '--target', 'classifier']) == 0
     model = MODELS.build(dict(
-        type='ImageClassifier',
+        type='ImageClassifier', _scope_='mmpretrain',
         backbone=dict(type='mmrest.ResTV2', arch='tiny', out_indices=(3, ), drop_path_rate=0.),
         neck=dict(type='GlobalAveragePooling'),
         head=dict(type='LinearClsHead', num_classes=1000, in_channels=768)))

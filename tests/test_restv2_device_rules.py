@@ -7,8 +7,6 @@ frozen stage), with the CPU-tuned rules forced on and off."""
 import pytest
 import torch
 
-from test_device_rules import many_threads  # noqa: F401 (a fixture: 32 threads)
-
 from mmrest.models import ResTV2
 from mmrest.models.layers import block, embed, emsa, emsa_ops
 
