@@ -10,6 +10,22 @@ from reference_rest import random_authors_state_dict
 from mmrest.models import ResT
 
 
+SLOW_ARCHS = ('base', 'large')
+
+
+def pytest_collection_modifyitems(config, items):
+    """Variants of the two largest archs are marked ``slow``.
+
+    A test parametrised by ``arch`` runs, in ``make test-fast``, only on the smaller archs
+    (ResT lite and small, ResT V2 tiny and small): base and large go through the same code
+    with more blocks and take most of the time. ``make test`` runs them all.
+    """
+    for item in items:
+        callspec = getattr(item, 'callspec', None)
+        if callspec is not None and callspec.params.get('arch') in SLOW_ARCHS:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def restore_default_scope():
     """mmengine's default scope (a process-wide global that builds and runners switch to

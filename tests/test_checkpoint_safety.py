@@ -91,6 +91,7 @@ def _assert_refused(proc: subprocess.CompletedProcess, evil: str, marker: str) -
     assert not osp.exists(marker)
 
 
+@pytest.mark.slow
 def test_train_resume_path_refuses(demo_setup):
     s = demo_setup
     proc = run(train_cmd(s['config'], str(s['root'] / 'w_resume'), '--resume', s['evil']))
@@ -98,6 +99,7 @@ def test_train_resume_path_refuses(demo_setup):
     assert 'train.py: error: UnsafeCheckpointError' in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_load_from_refuses(demo_setup):
     s = demo_setup
     proc = run(train_cmd(s['config'], str(s['root'] / 'w_load'), '--cfg-options',
@@ -105,6 +107,7 @@ def test_train_load_from_refuses(demo_setup):
     _assert_refused(proc, s['evil'], s['marker'])
 
 
+@pytest.mark.slow
 def test_train_auto_resume_refuses_and_does_not_fall_back(demo_setup, tmp_path):
     """A tampered newest checkpoint stops auto-resume (no fallback, no fresh start)."""
     s = demo_setup
@@ -117,6 +120,7 @@ def test_train_auto_resume_refuses_and_does_not_fall_back(demo_setup, tmp_path):
     assert not (work_dir / 'iter_2.pth').exists()  # did not train from scratch
 
 
+@pytest.mark.slow
 def test_test_tool_refuses(demo_setup):
     s = demo_setup
     proc = run([PYTHON, TEST, s['config'], s['evil'], '--work-dir',
@@ -196,6 +200,7 @@ def _openmmlab_apis(config_text: str, ckpt: str, tmp_path) -> dict:
     return report
 
 
+@pytest.mark.slow
 def test_mmengine_apis_refuse_code_with_custom_imports_alone(demo_setup, tmp_path):
     s = demo_setup
     with open(s['config']) as f:

@@ -33,7 +33,7 @@ def _backbones():
     return cases
 
 
-pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('one_intra_op_thread')]
 
 
 def build(name: str, arch) -> torch.nn.Module:

@@ -24,6 +24,7 @@ from reference_rest import ARCHS, random_authors_state_dict, reference_features
 from torch import Tensor, nn
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+pytestmark = pytest.mark.slow  # whole detectors: `make test` runs them, test-fast does not
 
 #: float32 agreement: |a - b| <= ATOL_REL * max(1, max |b|) + RTOL * |b|. Two
 #: independent float32 implementations of a random ResT differ by a few 1e-4 of the

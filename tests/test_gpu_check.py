@@ -85,6 +85,7 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
     assert f'--out {blocker / "r.json"}: cannot create its folder' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_refuses_without_cuda(tmp_path):
     out = tmp_path / 'gpu_check.json'
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONPATH=ROOT)
@@ -164,6 +165,7 @@ def _tiny_peer(monkeypatch):
         'swin-t', tool.SWIN_LABEL, lambda impl, dpr: lite.build('fused', dpr), False))
 
 
+@pytest.mark.slow
 def test_cpu_smoke_run_writes_tables_and_json(tmp_path, monkeypatch, capsys):
     _tiny_peer(monkeypatch)
     out = tmp_path / 'sub' / 'gpu_check.json'

@@ -165,6 +165,7 @@ def retinanet(tmp_path_factory):
     return dict(spec=spec, cfg=cfg, model=model, out=out, meta=onnx_pipeline.load_meta(out))
 
 
+@pytest.mark.slow
 def test_retinanet_raw_outputs_match_on_photos(retinanet):
     """Two photos through the numpy pre-processing (neither at the traced size) and a
     batch of 3."""
@@ -182,6 +183,7 @@ def test_retinanet_raw_outputs_match_on_photos(retinanet):
         assert_close(sess.run(None, {'input': x.numpy()}), retinanet['spec'].module(x))
 
 
+@pytest.mark.slow
 def test_preprocess_equals_the_mmdet_pipeline(retinanet):
     """The numpy pre-processing gives the tensor and metadata of mmdet's test pipeline
     and data preprocessor."""
@@ -218,6 +220,7 @@ def _match_detections(ours: dict, theirs) -> None:
     assert (order == np.arange(len(order))).all()  # best first
 
 
+@pytest.mark.slow
 def test_detection_postprocess_equals_mmdet_on_the_same_raw_outputs(retinanet):
     """ONNX Runtime's raw outputs for two photos, post-processed by the numpy helper and
     by mmdet's ``predict_by_feat``. Noise of std 1 is added to the class logits first:
@@ -245,6 +248,7 @@ def test_detection_postprocess_equals_mmdet_on_the_same_raw_outputs(retinanet):
         assert (ours['bboxes'][:, [0, 2]] <= w).all() and (ours['bboxes'][:, [1, 3]] <= h).all()
 
 
+@pytest.mark.slow
 def test_postprocess_refuses_other_exports(retinanet, lite):
     with pytest.raises(ValueError, match="task 'backbone'"):
         onnx_pipeline.detection_postprocess([], onnx_pipeline.load_meta(lite['out']), [])
@@ -263,6 +267,7 @@ def upernet(tmp_path_factory):
     return dict(spec=spec, cfg=cfg, model=model, out=out, meta=onnx_pipeline.load_meta(out))
 
 
+@pytest.mark.slow
 def test_upernet_end_to_end_equals_mmseg_on_photos(upernet):
     """Photo -> numpy pre-processing -> ONNX Runtime -> numpy post-processing equals
     mmseg's ``inference_model`` (its pipeline, PyTorch, ``postprocess_result``): logits
@@ -290,6 +295,7 @@ def test_upernet_end_to_end_equals_mmseg_on_photos(upernet):
         assert (ours['sem_seg'][clear] == label[clear]).all()
 
 
+@pytest.mark.slow
 def test_upernet_raw_logits_at_a_batch_of_three(upernet):
     x = torch.randn(3, 3, 97, 161)
     with torch.no_grad():
@@ -297,6 +303,7 @@ def test_upernet_raw_logits_at_a_batch_of_three(upernet):
     assert_close(session(upernet['out']).run(None, {'input': x.numpy()}), expected)
 
 
+@pytest.mark.slow
 def test_mask_rcnn_features_with_a_static_size(tmp_path_factory):
     """Mask R-CNN up to the FPN, height and width fixed (the batch stays dynamic)."""
     spec, _ = _spec(tmp_path_factory, 'mask_rcnn', tiny_mask_rcnn_text())
@@ -313,6 +320,7 @@ def test_mask_rcnn_features_with_a_static_size(tmp_path_factory):
     assert osp.isfile(out.replace('.onnx', '.json'))
 
 
+@pytest.mark.slow
 def test_latency_script_reports_both_engines(lite, capsys):
     """tools/deployment/bench_onnx.py on the exported ResT-Lite (its own weights): the
     table has a row per case and the engines agree (no timing is asserted)."""

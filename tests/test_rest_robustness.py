@@ -231,6 +231,7 @@ ARCH_DRAWS = ['lite'] * 4 + ['small'] * 3 + ['base'] * 2 + ['large']
 @example(arch='large', h=33, w=700, batch=1)
 @given(arch=st.sampled_from(ARCH_DRAWS), h=st.integers(32, 700), w=st.integers(32, 700),
        batch=st.integers(1, 3))
+@pytest.mark.slow
 def test_any_size_gives_finite_maps_of_the_right_shape(eval_rest, arch, h, w, batch):
     model = eval_rest(arch)
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(h * 1000 + w))

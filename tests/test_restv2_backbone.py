@@ -188,7 +188,8 @@ def test_attn_impls_agree_in_training_mode():
 
 
 @pytest.mark.parametrize('attn_impl', ATTN_IMPLS)
-@pytest.mark.parametrize('sr,hw', [(4, (7, 9)), (1, (3, 4))])
+@pytest.mark.parametrize('sr,hw',
+                         [pytest.param(4, (7, 9), marks=pytest.mark.slow), (1, (3, 4))])
 def test_attention_gradcheck(attn_impl, sr, hw):
     """gradcheck of EMSAv2 in its input and its q, kv and up-sampling weights (float64, a
     cropped map for sr 4)."""
@@ -215,7 +216,8 @@ def test_whole_backbone_gradcheck():
     assert torch.autograd.gradcheck(lambda t: model(t), (x, ), fast_mode=True)
 
 
-@pytest.mark.parametrize('out_indices', [(0, 1, 2, 3), (1, 3)])
+@pytest.mark.parametrize('out_indices',
+                         [(0, 1, 2, 3), pytest.param((1, 3), marks=pytest.mark.slow)])
 def test_out_norm_in_main_path(out_indices):
     """False (the default, the authors' v2 downstream code): output norms on the returned
     maps only, and stage 4 equals the classification backbone's; True: the next stage

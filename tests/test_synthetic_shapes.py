@@ -237,6 +237,7 @@ def test_read_generator_settings(dataset, tmp_path):
     assert read_generator_settings(copy) is None
 
 
+@pytest.mark.slow
 def test_import_mmrest_does_not_import_the_generator_or_mmdet():
     code = ('import sys, mmrest; assert "mmrest.testing" not in sys.modules, '
             'sorted(m for m in sys.modules if m.startswith("mmrest")); '
@@ -244,6 +245,7 @@ def test_import_mmrest_does_not_import_the_generator_or_mmdet():
     subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_cli_writes_dataset_and_reports_errors(tmp_path):
     tool = osp.join(REPO, 'tools', 'dataset_converters', 'make_synthetic_shapes.py')
     out = str(tmp_path / 'cli')

@@ -271,6 +271,7 @@ def test_missing_image(data_copy):
     assert gone in str(info.value)
 
 
+@pytest.mark.slow
 def test_cli_reports_data_error_in_one_line(data_copy):
     data, config = data_copy
     ann = osp.join(data, 'annotations', 'instances_train.json')
@@ -287,6 +288,7 @@ def test_cli_reports_data_error_in_one_line(data_copy):
     assert 'test.py: error: FileNotFoundError: checkpoint file not found' in proc.stderr
 
 
+@pytest.mark.slow
 def test_engine_parts_build_from_a_config_that_imports_only_mmrest():
     """``custom_imports=['mmrest']`` is enough to name the hooks and the optimizer
     wrapper: their registries import mmrest.engine on first use."""
