@@ -1,4 +1,5 @@
-"""Shared fixtures of the ResT backbone tests: cached weights and models."""
+"""Shared fixtures and marks of the tests: cached weights and models, thread counts,
+mmengine's default scope restored after each test, the slow mark of the large archs."""
 import contextlib
 import functools
 from typing import Callable, Dict, Tuple
