@@ -46,18 +46,6 @@ def _names(classes, labels) -> List[str]:
             for i in labels]
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, 'tolist'):
-        return value.tolist()
-    if isinstance(value, bytes):
-        return value.decode()
-    return value
-
-
 def _predict(scope: str, cfg, checkpoint: str, images: List[str], out_dir: str,
              device: str, score_thr: float) -> Tuple[Optional[list], List[Dict[str, Any]]]:
     """The class names and one entry per image, from the inferencer of ``scope``."""
@@ -113,6 +101,7 @@ def infer(config, checkpoint: str, images: List[str], out_dir: str,
     Returns:
         dict: What ``predictions.json`` holds.
     """
+    import mmengine
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
 
@@ -137,10 +126,13 @@ def infer(config, checkpoint: str, images: List[str], out_dir: str,
         candidates = [osp.join(vis_dir, stem), osp.join(vis_dir, osp.splitext(stem)[0] + '.png')]
         entry['visualization'] = next((c for c in candidates if osp.isfile(c)), None)
     result = dict(config=cfg.filename, checkpoint=checkpoint, task=TASKS[scope],
-                  classes=_jsonable(classes), images=_jsonable(entries))
+                  classes=classes, images=entries)
+    # mmengine's JSON handler turns numpy arrays and scalars into lists and numbers; the
+    # returned dict is the file's content read back, plain Python throughout
+    text = mmengine.dump(result, file_format='json', indent=1)
     with open(osp.join(out_dir, 'predictions.json'), 'w', encoding='utf-8') as f:
-        json.dump(result, f, indent=1)
-    return result
+        f.write(text)
+    return json.loads(text)
 
 
 def predict_photo(config, checkpoint: str, out_file: str, photo: str = 'chelsea',
