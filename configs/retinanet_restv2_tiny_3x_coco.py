@@ -20,7 +20,11 @@
 #   --cfg-options model.backbone.init_cfg.checkpoint=PATH
 # Train on 8 GPUs x 2 images:  bash tools/dist_train.sh configs/retinanet_restv2_tiny_3x_coco.py 8
 # Test: python tools/test.py configs/retinanet_restv2_tiny_3x_coco.py work_dirs/<...>/epoch_36.pth
-_base_ = './retinanet_rest_small_coco.py'
+_base_ = ['./retinanet_rest_small_coco.py', './_base_/restv2_detection_3x.py']
+# the 3x schedule of configs/_base_/restv2_detection_3x.py
+optim_wrapper = {{_base_.restv2_3x_optim_wrapper}}
+train_cfg = {{_base_.restv2_3x_train_cfg}}
+param_scheduler = {{_base_.restv2_3x_param_scheduler}}
 
 model = dict(
     backbone=dict(type='mmrest.ResTV2', arch='tiny', drop_path_rate=0.1, frozen_stages=-1,
@@ -36,14 +40,3 @@ train_pipeline = [
     dict(type='PackDetInputs'),
 ]
 train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
-
-optim_wrapper = dict(
-    type='AmpOptimWrapper',
-    loss_scale='dynamic',
-    paramwise_cfg=dict(_delete_=True, norm_decay_mult=0.))
-
-train_cfg = dict(max_epochs=36)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
-    dict(type='MultiStepLR', begin=0, end=36, by_epoch=True, milestones=[28, 33], gamma=0.1),
-]
