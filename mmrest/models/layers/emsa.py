@@ -20,12 +20,6 @@ from .emsa_ops import INSTANCE_NORM_EPS, cpu_tuned, emsa_fused
 ATTN_IMPLS = ('fused', 'reference')
 
 
-def check_attn_impl(attn_impl: str) -> None:
-    """Raise ``ValueError`` unless ``attn_impl`` is one of :data:`ATTN_IMPLS`."""
-    if attn_impl not in ATTN_IMPLS:
-        raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
-
-
 def build_reduction(embed_dims: int, sr_ratio: int,
                     norm_cfg: dict) -> Tuple[nn.Conv2d, nn.Module]:
     """The reduction conv (depthwise, kernel ``sr_ratio + 1``, stride ``sr_ratio``,
@@ -38,34 +32,6 @@ def build_reduction(embed_dims: int, sr_ratio: int,
         padding=sr_ratio // 2,
         groups=embed_dims)
     return conv, build_norm_layer(norm_cfg, embed_dims)[1]
-
-
-def reduce_tokens(x: Tensor, hw_shape: Tuple[int, int], conv: nn.Conv2d,
-                  norm: nn.Module) -> Tuple[Tensor, Tuple[int, int]]:
-    """The spatial reduction of keys and values: ``norm(conv(x as a map))`` as tokens.
-
-    Args:
-        x (Tensor): Tokens (B, N, C) of an (H, W) map, N = H * W.
-        hw_shape (tuple[int, int]): (H, W).
-        conv (nn.Conv2d): The strided depthwise reduction conv.
-        norm (nn.Module): The norm applied to the reduced tokens.
-
-    Returns:
-        tuple[Tensor, tuple[int, int]]: Reduced tokens (B, M, C) and their map's (h, w).
-    """
-    B, N, C = x.shape
-    if cpu_tuned(x):
-        # A channels-last view of the token map (no copy). Built this way its
-        # strides are unambiguous even for B = 1, so the depthwise conv takes
-        # oneDNN's channels-last kernel (an order of magnitude faster here than the
-        # NCHW fallback that ``x.transpose(1, 2).reshape(B, C, H, W)`` triggers for
-        # B = 1), and its channels-last output flattens back to tokens without a
-        # copy.
-        x_map = x.reshape(B, *hw_shape, C).permute(0, 3, 1, 2)
-    else:
-        x_map = x.transpose(1, 2).reshape(B, C, *hw_shape).contiguous()
-    x_map = conv(x_map)
-    return norm(x_map.flatten(2).transpose(1, 2)), (x_map.shape[2], x_map.shape[3])
 
 
 def emsa_reference(q: Tensor, k: Tensor, v: Tensor, scale: float,
@@ -132,7 +98,8 @@ class ReducedKVAttention(nn.Module):
         if embed_dims % num_heads != 0:
             raise ValueError(f'embed_dims ({embed_dims}) must be divisible by '
                              f'num_heads ({num_heads})')
-        check_attn_impl(attn_impl)
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.head_dims = embed_dims // num_heads
@@ -140,11 +107,33 @@ class ReducedKVAttention(nn.Module):
         self.sr_ratio = sr_ratio
         self.attn_impl = attn_impl
 
-    def reduce_tokens(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        """Tokens (B, N, C) -> the tokens keys and values are computed from (B, M, C)."""
+    def reduce_tokens(self, x: Tensor, hw_shape: Tuple[int, int]
+                      ) -> Tuple[Tensor, Tuple[int, int]]:
+        """The tokens keys and values are computed from: ``sr_norm(sr(x as a map))``.
+
+        Args:
+            x (Tensor): Tokens (B, N, C) of an (H, W) map, N = H * W.
+            hw_shape (tuple[int, int]): (H, W).
+
+        Returns:
+            tuple[Tensor, tuple[int, int]]: Tokens (B, M, C) and their map's (h, w); ``x``
+            and (H, W) themselves where ``sr_ratio`` is 1.
+        """
         if self.sr_ratio == 1:
-            return x
-        return reduce_tokens(x, hw_shape, self.sr, self.sr_norm)[0]
+            return x, hw_shape
+        B, N, C = x.shape
+        if cpu_tuned(x):
+            # A channels-last view of the token map (no copy). Built this way its
+            # strides are unambiguous even for B = 1, so the depthwise conv takes
+            # oneDNN's channels-last kernel (an order of magnitude faster here than the
+            # NCHW fallback that ``x.transpose(1, 2).reshape(B, C, H, W)`` triggers for
+            # B = 1), and its channels-last output flattens back to tokens without a
+            # copy.
+            x_map = x.reshape(B, *hw_shape, C).permute(0, 3, 1, 2)
+        else:
+            x_map = x.transpose(1, 2).reshape(B, C, *hw_shape).contiguous()
+        x_map = self.sr(x_map)
+        return self.sr_norm(x_map.flatten(2).transpose(1, 2)), (x_map.shape[2], x_map.shape[3])
 
     def project(self, x: Tensor, hw_shape: Tuple[int, int]
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tuple[int, int]]:
@@ -159,10 +148,7 @@ class ReducedKVAttention(nn.Module):
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dims
         q = self.q(x).reshape(B, N, h, d).transpose(1, 2)
-        if self.sr_ratio > 1:
-            kv_in, kv_hw = reduce_tokens(x, hw_shape, self.sr, self.sr_norm)
-        else:
-            kv_in, kv_hw = x, hw_shape
+        kv_in, kv_hw = self.reduce_tokens(x, hw_shape)
         kv = self.kv(kv_in)
         k, v = kv.reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v, kv, kv_hw
