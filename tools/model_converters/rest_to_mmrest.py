@@ -89,8 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'error: cannot write {args.dst}: {err}', file=sys.stderr)
         return 1
     num_params = sum(v.numel() for v in state_dict.values())
-    backbone = convert_rest_checkpoint(checkpoint) if args.target == 'classifier' else state_dict
-    family = rest_checkpoint_family(backbone) or 'unknown family'
+    family = rest_checkpoint_family(state_dict) or 'unknown family'
     print(f'{args.src} -> {args.dst}: {len(state_dict)} tensors '
           f'({num_params / 1e6:.2f} M values, {family}), target {args.target}')
     if args.target == 'classifier' and 'head.fc.weight' not in state_dict:

@@ -63,17 +63,19 @@ def normalize_rest_key(key: str) -> Optional[str]:
 
 
 def rest_checkpoint_family(state_dict: Mapping) -> Optional[str]:
-    """Which model a converted backbone state dict is of, by the keys only one has.
+    """Which model a state dict is of, by the backbone keys only one has.
 
     Args:
-        state_dict (Mapping): Backbone keys, e.g. from :func:`convert_rest_checkpoint`.
+        state_dict (Mapping): Keys of any supported layout (see
+            :func:`normalize_rest_key`), e.g. from :func:`convert_rest_checkpoint`.
 
     Returns:
         str | None: ``'ResT'``, ``'ResTV2'``, or None where neither's keys (or both's)
         are found.
     """
+    keys = [normalize_rest_key(str(k)) or '' for k in state_dict]
     found = [name for name, pattern in _VERSION_KEYS.items()
-             if any(pattern.match(str(k)) for k in state_dict)]
+             if any(pattern.match(k) for k in keys)]
     return found[0] if len(found) == 1 else None
 
 
@@ -89,7 +91,8 @@ def check_rest_family(state_dict: Mapping, family: str) -> None:
     """
     found = rest_checkpoint_family(state_dict)
     if found is not None and found != family:
-        example = next(k for k in state_dict if _VERSION_KEYS[found].match(str(k)))
+        example = next(k for k in state_dict
+                       if _VERSION_KEYS[found].match(normalize_rest_key(str(k)) or ''))
         raise ValueError(f'it holds {found} weights (keys such as {example!r}), but the '
                          f'model is a {family}: use a {found} backbone or {family} weights')
 
