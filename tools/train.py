@@ -90,9 +90,8 @@ def build_config(args: argparse.Namespace):
     prepare_compile(cfg)  # compile=True: optimizer groups dynamo can trace
 
     if args.amp:
-        dtype = configure_amp(cfg)
-        _info(f'mixed precision: {dtype} autocast on '
-              f'{"cuda" if cfg.optim_wrapper.type == "AmpOptimWrapper" else "cpu"}')
+        from mmengine.logging import MMLogger
+        configure_amp(cfg, logger=MMLogger.get_current_instance())  # logs dtype and device
     elif cpu_amp_config_fix(cfg):
         _info('AmpOptimWrapper needs a GPU: using mmrest.CPUAmpOptimWrapper (bfloat16 '
               'autocast on cpu)')
