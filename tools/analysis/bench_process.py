@@ -33,6 +33,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def worker_env(threads: int) -> Dict[str, str]:
+    """The environment of a worker process: ``threads`` OpenMP/MKL threads and this
+    repository first on ``PYTHONPATH``."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
+    return env
+
+
 def worker_command(script: str, job: Dict[str, Any], result_path: str) -> List[str]:
     """The command line that runs ``job`` in a fresh process of ``script``."""
     return [sys.executable, os.path.abspath(script), WORKER_FLAG, json.dumps(job), result_path]
@@ -65,8 +73,7 @@ def run_in_subprocess(script: str, job: Dict[str, Any], threads: int,
         dict: The job's result, or ``{'error': message}`` if it raised, was killed (e.g.
         by the kernel when out of memory) or timed out.
     """
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
+    env = worker_env(threads)
     with tempfile.TemporaryDirectory(prefix='mmrest-bench-') as tmp:
         result_path = os.path.join(tmp, 'result.json')
         # its own session, so that a timeout also ends the processes it started (e.g.

@@ -96,13 +96,11 @@ class Worker:
 
     def __init__(self, kind: str, arch: str, weights: str, onnx_path: str,
                  threads: int) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        env['PYTHONPATH'] = os.pathsep.join([REPO] + [p for p in env.get(
-            'PYTHONPATH', '').split(os.pathsep) if p])
+        from bench_process import worker_env
         self.proc = subprocess.Popen(
             [sys.executable, osp.abspath(__file__), '--worker', kind, arch, weights,
              onnx_path, str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env=env, text=True)
+            env=worker_env(threads), text=True)
 
     def ask(self, **cmd) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + '\n')
