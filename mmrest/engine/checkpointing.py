@@ -35,7 +35,7 @@ from ..registry import HOOKS
 from ..utils.checkpoint import (AtomicLocalBackend, CheckpointError, UnsafeCheckpointError,
                                 atomic_write, remove_stale_temp_files, safe_load_checkpoint,
                                 verify_checkpoint_file)
-from .config import type_name
+from .config import add_custom_hook, type_name
 
 #: The name of :class:`~mmrest.utils.AtomicLocalBackend` among mmengine's file backends.
 ATOMIC_BACKEND = 'mmrest_atomic_local'
@@ -451,11 +451,7 @@ def apply_reliability_hooks(cfg: Any) -> None:
         hook = default_hooks['checkpoint']
         if isinstance(hook, dict) and type_name(hook.get('type')) == 'CheckpointHook':
             hook['type'] = RELIABLE_CHECKPOINT_HOOK
-    custom_hooks = list(cfg.get('custom_hooks') or [])
-    if not any(isinstance(h, dict) and type_name(h.get('type')) == 'RNGStateHook'
-               for h in custom_hooks):
-        custom_hooks.append(dict(type=RNG_STATE_HOOK))
-    cfg.custom_hooks = custom_hooks
+    add_custom_hook(cfg, RNG_STATE_HOOK)
 
 
 def checkpoint_templates(cfg: Any) -> tuple:

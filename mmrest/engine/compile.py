@@ -13,6 +13,7 @@ from typing import Any
 from mmengine.hooks import Hook
 
 from ..registry import HOOKS
+from .config import add_custom_hook
 
 PLAIN_PARAM_GROUPS_HOOK = 'mmrest.PlainParamGroupsHook'
 
@@ -44,10 +45,5 @@ def prepare_compile(cfg: Any) -> bool:
     """
     if not cfg.get('compile'):
         return False
-    hooks = list(cfg.get('custom_hooks') or [])
-    if not any(isinstance(h, dict) and h.get('type') in (PLAIN_PARAM_GROUPS_HOOK,
-                                                          'PlainParamGroupsHook')
-               for h in hooks):
-        hooks.append(dict(type=PLAIN_PARAM_GROUPS_HOOK))
-    cfg.custom_hooks = hooks
+    add_custom_hook(cfg, PLAIN_PARAM_GROUPS_HOOK)
     return True

@@ -16,6 +16,21 @@ def type_name(value: Any) -> str:
     return name.split('.')[-1]
 
 
+def add_custom_hook(cfg: Any, hook_type: str) -> None:
+    """Append ``dict(type=hook_type)`` to ``cfg.custom_hooks`` unless a hook of that class
+    (with or without a scope prefix) is already there.
+
+    Args:
+        cfg (Config): The config, modified in place.
+        hook_type (str): E.g. ``'mmrest.RNGStateHook'``.
+    """
+    hooks = list(cfg.get('custom_hooks') or [])
+    if not any(isinstance(h, dict) and type_name(h.get('type')) == type_name(hook_type)
+               for h in hooks):
+        hooks.append(dict(type=hook_type))
+    cfg.custom_hooks = hooks
+
+
 def default_work_dir(config_path: str) -> str:
     """``./work_dirs/<config name>``, mmdet's default.
 
