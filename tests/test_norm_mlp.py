@@ -2,6 +2,8 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from mmrest.models.layers import ResTBlock
 from mmrest.models.layers.block import Mlp
@@ -38,14 +40,32 @@ def test_same_function_and_gradients_as_the_modules(dtype, tol):
         assert ((g - g_ref).abs().max() / g_ref.abs().max().clamp(min=1)).item() < tol
 
 
-def test_gradcheck():
+@pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('block_rows', [1, 7, 74, 1000])
+def test_blocks_of_rows_compute_the_same_function(block_rows, dtype, tol):
+    """74 tokens in blocks of 1 and 7 (the last one short), one block, a block larger
+    than the input: the same values and gradients as the modules."""
+    norm, mlp = make(dtype=dtype)
+    params = list(norm.parameters()) + list(mlp.parameters())
+    x = torch.randn(2, 37, 16, dtype=dtype, requires_grad=True)
+    ref, ref_grads = grads(lambda t: mlp(norm(t)), x, (norm, mlp))
+    out, out_grads = grads(
+        lambda t: NormMlpFunction.apply(t, norm.weight, norm.bias, norm.eps, *params[2:],
+                                        block_rows), x, (norm, mlp))
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    for g, g_ref in zip(out_grads, ref_grads):
+        assert ((g - g_ref).abs().max() / g_ref.abs().max().clamp(min=1)).item() < tol
+
+
+@pytest.mark.parametrize('block_rows', [4, 1024])
+def test_gradcheck(block_rows):
     norm, mlp = make(C=4)
     x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
     params = [norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
               mlp.fc2.bias]
 
     def fn(x_, *p):
-        return NormMlpFunction.apply(x_, p[0], p[1], norm.eps, *p[2:])
+        return NormMlpFunction.apply(x_, p[0], p[1], norm.eps, *p[2:], block_rows)
 
     assert torch.autograd.gradcheck(fn, [x] + params)
 
@@ -79,14 +99,68 @@ def test_keeps_half_of_what_autograd_keeps():
     assert lean <= tokens * (5 * C + 2) * 4
 
 
-def test_frozen_parameters_get_no_gradient():
+class FreshStorages(TorchDispatchMode):
+    """Records the bytes of every storage that an op creates (views and out= writes
+    create none). It keeps them alive, so that no address is reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen, self.fresh, self.kept = set(), [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = tree_flatten((args, kwargs))[0]
+        self.seen.update(t.untyped_storage().data_ptr() for t in inputs
+                         if isinstance(t, torch.Tensor))
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage().data_ptr()
+                if key not in self.seen:
+                    self.seen.add(key)
+                    self.kept.append(t.untyped_storage())
+                    self.fresh.append(t.untyped_storage().nbytes())
+        return out
+
+
+def test_hidden_sized_tensors_are_allocated_once_per_step():
+    """Forward and backward over blocks: the kept pre-activation is the only
+    hidden-sized tensor; the activation and the hidden gradients live in block buffers
+    (in one block, as large as the input, they would be three more)."""
+    C, rows, block_rows = 16, 4096, 256
+    norm, mlp = make(C=C, dtype=torch.float32)
+    params = list(norm.parameters()) + list(mlp.parameters())
+    x = torch.randn(rows, C, requires_grad=True)
+    hidden_bytes = rows * 4 * C * 4
+    counts = []
+    for block in (block_rows, rows):
+        with FreshStorages() as mode:
+            NormMlpFunction.apply(x, norm.weight, norm.bias, norm.eps, *params[2:],
+                                  block).sum().backward()
+        counts.append(sum(n >= hidden_bytes for n in mode.fresh))
+    assert counts == [1, 4]
+
+
+@pytest.mark.parametrize('frozen', ['norm', 'fc1', 'fc2'])
+def test_frozen_parameters_get_no_gradient(frozen):
     norm, mlp = make()
-    for p in norm.parameters():
+    modules = dict(norm=norm, fc1=mlp.fc1, fc2=mlp.fc2)
+    for p in modules[frozen].parameters():
         p.requires_grad_(False)
     x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
-    norm_mlp(x, norm, mlp).sum().backward()
-    assert norm.weight.grad is None and norm.bias.grad is None
-    assert x.grad is not None and mlp.fc1.weight.grad is not None
+    ref_x = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 9, 16, dtype=torch.float64)
+    norm_mlp(x, norm, mlp).backward(g)
+    grads = {name: [p.grad for p in m.parameters()] for name, m in modules.items()}
+    for m in modules.values():
+        m.zero_grad(set_to_none=True)
+    mlp(norm(ref_x)).backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
+    for name, m in modules.items():
+        for got, p in zip(grads[name], m.parameters()):
+            if name == frozen:
+                assert got is None and p.grad is None
+            else:
+                torch.testing.assert_close(got, p.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_applies_only_where_it_is_the_same_function_and_measured():
