@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from mmrest.models.layers import ResTBlock
+import mmrest.models.layers.norm_mlp as norm_mlp_module
 from mmrest.models.layers.block import Mlp
 from mmrest.models.layers.norm_mlp import NormMlpFunction, norm_mlp, norm_mlp_applies
 
@@ -122,6 +123,22 @@ class FreshStorages(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize('block_rows', [7, 1024])
+def test_inference_blocks_compute_the_same_function(block_rows, dtype, tol, monkeypatch):
+    monkeypatch.setattr(norm_mlp_module, 'BLOCK_ROWS', block_rows)
+    norm, mlp = make(dtype=dtype)
+    x = torch.randn(2, 37, 16, dtype=dtype)
+    with torch.no_grad():
+        ref = mlp(norm(x))
+        with FreshStorages() as mode:
+            out = norm_mlp(x, norm, mlp)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    # in blocks no hidden-sized tensor at all; in one block its buffer is the only one
+    assert sum(n >= 74 * 64 * x.element_size() for n in mode.fresh) == (
+        0 if block_rows < 74 else 1)
+
+
 def test_hidden_sized_tensors_are_allocated_once_per_step():
     """Forward and backward over blocks: the kept pre-activation is the only
     hidden-sized tensor; the activation and the hidden gradients live in block buffers
@@ -168,7 +185,7 @@ def test_applies_only_where_it_is_the_same_function_and_measured():
     x = torch.randn(2, 9, 16, requires_grad=True)
     assert norm_mlp_applies(x, norm, mlp)
     with torch.no_grad():
-        assert not norm_mlp_applies(x, norm, mlp)  # inference keeps its own path
+        assert norm_mlp_applies(x, norm, mlp)  # inference runs the blocks too
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert not norm_mlp_applies(x, norm, mlp)
     assert not norm_mlp_applies(x.to(torch.bfloat16), norm, mlp)

@@ -43,6 +43,42 @@ from torch.autograd.function import once_differentiable
 BLOCK_ROWS = 1024
 
 
+def _forward_blocks(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
+                    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, block_rows: int,
+                    keep_hidden: bool) -> Tuple[Tensor, ...]:
+    """``fc2(GELU(fc1(LayerNorm(x))))`` over blocks of rows of the (rows, C) tokens.
+
+    Returns the (rows, C) output and, with ``keep_hidden``, the LayerNorm's (rows, 1)
+    mean and inverse std and the (rows, hidden) pre-activation; without it the
+    pre-activation of a block lives in a reused block buffer too (inference).
+    """
+    C, hidden_dims = x.shape[-1], w1.shape[0]
+    rows = x.shape[0]
+    block_rows = max(1, min(block_rows, rows))
+    out = x.new_empty(rows, C)
+    act_buf = x.new_empty(block_rows * hidden_dims)
+    if keep_hidden:
+        hidden = x.new_empty(rows, hidden_dims)
+        mean = x.new_empty(rows, 1)
+        rstd = x.new_empty(rows, 1)
+    for start in range(0, rows, block_rows):
+        stop = min(start + block_rows, rows)
+        act = act_buf[:(stop - start) * hidden_dims].view(stop - start, hidden_dims)
+        if keep_hidden:
+            normed, mean[start:stop], rstd[start:stop] = torch.native_layer_norm(
+                x[start:stop], [C], ln_weight, ln_bias, eps)
+            h = torch.addmm(b1, normed, w1.t(), out=hidden[start:stop])
+            torch.ops.aten.gelu.out(h, out=act)
+        else:
+            normed = torch.native_layer_norm(x[start:stop], [C], ln_weight, ln_bias, eps)[0]
+            h = torch.addmm(b1, normed, w1.t(), out=act)
+            torch.ops.aten.gelu.out(h, out=h)
+        torch.addmm(b2, act, w2.t(), out=out[start:stop])
+    if keep_hidden:
+        return out, mean, rstd, hidden
+    return (out, )
+
+
 class NormMlpFunction(torch.autograd.Function):
     """``fc2(GELU(fc1(LayerNorm(x))))`` keeping x, the LayerNorm statistics and the
     hidden pre-activation only (exact GELU, no dropout), run over blocks of rows."""
@@ -74,25 +110,11 @@ class NormMlpFunction(torch.autograd.Function):
         Returns:
             Tensor: (..., C).
         """
-        C, hidden_dims = x.shape[-1], w1.shape[0]
-        tokens = x.reshape(-1, C)
-        rows = tokens.shape[0]
-        block_rows = max(1, min(block_rows, rows))
-        hidden = x.new_empty(rows, hidden_dims)
-        out = x.new_empty(rows, C)
-        mean = x.new_empty(rows, 1)
-        rstd = x.new_empty(rows, 1)
-        act_buf = x.new_empty(block_rows * hidden_dims)
-        for start in range(0, rows, block_rows):
-            stop = min(start + block_rows, rows)
-            normed, mean[start:stop], rstd[start:stop] = torch.native_layer_norm(
-                tokens[start:stop], [C], ln_weight, ln_bias, eps)
-            h = torch.addmm(b1, normed, w1.t(), out=hidden[start:stop])
-            act = act_buf[:(stop - start) * hidden_dims].view(stop - start, hidden_dims)
-            torch.addmm(b2, torch.ops.aten.gelu.out(h, out=act), w2.t(),
-                        out=out[start:stop])
+        out, mean, rstd, hidden = _forward_blocks(x.reshape(-1, x.shape[-1]), ln_weight,
+                                                  ln_bias, eps, w1, b1, w2, b2,
+                                                  block_rows, keep_hidden=True)
         ctx.save_for_backward(x, mean, rstd, hidden, ln_weight, ln_bias, w1, w2)
-        ctx.block_rows = block_rows
+        ctx.block_rows = max(1, min(block_rows, hidden.shape[0]))
         return out.view(x.shape)
 
     @staticmethod
@@ -142,14 +164,13 @@ class NormMlpFunction(torch.autograd.Function):
 def norm_mlp_applies(x: Tensor, norm: nn.Module, mlp: nn.Module) -> bool:
     """Whether :func:`norm_mlp` computes ``mlp(norm(x))`` for this call.
 
-    Only where it is the same function and measured to help: a gradient is needed, the
-    tokens are float32/float64 CPU tensors outside autocast, the norm is an affine
+    Only where it is the same function and measured to help: the tokens are
+    float32/float64 CPU tensors outside autocast (and outside graph recording), the norm is an affine
     ``nn.LayerNorm`` over the last dim, the MLP is ``fc1``, exact ``nn.GELU``, ``fc2``
     with biases, and no dropout is active.
     """
     from .emsa_ops import autocast_dtype, cpu_tuned
-    return (torch.is_grad_enabled() and cpu_tuned(x)
-            and x.dtype in (torch.float32, torch.float64)
+    return (cpu_tuned(x) and x.dtype in (torch.float32, torch.float64)
             and autocast_dtype(x.device.type) is None
             and type(norm) is nn.LayerNorm and norm.elementwise_affine
             and norm.bias is not None and len(norm.normalized_shape) == 1
@@ -160,7 +181,10 @@ def norm_mlp_applies(x: Tensor, norm: nn.Module, mlp: nn.Module) -> bool:
 
 
 def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> Tensor:
-    """``mlp(norm(x))`` through :class:`NormMlpFunction` (see :func:`norm_mlp_applies`).
+    """``mlp(norm(x))`` over blocks of :data:`BLOCK_ROWS` tokens (see
+    :func:`norm_mlp_applies`): through :class:`NormMlpFunction` where autograd records,
+    else the same blocked forward keeping nothing (inference: no hidden-sized tensor at
+    all, the activation of a block computed in place in a reused buffer).
 
     Args:
         x (Tensor): Tokens (..., C).
@@ -170,8 +194,13 @@ def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> Tensor:
     Returns:
         Tensor: (..., C).
     """
-    return NormMlpFunction.apply(x, norm.weight, norm.bias, norm.eps, mlp.fc1.weight,
-                                 mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    args = (norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias,
+            mlp.fc2.weight, mlp.fc2.bias)
+    if torch.is_grad_enabled():
+        return NormMlpFunction.apply(x, *args)
+    out = _forward_blocks(x.reshape(-1, x.shape[-1]), *args, BLOCK_ROWS,
+                          keep_hidden=False)[0]
+    return out.view(x.shape)
 
 
 __all__: Tuple[str, ...] = ('NormMlpFunction', 'norm_mlp', 'norm_mlp_applies')
