@@ -68,14 +68,14 @@ def test_bad_options_name_the_problem(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_v2_arch_without_resv2_is_refused(capsys, tmp_path, monkeypatch):
-    """An installation without ResT V2 (as before it existed) refuses the v2 archs."""
-    monkeypatch.delattr(mmrest.models, 'ResTV2', raising=False)
-    assert 'v2-tiny' not in tool.available_specs()
-    out = tmp_path / 'r.json'
-    assert tool.main(['--device', 'cpu', '--archs', 'v2-tiny', '--out', str(out)]) == 2
-    assert '--archs v2-tiny: mmrest.models has no ResTV2' in capsys.readouterr().err
-    assert not out.exists()
+def test_every_v1_and_v2_arch_is_checked_with_its_attn_impl_switch():
+    specs = tool.available_specs()
+    assert sorted(specs) == sorted(list(tool.REST_ARCHS) +
+                                   [f'v2-{a}' for a in tool.V2_ARCHS])
+    model = specs['v2-tiny'].build('reference', 0.)
+    assert type(model) is mmrest.models.ResTV2 and specs['v2-tiny'].has_attn_impl
+    assert {m.attn_impl for m in model.modules() if hasattr(m, 'attn_impl')} == {
+        'reference'}
 
 
 def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):

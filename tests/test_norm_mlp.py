@@ -5,8 +5,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from mmrest.models.layers import ResTBlock
 import mmrest.models.layers.norm_mlp as norm_mlp_module
+from mmrest.models.layers import ResTBlock
 from mmrest.models.layers.block import Mlp
 from mmrest.models.layers.norm_mlp import NormMlpFunction, norm_mlp, norm_mlp_applies
 

@@ -312,3 +312,32 @@ print(type(hook).__module__, type(rng).__name__, type(wrapper).__name__)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ['mmrest.engine.checkpointing', 'RNGStateHook',
                                    'CPUAmpOptimWrapper']
+
+
+@pytest.mark.parametrize('outcome', ['returns', 'data error', 'crash'])
+def test_tools_destroy_the_process_group_however_they_end(outcome, tmp_path):
+    """train.py and test.py end through run_tool_cli, which destroys the default process
+    group (a gloo rank left to the interpreter's exit sometimes aborted)."""
+    import torch.distributed as dist
+
+    from mmrest.engine import run_tool_cli
+    from mmrest.engine.preflight import DatasetCheckError
+    dist.init_process_group(
+        'gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+
+    def main():
+        if outcome == 'data error':
+            raise DatasetCheckError('no images')
+        if outcome == 'crash':
+            raise RuntimeError('boom')
+
+    try:
+        if outcome == 'returns':
+            run_tool_cli(main, 'train.py')
+        else:
+            with pytest.raises(SystemExit if outcome == 'data error' else RuntimeError):
+                run_tool_cli(main, 'train.py')
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

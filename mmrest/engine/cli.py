@@ -55,7 +55,10 @@ def parse_tool_arguments(parser: argparse.ArgumentParser,
 
 def run_tool_cli(main: Callable[[], Any], prog: str) -> None:
     """Run a tool's ``main``; data and checkpoint problems end with a one-line message
-    and exit status 1 instead of a traceback.
+    and exit status 1 instead of a traceback. A distributed run's default process group
+    is destroyed before the tool returns: left to the interpreter's exit, a gloo rank
+    now and then aborted after its work was done ("terminate called without an active
+    exception", ``tests/test_dist.py``).
 
     Args:
         main (Callable): The tool's entry point (reads ``sys.argv``).
@@ -68,3 +71,12 @@ def run_tool_cli(main: Callable[[], Any], prog: str) -> None:
     except (DatasetCheckError, CheckpointError, FileNotFoundError) as err:
         print(f'{prog}: error: {type(err).__name__}: {err}', file=sys.stderr)
         sys.exit(1)
+    finally:
+        destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Destroy torch.distributed's default process group if one is initialised."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

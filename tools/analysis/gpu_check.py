@@ -5,8 +5,7 @@ Needs only torch, mmengine and mmcv (mmcv without its C++ ops is enough): it imp
 mmdet is importable. ResT: Zhang and Yang, NeurIPS 2021, https://arxiv.org/abs/2105.13677;
 authors' code: https://github.com/wofmanaf/ResT.
 
-**Agreement.** For every ResT arch, and every ResTV2 arch when :mod:`mmrest.models` has a
-``ResTV2`` with an ``attn_impl`` switch, a model with the default fused attention
+**Agreement.** For every ResT and every ResTV2 arch, a model with the default fused attention
 (``attn_impl='fused'``) is compared with one with the reference (``attn_impl='reference'``,
 the paper's equations as written). Both hold one state dict of non-trivial random weights
 (:func:`randomize_weights`), at 224x224 and 800x1344:
@@ -27,7 +26,7 @@ error under the same autocast is reported beside it, for scale, and not judged.
 
 **Speed and memory.** Inference and training-step time and ``torch.cuda.max_memory_allocated``
 (reset before each case; weights, input and gradients included) of ResT-small fused and
-reference, ResTV2-tiny when present and mmdet's Swin-T (``model.backbone`` of
+reference, ResTV2-tiny fused and reference and mmdet's Swin-T (``model.backbone`` of
 ``mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``, no weights) at 224x224 batch 64 and
 800x1344 batch 2. Training step: forward in train mode, loss ``sum(out.float().mean())``,
 backward (no optimizer step). Timed with ``torch.utils.benchmark.Timer.blocked_autorange``
@@ -49,7 +48,6 @@ import datetime
 import gc
 import importlib.metadata
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -164,8 +162,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description='GPU check of ResT: fused vs reference agreement (fp32, fp16, bf16), '
         'speed and memory; markdown tables and JSON.')
     parser.add_argument('--archs', nargs='+', choices=all_archs, default=None,
-                        help='models to check (default: every ResT arch, and every '
-                        'ResTV2 arch if mmrest.models has ResTV2)')
+                        help='models to check (default: every ResT and ResTV2 arch)')
     parser.add_argument('--sizes', nargs='+', type=parse_size, default=None,
                         help='input sizes HxW of the checks (default: 224x224 800x1344)')
     parser.add_argument('--dtypes', nargs='+', choices=list(DTYPES),
@@ -208,7 +205,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- models
 def _rest_spec(cls: type, name: str, label: str, arch: str) -> ModelSpec:
-    has_switch = 'attn_impl' in inspect.signature(cls.__init__).parameters
 
     def build(attn_impl: Optional[str], drop_path_rate: Optional[float]) -> torch.nn.Module:
         kwargs: Dict[str, Any] = dict(arch=arch, out_indices=(0, 1, 2, 3))
@@ -218,21 +214,19 @@ def _rest_spec(cls: type, name: str, label: str, arch: str) -> ModelSpec:
             kwargs['drop_path_rate'] = drop_path_rate
         return cls(**kwargs)
 
-    return ModelSpec(name, label, build, has_switch)
+    return ModelSpec(name, label, build, True)
 
 
 def available_specs() -> Dict[str, ModelSpec]:
-    """Every ResT arch, and every ResTV2 arch if :mod:`mmrest.models` has ``ResTV2``.
+    """Every ResT and every ResTV2 arch.
 
     Returns:
         dict[str, ModelSpec]: Models by ``--archs`` name (``'small'``, ``'v2-tiny'``).
     """
     import mmrest.models as models
     specs = {a: _rest_spec(models.ResT, a, f'ResT-{a}', a) for a in REST_ARCHS}
-    v2 = getattr(models, 'ResTV2', None)
-    if v2 is not None:
-        specs.update({f'v2-{a}': _rest_spec(v2, f'v2-{a}', f'ResTV2-{a}', a)
-                      for a in V2_ARCHS})
+    specs.update({f'v2-{a}': _rest_spec(models.ResTV2, f'v2-{a}', f'ResTV2-{a}', a)
+                  for a in V2_ARCHS})
     return specs
 
 
@@ -734,13 +728,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'[{time.perf_counter() - start:7.1f} s] {message}', file=sys.stderr, flush=True)
 
     available = available_specs()
-    notes = [] if 'v2-tiny' in available else [
-        'ResTV2 is not in mmrest.models: no ResTV2 checks or speed rows']
-    missing = [name for name in args.archs or () if name not in available]
-    if missing:
-        print(f'gpu_check: --archs {" ".join(missing)}: mmrest.models has no ResTV2',
-              file=sys.stderr)
-        return 2
+    notes: List[str] = []
     specs = [available[name] for name in args.archs or available]
     log(f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"})'
         + (f', checks of {len(specs)} models' if args.checks else '')
@@ -758,9 +746,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.speed:
         timed = [(available[args.speed_arch], 'fused'), (available[args.speed_arch],
                                                          'reference')]
-        v2 = available.get(f'v2-{V2_SPEED_ARCH}')
-        if v2 is not None:
-            timed += [(v2, 'fused'), (v2, 'reference')] if v2.has_attn_impl else [(v2, None)]
+        v2 = available[f'v2-{V2_SPEED_ARCH}']
+        timed += [(v2, 'fused'), (v2, 'reference')]
         try:
             timed.append((swin_spec(), None))
         except Exception as err:  # noqa: BLE001  (mmdet absent or broken: a note)

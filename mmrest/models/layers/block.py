@@ -52,7 +52,7 @@ class PreNormBlock(nn.Module):
         drop_path (float): Stochastic depth probability. Defaults to 0.
         norm_cfg (dict, optional): Config of the LayerNorms. Defaults to
             ``dict(type='LN')``.
-        attn_impl (str): ``'fused'``: for CPU training the memory-lean LayerNorm + MLP
+        attn_impl (str): ``'fused'``: on the CPU the LayerNorm + MLP in blocks of tokens
             (:mod:`mmrest.models.layers.norm_mlp`); ``'reference'``: plain modules.
             Defaults to 'fused'.
     """
@@ -99,8 +99,8 @@ class ResTBlock(PreNormBlock):
         apply_transform (bool): EMSA head mixing and instance norm. Defaults to True.
         norm_cfg (dict, optional): Config of the LayerNorms. Defaults to
             ``dict(type='LN')``.
-        attn_impl (str): ``'fused'``: the fused EMSA core, and for CPU training the
-            memory-lean LayerNorm + MLP (:mod:`mmrest.models.layers.norm_mlp`);
+        attn_impl (str): ``'fused'``: the fused EMSA core, and on the CPU the LayerNorm
+            + MLP in blocks of tokens (:mod:`mmrest.models.layers.norm_mlp`);
             ``'reference'``: the equations as written, with plain modules.
             Defaults to 'fused'.
     """
