@@ -10,8 +10,10 @@ https://github.com/wofmanaf/ResT. Module names (``conv1``, ``norm1``, ``pos.pa_c
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .emsa_ops import cpu_tuned
 
@@ -54,8 +56,42 @@ def stem_layout(x: Tensor) -> Tensor:
     return x
 
 
+class PixelAttentionFunction(torch.autograd.Function):
+    """``x * sigmoid(dwconv3x3(x) + bias)`` keeping x only: the backward pass recomputes
+    the gate (one depthwise conv and a sigmoid) instead of keeping the gate map, which
+    autograd keeps besides x (one map as large as x per PA; ResT-small's four PAs keep
+    48 MB at 224x224 batch 32 that way)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """Forward of a (B, C, H, W) map with the (C, 1, 3, 3) weight and (C,) bias."""
+        gate = F.conv2d(x, weight, bias, padding=1, groups=x.shape[1]).sigmoid_()
+        ctx.save_for_backward(x, weight, bias)
+        return gate.mul_(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        """Backward: dx = g * s + conv^T(g * x * s * (1 - s)), s = sigmoid(conv(x))."""
+        x, weight, bias = ctx.saved_tensors
+        channels = x.shape[1]
+        gate = F.conv2d(x, weight, bias, padding=1, groups=channels).sigmoid_()
+        grad_x = grad_out * gate
+        # g * x * s * (1 - s), in the gate's buffer
+        grad_pre = gate.sub_(gate.square()).mul_(grad_out).mul_(x)
+        need = ctx.needs_input_grad
+        conv_grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_pre, x, weight, [channels], [1, 1], [1, 1], [1, 1], False, [0, 0],
+            channels, [need[0], need[1], need[2]])
+        if need[0]:
+            grad_x.add_(conv_grad_x)
+        return grad_x if need[0] else None, grad_w, grad_b
+
+
 class PixelAttention(nn.Module):
     """Pixel-attention (PA) position encoding: ``x * sigmoid(dwconv3x3(x))``.
+
+    In CPU training it runs as :class:`PixelAttentionFunction`, which keeps x only.
 
     Args:
         channels (int): Channels of the input map.
@@ -67,7 +103,11 @@ class PixelAttention(nn.Module):
             channels, channels, kernel_size=3, padding=1, groups=channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.pa_conv(x).sigmoid()
+        conv = self.pa_conv
+        if (torch.is_grad_enabled() and cpu_tuned(x) and conv.bias is not None
+                and (x.requires_grad or conv.weight.requires_grad)):
+            return PixelAttentionFunction.apply(x, conv.weight, conv.bias)
+        return x * conv(x).sigmoid()
 
 
 class ConvStem(nn.Module):
