@@ -157,27 +157,48 @@ def test_hidden_sized_tensors_are_allocated_once_per_step():
     assert counts == [1, 4]
 
 
-@pytest.mark.parametrize('frozen', ['norm', 'fc1', 'fc2'])
-def test_frozen_parameters_get_no_gradient(frozen):
+@pytest.mark.parametrize('frozen', [
+    'norm.weight', 'norm.bias', 'fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias', 'x',
+    'norm.weight,norm.bias,x'
+])
+def test_frozen_inputs_get_no_gradient(frozen):
+    """Each parameter frozen alone, x without gradient (the first block after frozen
+    stages), and everything of the LayerNorm frozen: the others get the modules'
+    gradients, in blocks of 4 rows."""
     norm, mlp = make()
-    modules = dict(norm=norm, fc1=mlp.fc1, fc2=mlp.fc2)
-    for p in modules[frozen].parameters():
-        p.requires_grad_(False)
-    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
-    ref_x = x.detach().clone().requires_grad_()
+    named = dict(norm.named_parameters(prefix='norm'))
+    named.update(mlp.named_parameters())
+    frozen = frozen.split(',')
+    for name in frozen:
+        if name != 'x':
+            named[name].requires_grad_(False)
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad='x' not in frozen)
+    ref_x = x.detach().clone().requires_grad_(x.requires_grad)
     g = torch.randn(2, 9, 16, dtype=torch.float64)
-    norm_mlp(x, norm, mlp).backward(g)
-    grads = {name: [p.grad for p in m.parameters()] for name, m in modules.items()}
-    for m in modules.values():
-        m.zero_grad(set_to_none=True)
+    params = [named[k] for k in ('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias')]
+    NormMlpFunction.apply(x, norm.weight, norm.bias, norm.eps, *params, 4).backward(g)
+    grads = {name: p.grad for name, p in named.items()}
+    for p in named.values():
+        p.grad = None
     mlp(norm(ref_x)).backward(g)
-    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
-    for name, m in modules.items():
-        for got, p in zip(grads[name], m.parameters()):
-            if name == frozen:
-                assert got is None and p.grad is None
-            else:
-                torch.testing.assert_close(got, p.grad, rtol=1e-12, atol=1e-12)
+    if 'x' in frozen:
+        assert x.grad is None
+    else:
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
+    for name, p in named.items():
+        if name in frozen:
+            assert grads[name] is None and p.grad is None
+        else:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_output_takes_in_place_ops_like_the_modules():
+    norm, mlp = make()
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    out = norm_mlp(x, norm, mlp)
+    out += 1  # an in-place op on a view output of a custom function would raise
+    out.sum().backward()
+    assert x.grad is not None
 
 
 def test_applies_only_where_it_is_the_same_function_and_measured():

@@ -2,6 +2,7 @@
 import argparse
 import os
 import sys
+import warnings
 from typing import Any, Callable, List, Optional
 
 
@@ -76,7 +77,11 @@ def run_tool_cli(main: Callable[[], Any], prog: str) -> None:
 
 
 def destroy_process_group() -> None:
-    """Destroy torch.distributed's default process group if one is initialised."""
+    """Destroy torch.distributed's default process group if one is initialised; a
+    failure to do so is a warning, so that it never hides how the tool ended."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f'could not destroy the process group: {err}')

@@ -737,9 +737,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     checks: List[Dict[str, Any]] = []
     if args.checks:
         for spec in specs:
-            if not spec.has_attn_impl:
-                notes.append(f'{spec.label} has no attn_impl switch: not checked')
-                continue
             checks += check_model(spec, args.sizes, args.dtypes, device, args.seed, log)
 
     speed: List[Dict[str, Any]] = []

@@ -8,9 +8,10 @@ as they are.
 from typing import Dict, List, Optional, Sequence, Union
 
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from torch import nn
 
 from ...registry import MODELS
-from ..layers import ConvStem, PatchEmbed, ResTBlock
+from ..layers import ConvStem, PatchEmbed, ResTBlock, set_recompute_gate
 from .base import ResTBase
 
 
@@ -124,10 +125,12 @@ class ResT(ResTBase):
         embed_norm_cfg = dict(type='BN') if embed_norm_cfg is None else embed_norm_cfg
         dims, settings = self.embed_dims, self.arch_settings
 
-        def embedding(i: int):
+        def embedding(i: int) -> nn.Module:
             if i == 0:
-                return ConvStem(in_channels, dims[0], norm_cfg=embed_norm_cfg)
-            return PatchEmbed(dims[i - 1], dims[i], norm_cfg=embed_norm_cfg)
+                embed = ConvStem(in_channels, dims[0], norm_cfg=embed_norm_cfg)
+            else:
+                embed = PatchEmbed(dims[i - 1], dims[i], norm_cfg=embed_norm_cfg)
+            return set_recompute_gate(embed, attn_impl == 'fused')
 
         def block(i: int, drop_path: float) -> ResTBlock:
             return ResTBlock(

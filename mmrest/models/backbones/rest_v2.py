@@ -12,7 +12,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from torch import Tensor, nn
 
 from ...registry import MODELS
-from ..layers import ConvStemV2, EMSAv2, PatchEmbedV2, PreNormBlock
+from ..layers import ConvStemV2, EMSAv2, PatchEmbedV2, PreNormBlock, set_recompute_gate
 from .base import ResTBase
 
 
@@ -114,9 +114,11 @@ class ResTV2(ResTBase):
 
         def embedding(i: int) -> nn.Module:
             if i == 0:
-                return ConvStemV2(in_channels, dims[0], norm_cfg=embed_norm_cfg,
-                                  token_norm_cfg=norm_cfg)
-            return PatchEmbedV2(dims[i - 1], dims[i], norm_cfg=norm_cfg)
+                embed = ConvStemV2(in_channels, dims[0], norm_cfg=embed_norm_cfg,
+                                   token_norm_cfg=norm_cfg)
+            else:
+                embed = PatchEmbedV2(dims[i - 1], dims[i], norm_cfg=norm_cfg)
+            return set_recompute_gate(embed, attn_impl == 'fused')
 
         def block(i: int, drop_path: float) -> PreNormBlock:
             attn = EMSAv2(dims[i], num_heads=settings['num_heads'][i],

@@ -15,7 +15,7 @@ from mmcv.cnn import build_norm_layer
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .emsa_ops import cpu_tuned
+from .emsa_ops import autocast_dtype, cpu_tuned
 
 
 def map_to_tokens(x: Tensor) -> Tensor:
@@ -75,23 +75,25 @@ class PixelAttentionFunction(torch.autograd.Function):
         """Backward: dx = g * s + conv^T(g * x * s * (1 - s)), s = sigmoid(conv(x))."""
         x, weight, bias = ctx.saved_tensors
         channels = x.shape[1]
+        need = ctx.needs_input_grad
         gate = F.conv2d(x, weight, bias, padding=1, groups=channels).sigmoid_()
-        grad_x = grad_out * gate
+        grad_x = grad_out * gate if need[0] else None
         # g * x * s * (1 - s), in the gate's buffer
         grad_pre = gate.sub_(gate.square()).mul_(grad_out).mul_(x)
-        need = ctx.needs_input_grad
         conv_grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_pre, x, weight, [channels], [1, 1], [1, 1], [1, 1], False, [0, 0],
             channels, [need[0], need[1], need[2]])
         if need[0]:
             grad_x.add_(conv_grad_x)
-        return grad_x if need[0] else None, grad_w, grad_b
+        return grad_x, grad_w, grad_b
 
 
 class PixelAttention(nn.Module):
     """Pixel-attention (PA) position encoding: ``x * sigmoid(dwconv3x3(x))``.
 
-    In CPU training it runs as :class:`PixelAttentionFunction`, which keeps x only.
+    With ``recompute_gate`` (the default; the backbones set it from their ``attn_impl``:
+    True for ``'fused'``, False for ``'reference'``), CPU training outside autocast runs
+    :class:`PixelAttentionFunction`, which keeps x only.
 
     Args:
         channels (int): Channels of the input map.
@@ -101,13 +103,33 @@ class PixelAttention(nn.Module):
         super().__init__()
         self.pa_conv = nn.Conv2d(
             channels, channels, kernel_size=3, padding=1, groups=channels)
+        self.recompute_gate = True
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.pa_conv
-        if (torch.is_grad_enabled() and cpu_tuned(x) and conv.bias is not None
-                and (x.requires_grad or conv.weight.requires_grad)):
+        if (self.recompute_gate and torch.is_grad_enabled() and cpu_tuned(x)
+                and autocast_dtype(x.device.type) is None and conv.bias is not None
+                and x.dtype == conv.weight.dtype == conv.bias.dtype
+                and (x.requires_grad or conv.weight.requires_grad
+                     or conv.bias.requires_grad)):
             return PixelAttentionFunction.apply(x, conv.weight, conv.bias)
         return x * conv(x).sigmoid()
+
+
+def set_recompute_gate(module: nn.Module, enabled: bool) -> nn.Module:
+    """Set ``recompute_gate`` of every :class:`PixelAttention` in ``module``.
+
+    Args:
+        module (nn.Module): A stem or patch embedding.
+        enabled (bool): Whether CPU training recomputes the PA gate.
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    for m in module.modules():
+        if isinstance(m, PixelAttention):
+            m.recompute_gate = enabled
+    return module
 
 
 class ConvStem(nn.Module):

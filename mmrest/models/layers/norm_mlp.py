@@ -18,8 +18,8 @@ same ATen kernels autograd would use::
 Both passes run over blocks of :data:`BLOCK_ROWS` tokens: the normalised tokens, the
 activation and the hidden-sized gradients of a block live in small buffers that are
 reused from block to block and stay in the CPU's caches, and the weight gradients are
-accumulated block by block; the LayerNorm backward of a block writes its rows of dx
-directly. The whole-size tensors are only x, h, the output and dx; inference
+accumulated block by block; the LayerNorm backward runs block by block into the rows
+of dx. The whole-size tensors are only x, h, the output and dx; inference
 (:func:`norm_mlp` without autograd) has no h either. Without blocks every step allocated and faulted in four fresh
 hidden-sized tensors per block (4C floats per token each) and streamed them through
 memory; with them the LayerNorm + MLP of ResTV2-tiny's stage 1 at 800x1344, batch 2, took
@@ -31,7 +31,7 @@ Values: every op is the module's own op over a block of rows; forward values agr
 the modules' to rounding (bitwise within one block), gradients to rounding (the weight
 gradients are summed block by block; ``tests/test_norm_mlp.py``).
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -46,18 +46,18 @@ BLOCK_ROWS = 1024
 
 
 def _forward_blocks(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
-                    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, block_rows: int,
-                    keep_hidden: bool) -> Tuple[Tensor, ...]:
-    """``fc2(GELU(fc1(LayerNorm(x))))`` over blocks of rows of the (rows, C) tokens.
+                    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, out: Tensor,
+                    block_rows: int, keep_hidden: bool) -> Tuple[Tensor, ...]:
+    """``fc2(GELU(fc1(LayerNorm(x))))`` over blocks of rows of the (rows, C) tokens,
+    written into the (rows, C) ``out``.
 
-    Returns the (rows, C) output and, with ``keep_hidden``, the LayerNorm's (rows, 1)
-    mean and inverse std and the (rows, hidden) pre-activation; without it the
-    pre-activation of a block lives in a reused block buffer too (inference).
+    Returns, with ``keep_hidden``, the LayerNorm's (rows, 1) mean and inverse std and the
+    (rows, hidden) pre-activation; without it (inference) nothing, the pre-activation of
+    a block living in a reused block buffer too.
     """
     C, hidden_dims = x.shape[-1], w1.shape[0]
     rows = x.shape[0]
     block_rows = max(1, min(block_rows, rows))
-    out = x.new_empty(rows, C)
     act_buf = x.new_empty(block_rows * hidden_dims)
     if keep_hidden:
         hidden = x.new_empty(rows, hidden_dims)
@@ -76,9 +76,7 @@ def _forward_blocks(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
             h = torch.addmm(b1, normed, w1.t(), out=act)
             torch.ops.aten.gelu.out(h, out=h)
         torch.addmm(b2, act, w2.t(), out=out[start:stop])
-    if keep_hidden:
-        return out, mean, rstd, hidden
-    return (out, )
+    return (mean, rstd, hidden) if keep_hidden else ()
 
 
 class NormMlpFunction(torch.autograd.Function):
@@ -95,7 +93,7 @@ class NormMlpFunction(torch.autograd.Function):
                 b1: Tensor,
                 w2: Tensor,
                 b2: Tensor,
-                block_rows: int = BLOCK_ROWS) -> Tensor:
+                block_rows: Optional[int] = None) -> Tensor:
         """Forward.
 
         Args:
@@ -107,17 +105,21 @@ class NormMlpFunction(torch.autograd.Function):
             b1 (Tensor): fc1 bias (hidden,).
             w2 (Tensor): fc2 weight (C, hidden).
             b2 (Tensor): fc2 bias (C,).
-            block_rows (int): Tokens per block. Defaults to :data:`BLOCK_ROWS`.
+            block_rows (int, optional): Tokens per block; None means
+                :data:`BLOCK_ROWS`. Defaults to None.
 
         Returns:
             Tensor: (..., C).
         """
-        out, mean, rstd, hidden = _forward_blocks(x.reshape(-1, x.shape[-1]), ln_weight,
-                                                  ln_bias, eps, w1, b1, w2, b2,
-                                                  block_rows, keep_hidden=True)
+        block_rows = BLOCK_ROWS if block_rows is None else block_rows
+        C = x.shape[-1]
+        out = x.new_empty(x.shape)  # a fresh tensor, not a view, for autograd
+        mean, rstd, hidden = _forward_blocks(x.reshape(-1, C), ln_weight, ln_bias, eps,
+                                             w1, b1, w2, b2, out.view(-1, C), block_rows,
+                                             keep_hidden=True)
         ctx.save_for_backward(x, mean, rstd, hidden, ln_weight, ln_bias, w1, w2)
         ctx.block_rows = max(1, min(block_rows, hidden.shape[0]))
-        return out.view(x.shape)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -162,8 +164,8 @@ class NormMlpFunction(torch.autograd.Function):
                 grad_w1.addmm_(dh.t(), normed)
             if grad_b1 is not None:
                 grad_b1.add_(dh.sum(0))
-            d_normed = torch.mm(dh, w1, out=normed)
             if need[0] or need[1] or need[2]:
+                d_normed = torch.mm(dh, w1, out=normed)
                 grad_x_block = (grad_x_rows[start:stop] if need[0] else
                                 ln_scratch[0][:n * C].view(n, C))
                 torch.ops.aten.native_layer_norm_backward.out(
@@ -215,9 +217,10 @@ def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> Tensor:
             mlp.fc2.weight, mlp.fc2.bias)
     if torch.is_grad_enabled():
         return NormMlpFunction.apply(x, *args)
-    out = _forward_blocks(x.reshape(-1, x.shape[-1]), *args, BLOCK_ROWS,
-                          keep_hidden=False)[0]
-    return out.view(x.shape)
+    out = x.new_empty(x.shape)
+    _forward_blocks(x.reshape(-1, x.shape[-1]), *args, out.view(-1, x.shape[-1]),
+                    BLOCK_ROWS, keep_hidden=False)
+    return out
 
 
 __all__: Tuple[str, ...] = ('NormMlpFunction', 'norm_mlp', 'norm_mlp_applies')
