@@ -45,6 +45,8 @@ def test_same_values_and_gradients_as_the_plain_ops(channels_last, dtype, tol, m
     grads_ref = torch.autograd.grad(ref, [x, *pa.parameters()], g)
     for a, b in zip(grads, grads_ref):
         assert ((a - b).abs().max() / b.abs().max()).item() < tol
+    # the weight's own strides (DDP's gradient buckets would copy other ones)
+    assert grads[1].stride() == pa.pa_conv.weight.stride()
 
 
 def test_gradcheck():

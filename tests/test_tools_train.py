@@ -315,29 +315,48 @@ print(type(hook).__module__, type(rng).__name__, type(wrapper).__name__)
 
 
 @pytest.mark.parametrize('outcome', ['returns', 'data error', 'crash'])
-def test_tools_destroy_the_process_group_however_they_end(outcome, tmp_path):
-    """train.py and test.py end through run_tool_cli, which destroys the default process
-    group (a gloo rank left to the interpreter's exit sometimes aborted)."""
+def test_tools_destroy_the_process_group_when_they_succeed(outcome, tmp_path):
+    """train.py and test.py end through run_tool_cli: after success it destroys the
+    default process group (a gloo rank left to the interpreter's exit sometimes aborted)
+    and frees what held it; after an error it leaves the group alone (other ranks may
+    still be in a collective)."""
+    import gc
+    import weakref
+
     import torch.distributed as dist
 
     from mmrest.engine import run_tool_cli
     from mmrest.engine.preflight import DatasetCheckError
     dist.init_process_group(
         'gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    held = []
 
     def main():
+        holder = dict(pg=dist.group.WORLD)
+        holder['self'] = holder  # a reference cycle, as a runner and its hooks make
+        held.append(weakref.ref(pg_holder := _Holder(holder)))
+        pg_holder.cycle = pg_holder
         if outcome == 'data error':
             raise DatasetCheckError('no images')
         if outcome == 'crash':
             raise RuntimeError('boom')
 
+    gc.disable()  # only run_tool_cli's own collection may free the cycle
     try:
         if outcome == 'returns':
             run_tool_cli(main, 'train.py')
+            assert not dist.is_initialized() and held[0]() is None
         else:
             with pytest.raises(SystemExit if outcome == 'data error' else RuntimeError):
                 run_tool_cli(main, 'train.py')
-        assert not dist.is_initialized()
+            assert dist.is_initialized()
     finally:
+        gc.enable()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _Holder:
+
+    def __init__(self, value) -> None:
+        self.value = value

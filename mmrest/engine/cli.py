@@ -1,5 +1,6 @@
 """The command line shared by ``tools/train.py`` and ``tools/test.py``."""
 import argparse
+import gc
 import os
 import sys
 import warnings
@@ -56,10 +57,13 @@ def parse_tool_arguments(parser: argparse.ArgumentParser,
 
 def run_tool_cli(main: Callable[[], Any], prog: str) -> None:
     """Run a tool's ``main``; data and checkpoint problems end with a one-line message
-    and exit status 1 instead of a traceback. A distributed run's default process group
-    is destroyed before the tool returns: left to the interpreter's exit, a gloo rank
-    now and then aborted after its work was done ("terminate called without an active
-    exception", ``tests/test_dist.py``).
+    and exit status 1 instead of a traceback. When ``main`` returns, the objects it left
+    in reference cycles (the runner and its DDP wrapper, which hold the process group)
+    are collected and a distributed run's default process group is destroyed, while the
+    interpreter is fully alive: left to the interpreter's exit, gloo's threads made a
+    rank abort now and then after its work was done ("terminate called without an
+    active exception", ``tests/test_dist.py``). After an error it is left alone, as
+    destroying it while other ranks are still in a collective can hang.
 
     Args:
         main (Callable): The tool's entry point (reads ``sys.argv``).
@@ -72,8 +76,8 @@ def run_tool_cli(main: Callable[[], Any], prog: str) -> None:
     except (DatasetCheckError, CheckpointError, FileNotFoundError) as err:
         print(f'{prog}: error: {type(err).__name__}: {err}', file=sys.stderr)
         sys.exit(1)
-    finally:
-        destroy_process_group()
+    gc.collect()
+    destroy_process_group()
 
 
 def destroy_process_group() -> None:

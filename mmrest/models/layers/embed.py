@@ -85,6 +85,10 @@ class PixelAttentionFunction(torch.autograd.Function):
             channels, [need[0], need[1], need[2]])
         if need[0]:
             grad_x.add_(conv_grad_x)
+        if grad_w is not None and grad_w.stride() != weight.stride():
+            # the strides of the weight itself (a channels-last x gives other strides
+            # of the size-1 dim, which DDP's gradient buckets would copy to match)
+            grad_w = torch.empty_like(weight).copy_(grad_w)
         return grad_x, grad_w, grad_b
 
 
