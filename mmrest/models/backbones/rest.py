@@ -127,10 +127,8 @@ class ResT(ResTBase):
 
         def embedding(i: int) -> nn.Module:
             if i == 0:
-                embed = ConvStem(in_channels, dims[0], norm_cfg=embed_norm_cfg)
-            else:
-                embed = PatchEmbed(dims[i - 1], dims[i], norm_cfg=embed_norm_cfg)
-            return set_recompute_gate(embed, attn_impl == 'fused')
+                return ConvStem(in_channels, dims[0], norm_cfg=embed_norm_cfg)
+            return PatchEmbed(dims[i - 1], dims[i], norm_cfg=embed_norm_cfg)
 
         def block(i: int, drop_path: float) -> ResTBlock:
             return ResTBlock(
@@ -141,6 +139,7 @@ class ResT(ResTBase):
                 apply_transform=apply_transform, norm_cfg=norm_cfg, attn_impl=attn_impl)
 
         self._build_stages(embedding, block, drop_path_rate, norm_cfg)
+        set_recompute_gate(self, attn_impl == 'fused')
 
 
 # A scope's registry searches itself and its parents, never its siblings: for ``type='ResT'``

@@ -114,11 +114,9 @@ class ResTV2(ResTBase):
 
         def embedding(i: int) -> nn.Module:
             if i == 0:
-                embed = ConvStemV2(in_channels, dims[0], norm_cfg=embed_norm_cfg,
-                                   token_norm_cfg=norm_cfg)
-            else:
-                embed = PatchEmbedV2(dims[i - 1], dims[i], norm_cfg=norm_cfg)
-            return set_recompute_gate(embed, attn_impl == 'fused')
+                return ConvStemV2(in_channels, dims[0], norm_cfg=embed_norm_cfg,
+                                  token_norm_cfg=norm_cfg)
+            return PatchEmbedV2(dims[i - 1], dims[i], norm_cfg=norm_cfg)
 
         def block(i: int, drop_path: float) -> PreNormBlock:
             attn = EMSAv2(dims[i], num_heads=settings['num_heads'][i],
@@ -129,6 +127,7 @@ class ResTV2(ResTBase):
                                 attn_impl=attn_impl)
 
         self._build_stages(embedding, block, drop_path_rate, norm_cfg)
+        set_recompute_gate(self, attn_impl == 'fused')
 
     def _embed(self, i: int, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """ResT V2's embeddings return normalised tokens and their map's (H, W)."""

@@ -124,7 +124,7 @@ def set_recompute_gate(module: nn.Module, enabled: bool) -> nn.Module:
     """Set ``recompute_gate`` of every :class:`PixelAttention` in ``module``.
 
     Args:
-        module (nn.Module): A stem or patch embedding.
+        module (nn.Module): A backbone, stem or patch embedding.
         enabled (bool): Whether CPU training recomputes the PA gate.
 
     Returns:

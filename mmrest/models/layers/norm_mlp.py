@@ -20,12 +20,13 @@ activation and the hidden-sized gradients of a block live in small buffers that 
 reused from block to block and stay in the CPU's caches, and the weight gradients are
 accumulated block by block; the LayerNorm backward runs block by block into the rows
 of dx. The whole-size tensors are only x, h, the output and dx; inference
-(:func:`norm_mlp` without autograd) has no h either. Without blocks every step allocated and faulted in four fresh
-hidden-sized tensors per block (4C floats per token each) and streamed them through
-memory; with them the LayerNorm + MLP of ResTV2-tiny's stage 1 at 800x1344, batch 2, took
-0.52 s instead of 0.79-0.88 s forward and backward here (2 threads; stages 2 and 3
-0.39 vs 0.52 s and 0.33 vs 0.39 s), and ResT-small's inference ran 8% faster at 224x224
-batch 16 and at 800x1344 (README "Speed and memory").
+(:func:`norm_mlp` without autograd) has no h either. Without blocks every step
+allocated and faulted in four fresh hidden-sized tensors per block (4C floats per token
+each) and streamed them through memory; with them the LayerNorm + MLP of ResTV2-tiny's
+stage 1 at 800x1344, batch 2, took 0.52 s instead of 0.79-0.88 s forward and backward
+here (2 threads; stages 2 and 3 0.39 vs 0.52 s and 0.33 vs 0.39 s), and ResT-small's
+inference ran 8% faster at 224x224 batch 16 and at 800x1344 (README "Speed and
+memory").
 
 Values: every op is the module's own op over a block of rows; forward values agree with
 the modules' to rounding (bitwise within one block), gradients to rounding (the weight
@@ -66,16 +67,13 @@ def _forward_blocks(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
     for start in range(0, rows, block_rows):
         stop = min(start + block_rows, rows)
         act = act_buf[:(stop - start) * hidden_dims].view(stop - start, hidden_dims)
+        normed, block_mean, block_rstd = torch.native_layer_norm(
+            x[start:stop], [C], ln_weight, ln_bias, eps)
         if keep_hidden:
-            normed, mean[start:stop], rstd[start:stop] = torch.native_layer_norm(
-                x[start:stop], [C], ln_weight, ln_bias, eps)
-            h = torch.addmm(b1, normed, w1.t(), out=hidden[start:stop])
-            torch.ops.aten.gelu.out(h, out=act)
-        else:
-            normed = torch.native_layer_norm(x[start:stop], [C], ln_weight, ln_bias, eps)[0]
-            h = torch.addmm(b1, normed, w1.t(), out=act)
-            torch.ops.aten.gelu.out(h, out=h)
-        torch.addmm(b2, act, w2.t(), out=out[start:stop])
+            mean[start:stop], rstd[start:stop] = block_mean, block_rstd
+        # the pre-activation into the kept h, or (inference) into the activation's buffer
+        h = torch.addmm(b1, normed, w1.t(), out=hidden[start:stop] if keep_hidden else act)
+        torch.addmm(b2, torch.ops.aten.gelu.out(h, out=act), w2.t(), out=out[start:stop])
     return (mean, rstd, hidden) if keep_hidden else ()
 
 
@@ -136,15 +134,14 @@ class NormMlpFunction(torch.autograd.Function):
         grad_b2 = dm.sum(0) if need[7] else None
         grad_w1 = w1.new_zeros(w1.shape) if need[4] else None
         grad_b1 = w1.new_zeros(hidden_dims) if need[5] else None
-        grad_x = x.new_empty(x.shape) if need[0] else None
+        grad_x = x.new_empty(rows, C) if need[0] else None
         grad_lnw = ln_weight.new_zeros(C) if need[1] else None
         grad_lnb = ln_bias.new_zeros(C) if need[2] else None
-        grad_x_rows = grad_x.view(rows, C) if need[0] else None
         act_buf = x.new_empty(block_rows * hidden_dims)
         dh_buf = x.new_empty(block_rows * hidden_dims)
         normed_buf = x.new_empty(block_rows * C)
-        # the LayerNorm backward's outputs of a block: grad_x rows go straight into
-        # grad_x; the (C,) parameter gradients (and grad_x if unneeded) are scratch.
+        # the LayerNorm backward's outputs of a block: its rows of grad_x, and scratch
+        # for the (C,) parameter gradients (and for grad_x if unneeded).
         # All three are computed (the out= overload needs every output defined).
         ln_scratch = [x.new_empty(block_rows * C), x.new_empty(C), x.new_empty(C)]
         for start in range(0, rows, block_rows):
@@ -166,16 +163,17 @@ class NormMlpFunction(torch.autograd.Function):
                 grad_b1.add_(dh.sum(0))
             if need[0] or need[1] or need[2]:
                 d_normed = torch.mm(dh, w1, out=normed)
-                grad_x_block = (grad_x_rows[start:stop] if need[0] else
+                grad_x_block = (grad_x[start:stop] if need[0] else
                                 ln_scratch[0][:n * C].view(n, C))
                 torch.ops.aten.native_layer_norm_backward.out(
-                    d_normed, tokens[start:stop], [C], mean[start:stop],
-                    rstd[start:stop], ln_weight, ln_bias, [True, True, True], out0=grad_x_block,
+                    d_normed, tokens[start:stop], [C], mean[start:stop], rstd[start:stop],
+                    ln_weight, ln_bias, [True, True, True], out0=grad_x_block,
                     out1=ln_scratch[1], out2=ln_scratch[2])
                 if need[1]:
                     grad_lnw.add_(ln_scratch[1])
                 if need[2]:
                     grad_lnb.add_(ln_scratch[2])
+        grad_x = grad_x.view(x.shape) if need[0] else None
         return (grad_x, grad_lnw, grad_lnb, None, grad_w1, grad_b1, grad_w2, grad_b2,
                 None)
 
@@ -184,8 +182,8 @@ def norm_mlp_applies(x: Tensor, norm: nn.Module, mlp: nn.Module) -> bool:
     """Whether :func:`norm_mlp` computes ``mlp(norm(x))`` for this call.
 
     Only where it is the same function and measured to help: the tokens are
-    float32/float64 CPU tensors outside autocast (and outside graph recording), the norm is an affine
-    ``nn.LayerNorm`` over the last dim, the MLP is ``fc1``, exact ``nn.GELU``, ``fc2``
+    float32/float64 CPU tensors outside autocast (and outside graph recording), the norm
+    is an affine ``nn.LayerNorm`` over the last dim, the MLP is ``fc1``, exact ``nn.GELU``, ``fc2``
     with biases, and no dropout is active.
     """
     from .emsa_ops import autocast_dtype, cpu_tuned
