@@ -424,7 +424,9 @@ def test_profile_of_a_tiny_rest_prints_every_family(capsys):
     assert '| family | forward ms | forward % |\n' in infer
     for family in (ps.LINEAR, ps.LAYER_NORM, ps.ATTENTION, ps.DW_CONV, ps.CONV,
                    ps.BATCH_NORM, ps.PA, ps.GELU):
-        assert f'| {family} |' in train and f'| {family} |' in infer
+        assert f'| {family} |' in train
+        # in CPU inference the BatchNorms are folded into the convolutions
+        assert (f'| {family} |' in infer) == (family != ps.BATCH_NORM)
     total = [ln for ln in train.splitlines() if ln.startswith('| all |')][0]
     assert total.endswith('| 100.0 |')
     assert train.count('| op | phase | family | self ms | % | calls |') == 1

@@ -43,30 +43,34 @@ def test_same_function_and_gradients_as_the_modules(dtype, tol):
 
 @pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize('block_rows', [1, 7, 74, 1000])
-def test_blocks_of_rows_compute_the_same_function(block_rows, dtype, tol):
+@pytest.mark.parametrize('recompute', [False, True])
+def test_blocks_of_rows_compute_the_same_function(recompute, block_rows, dtype, tol):
     """74 tokens in blocks of 1 and 7 (the last one short), one block, a block larger
-    than the input: the same values and gradients as the modules."""
+    than the input, the pre-activation kept or recomputed: the same values and
+    gradients as the modules."""
     norm, mlp = make(dtype=dtype)
     params = list(norm.parameters()) + list(mlp.parameters())
     x = torch.randn(2, 37, 16, dtype=dtype, requires_grad=True)
     ref, ref_grads = grads(lambda t: mlp(norm(t)), x, (norm, mlp))
     out, out_grads = grads(
         lambda t: NormMlpFunction.apply(t, norm.weight, norm.bias, norm.eps, *params[2:],
-                                        block_rows), x, (norm, mlp))
+                                        block_rows, recompute), x, (norm, mlp))
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     for g, g_ref in zip(out_grads, ref_grads):
         assert ((g - g_ref).abs().max() / g_ref.abs().max().clamp(min=1)).item() < tol
 
 
 @pytest.mark.parametrize('block_rows', [4, 1024])
-def test_gradcheck(block_rows):
+@pytest.mark.parametrize('recompute', [False, True])
+def test_gradcheck(block_rows, recompute):
     norm, mlp = make(C=4)
     x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
     params = [norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
               mlp.fc2.bias]
 
     def fn(x_, *p):
-        return NormMlpFunction.apply(x_, p[0], p[1], norm.eps, *p[2:], block_rows)
+        return NormMlpFunction.apply(x_, p[0], p[1], norm.eps, *p[2:], block_rows,
+                                     recompute)
 
     assert torch.autograd.gradcheck(fn, [x] + params)
 
@@ -87,17 +91,21 @@ def saved_bytes(fn) -> int:
     return total
 
 
-def test_keeps_half_of_what_autograd_keeps():
+@pytest.mark.parametrize('C', [norm_mlp_module.RECOMPUTE_MAX_CHANNELS,
+                               norm_mlp_module.RECOMPUTE_MAX_CHANNELS + 8])
+def test_keeps_half_of_what_autograd_keeps_or_a_tenth(C):
     """x, the statistics and the hidden pre-activation (5C per token) instead of x, the
-    normalised tokens, the pre-activation and the activation (10C), plus weights."""
-    C, tokens = 32, 4096
+    normalised tokens, the pre-activation and the activation (10C), plus weights; up to
+    RECOMPUTE_MAX_CHANNELS channels not the pre-activation either (C per token)."""
+    tokens = 1024
     norm, mlp = make(C=C, dtype=torch.float32)
     x = torch.randn(1, tokens, C, requires_grad=True)
     weights = sum(p.numel() * 4 for p in (*norm.parameters(), *mlp.parameters()))
     plain = saved_bytes(lambda: mlp(norm(x))) - weights
     lean = saved_bytes(lambda: norm_mlp(x, norm, mlp)) - weights
     assert plain >= tokens * 10 * C * 4
-    assert lean <= tokens * (5 * C + 2) * 4
+    kept = C + 2 if C <= norm_mlp_module.RECOMPUTE_MAX_CHANNELS else 5 * C + 2
+    assert tokens * (kept - 2) * 4 <= lean <= tokens * kept * 4
 
 
 class FreshStorages(TorchDispatchMode):
@@ -139,10 +147,12 @@ def test_inference_blocks_compute_the_same_function(block_rows, dtype, tol, monk
         0 if block_rows < 74 else 1)
 
 
-def test_hidden_sized_tensors_are_allocated_once_per_step():
+@pytest.mark.parametrize('recompute, expected', [(False, [1, 4]), (True, [0, 4])])
+def test_hidden_sized_tensors_are_allocated_once_per_step_or_never(recompute, expected):
     """Forward and backward over blocks: the kept pre-activation is the only
-    hidden-sized tensor; the activation and the hidden gradients live in block buffers
-    (in one block, as large as the input, they would be three more)."""
+    hidden-sized tensor, and there is none where it is recomputed; the activation, the
+    hidden gradients (and the recomputed pre-activation) live in block buffers (in one
+    block, as large as the input, those buffers are hidden-sized)."""
     C, rows, block_rows = 16, 4096, 256
     norm, mlp = make(C=C, dtype=torch.float32)
     params = list(norm.parameters()) + list(mlp.parameters())
@@ -152,16 +162,17 @@ def test_hidden_sized_tensors_are_allocated_once_per_step():
     for block in (block_rows, rows):
         with FreshStorages() as mode:
             NormMlpFunction.apply(x, norm.weight, norm.bias, norm.eps, *params[2:],
-                                  block).sum().backward()
+                                  block, recompute).sum().backward()
         counts.append(sum(n >= hidden_bytes for n in mode.fresh))
-    assert counts == [1, 4]
+    assert counts == expected
 
 
 @pytest.mark.parametrize('frozen', [
     'norm.weight', 'norm.bias', 'fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias', 'x',
     'norm.weight,norm.bias,x'
 ])
-def test_frozen_inputs_get_no_gradient(frozen):
+@pytest.mark.parametrize('recompute', [False, True])
+def test_frozen_inputs_get_no_gradient(frozen, recompute):
     """Each parameter frozen alone, x without gradient (the first block after frozen
     stages), and everything of the LayerNorm frozen: the others get the modules'
     gradients, in blocks of 4 rows."""
@@ -176,7 +187,8 @@ def test_frozen_inputs_get_no_gradient(frozen):
     ref_x = x.detach().clone().requires_grad_(x.requires_grad)
     g = torch.randn(2, 9, 16, dtype=torch.float64)
     params = [named[k] for k in ('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias')]
-    NormMlpFunction.apply(x, norm.weight, norm.bias, norm.eps, *params, 4).backward(g)
+    NormMlpFunction.apply(x, norm.weight, norm.bias, norm.eps, *params, 4,
+                          recompute).backward(g)
     grads = {name: p.grad for name, p in named.items()}
     for p in named.values():
         p.grad = None

@@ -11,7 +11,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from torch import nn
 
 from ...registry import MODELS
-from ..layers import ConvStem, PatchEmbed, ResTBlock, set_recompute_gate
+from ..layers import ConvStem, PatchEmbed, ResTBlock, set_cpu_fusions
 from .base import ResTBase
 
 
@@ -139,7 +139,7 @@ class ResT(ResTBase):
                 apply_transform=apply_transform, norm_cfg=norm_cfg, attn_impl=attn_impl)
 
         self._build_stages(embedding, block, drop_path_rate, norm_cfg)
-        set_recompute_gate(self, attn_impl == 'fused')
+        set_cpu_fusions(self, attn_impl == 'fused')
 
 
 # A scope's registry searches itself and its parents, never its siblings: for ``type='ResT'``

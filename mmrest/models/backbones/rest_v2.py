@@ -12,7 +12,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from torch import Tensor, nn
 
 from ...registry import MODELS
-from ..layers import ConvStemV2, EMSAv2, PatchEmbedV2, PreNormBlock, set_recompute_gate
+from ..layers import ConvStemV2, EMSAv2, PatchEmbedV2, PreNormBlock, set_cpu_fusions
 from .base import ResTBase
 
 
@@ -127,7 +127,7 @@ class ResTV2(ResTBase):
                                 attn_impl=attn_impl)
 
         self._build_stages(embedding, block, drop_path_rate, norm_cfg)
-        set_recompute_gate(self, attn_impl == 'fused')
+        set_cpu_fusions(self, attn_impl == 'fused')
 
     def _embed(self, i: int, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """ResT V2's embeddings return normalised tokens and their map's (H, W)."""

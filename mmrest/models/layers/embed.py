@@ -117,15 +117,22 @@ class PixelAttention(nn.Module):
                 and (x.requires_grad or conv.weight.requires_grad
                      or conv.bias.requires_grad)):
             return PixelAttentionFunction.apply(x, conv.weight, conv.bias)
+        if (not torch.is_grad_enabled() and cpu_tuned(x)
+                and autocast_dtype(x.device.type) is None and x.dtype == conv.weight.dtype):
+            # CPU inference: the gate and the product in place in the conv's fresh
+            # output (the same values; no two more maps to allocate)
+            return conv(x).sigmoid_().mul_(x)
         return x * conv(x).sigmoid()
 
 
-def set_recompute_gate(module: nn.Module, enabled: bool) -> nn.Module:
-    """Set ``recompute_gate`` of every :class:`PixelAttention` in ``module``.
+def set_cpu_fusions(module: nn.Module, enabled: bool) -> nn.Module:
+    """Set ``recompute_gate`` of every :class:`PixelAttention` and ``fold_norm`` of every
+    stem and patch embedding in ``module`` (:func:`conv_norm`).
 
     Args:
         module (nn.Module): A backbone, stem or patch embedding.
-        enabled (bool): Whether CPU training recomputes the PA gate.
+        enabled (bool): Whether CPU training recomputes the PA gate and CPU inference
+            folds the BatchNorms into the convolutions before them.
 
     Returns:
         nn.Module: ``module``.
@@ -133,7 +140,44 @@ def set_recompute_gate(module: nn.Module, enabled: bool) -> nn.Module:
     for m in module.modules():
         if isinstance(m, PixelAttention):
             m.recompute_gate = enabled
+        if isinstance(m, (ConvStem, PatchEmbed, ConvStemV2)):
+            m.fold_norm = enabled
     return module
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool = True) -> Tensor:
+    """``norm(conv(x))``; in CPU inference with an eval-mode BatchNorm, one convolution
+    with the norm folded into its weight and bias.
+
+    Folding saves the norm's pass over the map (2.5% of ResT-small's inference at
+    224x224 batch 16 here, A/B in one process). The folded weight
+    ``w * gamma / sqrt(var + eps)`` is made at each call (a few thousand values): the
+    same function to rounding (about 1e-7 relative), whatever was loaded into the norm.
+
+    Args:
+        conv (nn.Conv2d): The convolution.
+        norm (nn.Module): The norm after it.
+        x (Tensor): Input map (B, C, H, W).
+        fold (bool): Whether folding may apply. Defaults to True.
+
+    Returns:
+        Tensor: ``norm(conv(x))``.
+    """
+    if (fold and not torch.is_grad_enabled() and cpu_tuned(x)
+            and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            and type(norm).forward in (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
+            and not norm.training
+            and norm.affine and norm.track_running_stats and norm.running_var is not None
+            and type(conv) is nn.Conv2d and conv.padding_mode == 'zeros'
+            and autocast_dtype('cpu') is None
+            and x.dtype == conv.weight.dtype == norm.weight.dtype == norm.running_var.dtype):
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        bias = norm.bias - norm.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        return F.conv2d(x, conv.weight * scale.reshape(-1, 1, 1, 1), bias, conv.stride,
+                        conv.padding, conv.dilation, conv.groups)
+    return norm(conv(x))
 
 
 class ConvStem(nn.Module):
@@ -163,11 +207,12 @@ class ConvStem(nn.Module):
             hidden, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
         self.act = nn.ReLU(inplace=True)
         self.pos = PixelAttention(out_channels)
+        self.fold_norm = True  # see conv_norm
 
     def forward(self, x: Tensor) -> Tensor:
         x = stem_layout(x)
-        x = self.act(self.norm1(self.conv1(x)))
-        x = self.act(self.norm2(self.conv2(x)))
+        x = self.act(conv_norm(self.conv1, self.norm1, x, self.fold_norm))
+        x = self.act(conv_norm(self.conv2, self.norm2, x, self.fold_norm))
         return self.pos(self.conv3(x))
 
 
@@ -192,9 +237,10 @@ class PatchEmbed(nn.Module):
             in_channels, out_channels, kernel_size=3, stride=2, padding=1)
         self.norm = build_norm_layer(_bn_cfg(norm_cfg), out_channels)[1]
         self.pos = PixelAttention(out_channels)
+        self.fold_norm = True  # see conv_norm
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pos(self.norm(self.conv(x)))
+        return self.pos(conv_norm(self.conv, self.norm, x, self.fold_norm))
 
 
 class ConvStemV2(nn.Module):
@@ -227,10 +273,15 @@ class ConvStemV2(nn.Module):
             nn.Conv2d(out_channels, out_channels, kernel_size=1))
         self.pos = PixelAttention(out_channels)
         self.norm = build_norm_layer(_ln_cfg(token_norm_cfg), out_channels)[1]
+        self.fold_norm = True  # see conv_norm
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Images (B, C_in, H, W) -> tokens (B, h * w, C) of the (h, w) map."""
-        x = self.pos(self.proj(stem_layout(x)))
+        proj = self.proj
+        x = stem_layout(x)
+        x = proj[2](conv_norm(proj[0], proj[1], x, self.fold_norm))
+        x = proj[5](conv_norm(proj[3], proj[4], x, self.fold_norm))
+        x = self.pos(proj[6](x))
         return self.norm(map_to_tokens(x)), (x.shape[2], x.shape[3])
 
 

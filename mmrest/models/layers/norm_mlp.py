@@ -6,9 +6,12 @@ Autograd keeps four tensors of that chain for the backward pass: the LayerNorm's
 :math:`h` (4C) and the activation :math:`g = \mathrm{GELU}(h)` (4C), i.e. 10C per token,
 more than half of what a ResT block keeps. :class:`NormMlpFunction` computes the same
 function and keeps only :math:`x`, the LayerNorm's per-token mean and inverse std, and
-:math:`h` (5C per token). In the backward pass it recomputes :math:`b` from them (one
-element-wise pass) and :math:`g` from :math:`h`, then applies the chain rule with the
-same ATen kernels autograd would use::
+:math:`h` (5C per token); up to :data:`RECOMPUTE_MAX_CHANNELS` channels, where the
+product is cheaper than streaming :math:`h` through memory, not even :math:`h` (C per
+token). In the backward pass it recomputes :math:`b` from them (one element-wise pass),
+:math:`h` from :math:`b` where it was not kept (the forward's product again) and
+:math:`g` from :math:`h`, then applies the chain rule with the same ATen kernels
+autograd would use::
 
     dW2 = dm^T g,            db2 = sum(dm),
     dh  = GELU'(h) * (dm W2),
@@ -19,7 +22,7 @@ Both passes run over blocks of :data:`BLOCK_ROWS` tokens: the normalised tokens,
 activation and the hidden-sized gradients of a block live in small buffers that are
 reused from block to block and stay in the CPU's caches, and the weight gradients are
 accumulated block by block; the LayerNorm backward runs block by block into the rows
-of dx. The whole-size tensors are only x, h, the output and dx; inference
+of dx. The whole-size tensors are only x, h (where kept), the output and dx; inference
 (:func:`norm_mlp` without autograd) has no h either. Without blocks every step
 allocated and faulted in four fresh hidden-sized tensors per block (4C floats per token
 each) and streamed them through memory; with them the LayerNorm + MLP of ResTV2-tiny's
@@ -45,41 +48,60 @@ from torch.autograd.function import once_differentiable
 #: (one block) 15-40% slower.
 BLOCK_ROWS = 1024
 
+#: Up to this many channels (C) :class:`NormMlpFunction` keeps no hidden pre-activation
+#: for the backward pass and recomputes it block by block (one more ``fc1`` product
+#: over a block that is in the caches anyway), which saves 4C floats per token. Measured
+#: here (2 threads) on the LayerNorm + MLP forward and backward, recomputing against
+#: keeping, at the token counts of ResT's stages at 224x224 batch 32 and 800x1344
+#: batch 2: C = 64 and 96 0.90-0.92x the time, C = 128 0.99-1.02x, C = 192 1.05x,
+#: C = 256 and 512 1.11-1.16x (there the product costs more than streaming h through
+#: memory). For ResT-small at 224x224 batch 32 this drops 0.3 GB of 1.5 GB kept.
+RECOMPUTE_MAX_CHANNELS = 128
+
 
 def _forward_blocks(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
                     w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, out: Tensor,
-                    block_rows: int, keep_hidden: bool) -> Tuple[Tensor, ...]:
+                    block_rows: int, keep_stats: bool,
+                    keep_hidden: bool) -> Tuple[Optional[Tensor], ...]:
     """``fc2(GELU(fc1(LayerNorm(x))))`` over blocks of rows of the (rows, C) tokens,
     written into the (rows, C) ``out``.
 
-    Returns, with ``keep_hidden``, the LayerNorm's (rows, 1) mean and inverse std and the
-    (rows, hidden) pre-activation; without it (inference) nothing, the pre-activation of
-    a block living in a reused block buffer too.
+    Returns the LayerNorm's (rows, 1) mean and inverse std (with ``keep_stats``, else
+    None) and the (rows, hidden) pre-activation (with ``keep_hidden``, else None: the
+    pre-activation of a block lives in the activation's reused block buffer).
     """
     C, hidden_dims = x.shape[-1], w1.shape[0]
     rows = x.shape[0]
     block_rows = max(1, min(block_rows, rows))
     act_buf = x.new_empty(block_rows * hidden_dims)
-    if keep_hidden:
-        hidden = x.new_empty(rows, hidden_dims)
-        mean = x.new_empty(rows, 1)
-        rstd = x.new_empty(rows, 1)
+    hidden = x.new_empty(rows, hidden_dims) if keep_hidden else None
+    mean = x.new_empty(rows, 1) if keep_stats else None
+    rstd = x.new_empty(rows, 1) if keep_stats else None
     for start in range(0, rows, block_rows):
         stop = min(start + block_rows, rows)
-        act = act_buf[:(stop - start) * hidden_dims].view(stop - start, hidden_dims)
         normed, block_mean, block_rstd = torch.native_layer_norm(
             x[start:stop], [C], ln_weight, ln_bias, eps)
-        if keep_hidden:
+        act = act_buf[:(stop - start) * hidden_dims].view(stop - start, hidden_dims)
+        if keep_stats:
             mean[start:stop], rstd[start:stop] = block_mean, block_rstd
-        # the pre-activation into the kept h, or (inference) into the activation's buffer
+        # the pre-activation into the kept h, or into the activation's buffer
         h = torch.addmm(b1, normed, w1.t(), out=hidden[start:stop] if keep_hidden else act)
         torch.addmm(b2, torch.ops.aten.gelu.out(h, out=act), w2.t(), out=out[start:stop])
-    return (mean, rstd, hidden) if keep_hidden else ()
+    return mean, rstd, hidden
+
+
+def _normalise(tokens: Tensor, mean: Tensor, rstd: Tensor, ln_weight: Tensor,
+               ln_bias: Tensor, out: Tensor) -> Tensor:
+    """The LayerNorm's output of a block recomputed from its statistics, into ``out``
+    (the forward's values: the same formula as the CPU LayerNorm kernel)."""
+    torch.sub(tokens, mean, out=out)
+    return torch.addcmul(ln_bias, out.mul_(rstd), ln_weight, out=out)
 
 
 class NormMlpFunction(torch.autograd.Function):
-    """``fc2(GELU(fc1(LayerNorm(x))))`` keeping x, the LayerNorm statistics and the
-    hidden pre-activation only (exact GELU, no dropout), run over blocks of rows."""
+    """``fc2(GELU(fc1(LayerNorm(x))))`` keeping x, the LayerNorm statistics and (for
+    more than :data:`RECOMPUTE_MAX_CHANNELS` channels) the hidden pre-activation only
+    (exact GELU, no dropout), run over blocks of rows."""
 
     @staticmethod
     def forward(ctx,
@@ -91,7 +113,8 @@ class NormMlpFunction(torch.autograd.Function):
                 b1: Tensor,
                 w2: Tensor,
                 b2: Tensor,
-                block_rows: Optional[int] = None) -> Tensor:
+                block_rows: Optional[int] = None,
+                recompute_hidden: Optional[bool] = None) -> Tensor:
         """Forward.
 
         Args:
@@ -105,26 +128,33 @@ class NormMlpFunction(torch.autograd.Function):
             b2 (Tensor): fc2 bias (C,).
             block_rows (int, optional): Tokens per block; None means
                 :data:`BLOCK_ROWS`. Defaults to None.
+            recompute_hidden (bool, optional): Recompute the hidden pre-activation in
+                the backward pass instead of keeping it; None means for C up to
+                :data:`RECOMPUTE_MAX_CHANNELS`. Defaults to None.
 
         Returns:
             Tensor: (..., C).
         """
         block_rows = BLOCK_ROWS if block_rows is None else block_rows
         C = x.shape[-1]
+        if recompute_hidden is None:
+            recompute_hidden = C <= RECOMPUTE_MAX_CHANNELS
+        tokens = x.reshape(-1, C)
         out = x.new_empty(x.shape)  # a fresh tensor, not a view, for autograd
-        mean, rstd, hidden = _forward_blocks(x.reshape(-1, C), ln_weight, ln_bias, eps,
-                                             w1, b1, w2, b2, out.view(-1, C), block_rows,
-                                             keep_hidden=True)
-        ctx.save_for_backward(x, mean, rstd, hidden, ln_weight, ln_bias, w1, w2)
-        ctx.block_rows = max(1, min(block_rows, hidden.shape[0]))
+        mean, rstd, hidden = _forward_blocks(tokens, ln_weight, ln_bias, eps, w1, b1, w2,
+                                             b2, out.view(-1, C), block_rows,
+                                             keep_stats=True,
+                                             keep_hidden=not recompute_hidden)
+        ctx.save_for_backward(x, mean, rstd, hidden, ln_weight, ln_bias, w1, b1, w2)
+        ctx.block_rows = max(1, min(block_rows, tokens.shape[0]))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        """Backward (recomputes the LayerNorm output and the activation block by
-        block)."""
-        x, mean, rstd, hidden, ln_weight, ln_bias, w1, w2 = ctx.saved_tensors
+        """Backward (recomputes the LayerNorm output, the activation and, if not kept,
+        the pre-activation block by block)."""
+        x, mean, rstd, hidden, ln_weight, ln_bias, w1, b1, w2 = ctx.saved_tensors
         C, hidden_dims = x.shape[-1], w1.shape[0]
         tokens = x.reshape(-1, C)
         rows, block_rows = tokens.shape[0], ctx.block_rows
@@ -139,6 +169,7 @@ class NormMlpFunction(torch.autograd.Function):
         grad_lnb = ln_bias.new_zeros(C) if need[2] else None
         act_buf = x.new_empty(block_rows * hidden_dims)
         dh_buf = x.new_empty(block_rows * hidden_dims)
+        h_buf = x.new_empty(block_rows * hidden_dims) if hidden is None else None
         normed_buf = x.new_empty(block_rows * C)
         # the LayerNorm backward's outputs of a block: its rows of grad_x, and scratch
         # for the (C,) parameter gradients (and for grad_x if unneeded).
@@ -147,17 +178,20 @@ class NormMlpFunction(torch.autograd.Function):
         for start in range(0, rows, block_rows):
             stop = min(start + block_rows, rows)
             n = stop - start
-            h, dm_block = hidden[start:stop], dm[start:stop]
+            dm_block, normed = dm[start:stop], normed_buf[:n * C].view(n, C)
+            if h_buf is not None or grad_w1 is not None:
+                _normalise(tokens[start:stop], mean[start:stop], rstd[start:stop],
+                           ln_weight, ln_bias, out=normed)
+            if h_buf is None:
+                h = hidden[start:stop]
+            else:  # the forward's product on the recomputed LayerNorm output
+                h = torch.addmm(b1, normed, w1.t(), out=h_buf[:n * hidden_dims].view(n, -1))
             if grad_w2 is not None:
                 act = torch.ops.aten.gelu.out(h, out=act_buf[:n * hidden_dims].view(n, -1))
                 grad_w2.addmm_(dm_block.t(), act)
             dh = torch.mm(dm_block, w2, out=dh_buf[:n * hidden_dims].view(n, -1))
             torch.ops.aten.gelu_backward.grad_input(dh, h, grad_input=dh)
-            normed = normed_buf[:n * C].view(n, C)
             if grad_w1 is not None:
-                torch.sub(tokens[start:stop], mean[start:stop], out=normed)
-                torch.addcmul(ln_bias, normed.mul_(rstd[start:stop]), ln_weight,
-                              out=normed)
                 grad_w1.addmm_(dh.t(), normed)
             if grad_b1 is not None:
                 grad_b1.add_(dh.sum(0))
@@ -175,7 +209,7 @@ class NormMlpFunction(torch.autograd.Function):
                     grad_lnb.add_(ln_scratch[2])
         grad_x = grad_x.view(x.shape) if need[0] else None
         return (grad_x, grad_lnw, grad_lnb, None, grad_w1, grad_b1, grad_w2, grad_b2,
-                None)
+                None, None)
 
 
 def norm_mlp_applies(x: Tensor, norm: nn.Module, mlp: nn.Module) -> bool:
@@ -217,7 +251,7 @@ def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> Tensor:
         return NormMlpFunction.apply(x, *args)
     out = x.new_empty(x.shape)
     _forward_blocks(x.reshape(-1, x.shape[-1]), *args, out.view(-1, x.shape[-1]),
-                    BLOCK_ROWS, keep_hidden=False)
+                    BLOCK_ROWS, keep_stats=False, keep_hidden=False)
     return out
 
 

@@ -1,0 +1,146 @@
+"""CPU inference shortcuts of the fused path against the plain modules: BatchNorms folded
+into the convolutions before them, the pixel attention in place."""
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmrest.models import ResT, ResTV2
+from mmrest.models.layers import ConvStem, ConvStemV2, PatchEmbed
+from mmrest.models.layers.embed import conv_norm
+
+pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every op that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('norm_type', [nn.BatchNorm2d, nn.SyncBatchNorm])
+@pytest.mark.parametrize('bias', [False, True])
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_folded_norm_is_the_same_function(norm_type, bias, dtype, tol):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 8, 3, stride=2, padding=1, bias=bias).to(dtype)
+    norm = norm_type(8).to(dtype).eval()
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.2, 3)
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 5, 9, 7, dtype=dtype)
+    with torch.no_grad():
+        ref = norm(conv(x))
+        with OpNames() as mode:
+            out = conv_norm(conv, norm, x)
+    assert not any('batch_norm' in name for name in mode.names)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+class DoubledNorm(nn.BatchNorm2d):
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_norm_is_not_folded_where_it_would_not_be_the_same_function():
+    """Training mode (batch statistics), autograd recording, no running statistics, a
+    norm subclass with its own forward, fold=False, CPU autocast and the meta device:
+    the modules themselves."""
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+    x = torch.randn(2, 3, 5, 5)
+
+    def same_as_modules(n, x_=x, fold=True):
+        with OpNames() as mode:
+            out = conv_norm(conv, n, x_, fold)
+        assert any('batch_norm' in name for name in mode.names)
+        return out
+
+    with torch.no_grad():
+        assert torch.equal(same_as_modules(norm.train()), norm(conv(x)))
+        norm.eval()
+        assert torch.equal(same_as_modules(norm, fold=False), norm(conv(x)))
+        stats_free = nn.BatchNorm2d(4, track_running_stats=False).eval()
+        assert torch.equal(same_as_modules(stats_free), stats_free(conv(x)))
+        custom = DoubledNorm(4).eval()  # a norm with a forward of its own
+        assert torch.equal(same_as_modules(custom), custom(conv(x)))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            same_as_modules(norm)
+    out = same_as_modules(norm)  # autograd records
+    assert out.grad_fn is not None
+    meta_conv, meta_norm = nn.Conv2d(3, 4, 3, device='meta'), nn.BatchNorm2d(4, device='meta')
+    with torch.no_grad():
+        assert conv_norm(meta_conv, meta_norm.eval(),
+                         torch.empty(1, 3, 5, 5, device='meta')).device.type == 'meta'
+
+
+@pytest.mark.parametrize('module', [ConvStem(3, 16), PatchEmbed(8, 16), ConvStemV2(3, 16)])
+def test_stems_and_patch_embeddings_fold_their_norms_in_inference(module):
+    torch.manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.2, 3)
+    module.eval()
+    x = torch.randn(2, 8 if isinstance(module, PatchEmbed) else 3, 13, 10)
+    with torch.no_grad():
+        with OpNames() as mode:
+            out = module(x)
+        assert not any('batch_norm' in name for name in mode.names)
+        module.fold_norm = False
+        with OpNames() as mode:
+            ref = module(x)
+        assert any('batch_norm' in name for name in mode.names)
+    for a, b in zip(out if isinstance(out, tuple) else (out, ),
+                    ref if isinstance(ref, tuple) else (ref, )):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('cls, arch', [(ResT, 'lite'), (ResTV2, 'tiny')])
+def test_backbones_fold_their_norms_with_the_fused_impl_only(cls, arch):
+    """In CPU inference the fused backbones fold every BatchNorm, the references run
+    the modules; values agree to rounding."""
+    torch.manual_seed(0)
+    fused = cls(arch=arch).eval()
+    ref = cls(arch=arch, attn_impl='reference').eval()
+    for m in fused.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        with OpNames() as mode:
+            out = fused(x)
+        assert not any('batch_norm' in n for n in mode.names)
+        with OpNames() as mode:
+            out_ref = ref(x)
+        assert any('batch_norm' in n for n in mode.names)
+    for a, b in zip(out, out_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert {m.fold_norm for m in fused.modules() if hasattr(m, 'fold_norm')} == {True}
+    assert {m.fold_norm for m in ref.modules() if hasattr(m, 'fold_norm')} == {False}
+
+
+def test_pixel_attention_in_inference_is_the_plain_function_in_place():
+    from mmrest.models.layers import PixelAttention
+    torch.manual_seed(0)
+    pa = PixelAttention(8)
+    x = torch.randn(2, 8, 7, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with OpNames() as mode:
+            out = pa(x)
+        assert torch.equal(out, x * pa.pa_conv(x).sigmoid())
+    assert 'aten.sigmoid_' in mode.names and 'aten.mul_' in mode.names
+    assert out.is_contiguous(memory_format=torch.channels_last)
