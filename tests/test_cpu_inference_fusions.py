@@ -27,16 +27,18 @@ class OpNames(TorchDispatchMode):
 @pytest.mark.parametrize('norm_type', [nn.BatchNorm2d, nn.SyncBatchNorm])
 @pytest.mark.parametrize('bias', [False, True])
 @pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_folded_norm_is_the_same_function(norm_type, bias, dtype, tol):
+@pytest.mark.parametrize('groups, dilation', [(1, 1), (4, 2)])
+def test_folded_norm_is_the_same_function(norm_type, bias, dtype, tol, groups, dilation):
     torch.manual_seed(0)
-    conv = nn.Conv2d(5, 8, 3, stride=2, padding=1, bias=bias).to(dtype)
+    conv = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=bias, groups=groups,
+                     dilation=dilation).to(dtype)
     norm = norm_type(8).to(dtype).eval()
     with torch.no_grad():
         norm.running_mean.normal_()
         norm.running_var.uniform_(0.2, 3)
         norm.weight.normal_()
         norm.bias.normal_()
-    x = torch.randn(2, 5, 9, 7, dtype=dtype)
+    x = torch.randn(2, 4, 9, 7, dtype=dtype)
     with torch.no_grad():
         ref = norm(conv(x))
         with OpNames() as mode:
@@ -53,8 +55,9 @@ class DoubledNorm(nn.BatchNorm2d):
 
 def test_norm_is_not_folded_where_it_would_not_be_the_same_function():
     """Training mode (batch statistics), autograd recording, no running statistics, a
-    norm subclass with its own forward, fold=False, CPU autocast and the meta device:
-    the modules themselves."""
+    norm subclass with its own forward, a BatchNorm1d, fold=False, CPU autocast, forward
+    hooks (the module's, global ones, ``weight_norm``'s pre-hook; not hooks that only
+    observe) and the meta device: the modules themselves."""
     torch.manual_seed(0)
     conv, norm = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
     x = torch.randn(2, 3, 5, 5)
@@ -77,6 +80,37 @@ def test_norm_is_not_folded_where_it_would_not_be_the_same_function():
             same_as_modules(norm)
     out = same_as_modules(norm)  # autograd records
     assert out.grad_fn is not None
+    with torch.no_grad():
+        # a BatchNorm1d refuses the map, folded or not
+        with pytest.raises(ValueError, match='expected 2D or 3D input'):
+            conv_norm(conv, nn.BatchNorm1d(4).eval(), x)
+        # hooks see what they would see: the modules are called
+        seen = []
+        hook = norm.register_forward_hook(lambda m, i, o: seen.append(o))
+        assert torch.equal(same_as_modules(norm), norm(conv(x))) and len(seen) == 2
+        hook.remove()
+
+        def observer(module, inputs, output):
+            pass
+
+        observer.observes_only = True  # (as the profiler's ranges): folding goes on
+        hook = norm.register_forward_hook(observer)
+        with OpNames() as mode:
+            conv_norm(conv, norm, x)
+        hook.remove()
+        assert not any('batch_norm' in name for name in mode.names)
+        global_hook = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: None)
+        try:
+            same_as_modules(norm)
+        finally:
+            global_hook.remove()
+        normed_conv = torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3, padding=1))
+        normed_conv.weight_g.mul_(2)  # the weight is made by a pre-hook
+        with OpNames() as mode:
+            out = conv_norm(normed_conv, norm, x)
+        assert any('batch_norm' in name for name in mode.names)
+        torch.testing.assert_close(out, norm(normed_conv(x)), rtol=0, atol=0)
     meta_conv, meta_norm = nn.Conv2d(3, 4, 3, device='meta'), nn.BatchNorm2d(4, device='meta')
     with torch.no_grad():
         assert conv_norm(meta_conv, meta_norm.eval(),
@@ -85,6 +119,8 @@ def test_norm_is_not_folded_where_it_would_not_be_the_same_function():
 
 @pytest.mark.parametrize('module', [ConvStem(3, 16), PatchEmbed(8, 16), ConvStemV2(3, 16)])
 def test_stems_and_patch_embeddings_fold_their_norms_in_inference(module):
+    """Folded in inference, the modules' values to rounding; the stems' and
+    embeddings' own hooks still run."""
     torch.manual_seed(0)
     for m in module.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -97,13 +133,23 @@ def test_stems_and_patch_embeddings_fold_their_norms_in_inference(module):
         with OpNames() as mode:
             out = module(x)
         assert not any('batch_norm' in name for name in mode.names)
+        # a hook on a norm (or on ResT V2's ``proj``) is run: nothing is folded then
+        hooked = module.proj if isinstance(module, ConvStemV2) else (
+            module.norm1 if isinstance(module, ConvStem) else module.norm)
+        calls = []
+        hook = hooked.register_forward_hook(lambda *a: calls.append(1))
+        with OpNames() as mode:
+            hooked_out = module(x)
+        hook.remove()
+        assert calls == [1] and any('batch_norm' in name for name in mode.names)
         module.fold_norm = False
         with OpNames() as mode:
             ref = module(x)
         assert any('batch_norm' in name for name in mode.names)
-    for a, b in zip(out if isinstance(out, tuple) else (out, ),
-                    ref if isinstance(ref, tuple) else (ref, )):
+    for a, b, c in zip(*((t if isinstance(t, tuple) else (t, ))
+                         for t in (out, ref, hooked_out))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('cls, arch', [(ResT, 'lite'), (ResTV2, 'tiny')])
@@ -134,6 +180,8 @@ def test_backbones_fold_their_norms_with_the_fused_impl_only(cls, arch):
 
 
 def test_pixel_attention_in_inference_is_the_plain_function_in_place():
+    """In place with the fused path's flag; plain for the reference, and where a hook on
+    its conv would see the conv's output overwritten."""
     from mmrest.models.layers import PixelAttention
     torch.manual_seed(0)
     pa = PixelAttention(8)
@@ -141,6 +189,18 @@ def test_pixel_attention_in_inference_is_the_plain_function_in_place():
     with torch.no_grad():
         with OpNames() as mode:
             out = pa(x)
-        assert torch.equal(out, x * pa.pa_conv(x).sigmoid())
-    assert 'aten.sigmoid_' in mode.names and 'aten.mul_' in mode.names
-    assert out.is_contiguous(memory_format=torch.channels_last)
+        ref = x * pa.pa_conv(x).sigmoid()
+        assert torch.equal(out, ref)
+        assert 'aten.sigmoid_' in mode.names and 'aten.mul_' in mode.names
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        seen = []
+        hook = pa.pa_conv.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+        with OpNames() as mode:
+            assert torch.equal(pa(x), ref)
+        hook.remove()
+        assert 'aten.sigmoid_' not in mode.names
+        assert torch.equal(seen[0], pa.pa_conv(x))
+        pa.recompute_gate = False  # as the reference backbones set it
+        with OpNames() as mode:
+            assert torch.equal(pa(x), ref)
+        assert 'aten.sigmoid_' not in mode.names

@@ -169,13 +169,13 @@ def test_hidden_sized_tensors_are_allocated_once_per_step_or_never(recompute, ex
 
 @pytest.mark.parametrize('frozen', [
     'norm.weight', 'norm.bias', 'fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias', 'x',
-    'norm.weight,norm.bias,x'
+    'norm.weight,norm.bias,x', 'norm.weight,norm.bias,fc1.weight,fc1.bias,x'
 ])
 @pytest.mark.parametrize('recompute', [False, True])
 def test_frozen_inputs_get_no_gradient(frozen, recompute):
     """Each parameter frozen alone, x without gradient (the first block after frozen
-    stages), and everything of the LayerNorm frozen: the others get the modules'
-    gradients, in blocks of 4 rows."""
+    stages), everything of the LayerNorm frozen, and only fc2 trainable: the others get
+    the modules' gradients, in blocks of 4 rows."""
     norm, mlp = make()
     named = dict(norm.named_parameters(prefix='norm'))
     named.update(mlp.named_parameters())
@@ -254,3 +254,21 @@ def test_fused_block_trains_like_the_reference_block(sr_ratio, heads):
     grads_ref = torch.autograd.grad(out_ref, [x, *ref.parameters()], g)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize('recompute', [False, True])
+def test_empty_and_non_contiguous_tokens(recompute):
+    norm, mlp = make()
+    params = [norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+              mlp.fc2.bias]
+    for x in (torch.randn(2, 0, 16, dtype=torch.float64),
+              torch.randn(2, 16, 9, dtype=torch.float64).transpose(1, 2)):
+        x.requires_grad_()
+        ref, ref_grads = grads(lambda t: mlp(norm(t)), x, (norm, mlp))
+        out, out_grads = grads(
+            lambda t: NormMlpFunction.apply(t, *params[:2], norm.eps, *params[2:], 4,
+                                            recompute), x, (norm, mlp))
+        assert out.shape == x.shape
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        for g, g_ref in zip(out_grads, ref_grads):
+            torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)

@@ -102,10 +102,15 @@ def add_module_ranges(model: nn.Module) -> List[torch.utils.hooks.RemovableHandl
         def hook(module: nn.Module, args: Tuple) -> None:
             stack.append(record_function(name))
             stack[-1].__enter__()
+        # mmrest's inference shortcuts that bypass modules with hooks (folded norms,
+        # the in-place PA) are still taken: what is profiled is what runs
+        hook.observes_only = True
         return hook
 
     def leave(module: nn.Module, args: Tuple, output: object) -> None:
         stack.pop().__exit__(None, None, None)
+
+    leave.observes_only = True
 
     for module in model.modules():
         family = module_family(module)

@@ -97,7 +97,9 @@ class PixelAttention(nn.Module):
 
     With ``recompute_gate`` (the default; the backbones set it from their ``attn_impl``:
     True for ``'fused'``, False for ``'reference'``), CPU training outside autocast runs
-    :class:`PixelAttentionFunction`, which keeps x only.
+    :class:`PixelAttentionFunction`, which keeps x only, and CPU inference computes the
+    gate and the product in place in the conv's output (unless ``pa_conv`` has forward
+    hooks, which would see their output overwritten).
 
     Args:
         channels (int): Channels of the input map.
@@ -117,8 +119,9 @@ class PixelAttention(nn.Module):
                 and (x.requires_grad or conv.weight.requires_grad
                      or conv.bias.requires_grad)):
             return PixelAttentionFunction.apply(x, conv.weight, conv.bias)
-        if (not torch.is_grad_enabled() and cpu_tuned(x)
-                and autocast_dtype(x.device.type) is None and x.dtype == conv.weight.dtype):
+        if (self.recompute_gate and not torch.is_grad_enabled() and cpu_tuned(x)
+                and autocast_dtype(x.device.type) is None and x.dtype == conv.weight.dtype
+                and not has_forward_hooks(conv)):
             # CPU inference: the gate and the product in place in the conv's fresh
             # output (the same values; no two more maps to allocate)
             return conv(x).sigmoid_().mul_(x)
@@ -145,6 +148,27 @@ def set_cpu_fusions(module: nn.Module, enabled: bool) -> nn.Module:
     return module
 
 
+def has_forward_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run forward (pre-)hooks, their own or global
+    ones: a shortcut that bypasses the modules must not skip them. Hooks with an
+    ``observes_only`` attribute set to True (they change no input, output or weight and
+    keep no output, e.g. the profiler ranges of ``tools/analysis/profile_step.py``) do
+    not count."""
+    from torch.nn.modules import module as module_globals
+    hooks = [*module_globals._global_forward_hooks.values(),
+             *module_globals._global_forward_pre_hooks.values()]
+    for m in modules:
+        hooks += [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+    return any(not getattr(hook, 'observes_only', False) for hook in hooks)
+
+
+def may_fold_norms(x: Tensor, fold: bool = True) -> bool:
+    """Whether :func:`conv_norm` may fold for input ``x``: ``fold``, CPU inference in
+    eager mode outside autocast."""
+    return (fold and not torch.is_grad_enabled() and cpu_tuned(x)
+            and autocast_dtype('cpu') is None)
+
+
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool = True) -> Tensor:
     """``norm(conv(x))``; in CPU inference with an eval-mode BatchNorm, one convolution
     with the norm folded into its weight and bias.
@@ -153,6 +177,9 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool = True) ->
     224x224 batch 16 here, A/B in one process). The folded weight
     ``w * gamma / sqrt(var + eps)`` is made at each call (a few thousand values): the
     same function to rounding (about 1e-7 relative), whatever was loaded into the norm.
+    Only for a plain ``nn.Conv2d`` and an eval-mode ``nn.BatchNorm2d`` / ``SyncBatchNorm``
+    with running statistics and affine parameters of the input's dtype, and only where
+    neither module has forward hooks (pre-hooks such as ``weight_norm``'s included).
 
     Args:
         conv (nn.Conv2d): The convolution.
@@ -163,14 +190,15 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool = True) ->
     Returns:
         Tensor: ``norm(conv(x))``.
     """
-    if (fold and not torch.is_grad_enabled() and cpu_tuned(x)
-            and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+    if (may_fold_norms(x, fold) and isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
             and type(norm).forward in (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
-            and not norm.training
-            and norm.affine and norm.track_running_stats and norm.running_var is not None
+            and not norm.training and norm.affine and norm.track_running_stats
+            and norm.running_var is not None and x.dim() == 4
             and type(conv) is nn.Conv2d and conv.padding_mode == 'zeros'
-            and autocast_dtype('cpu') is None
-            and x.dtype == conv.weight.dtype == norm.weight.dtype == norm.running_var.dtype):
+            and not has_forward_hooks(conv, norm)
+            and all(t.dtype == x.dtype for t in (conv.weight, norm.weight, norm.bias,
+                                                 norm.running_mean, norm.running_var))
+            and (conv.bias is None or conv.bias.dtype == x.dtype)):
         scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
         bias = norm.bias - norm.running_mean * scale
         if conv.bias is not None:
@@ -277,11 +305,13 @@ class ConvStemV2(nn.Module):
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Images (B, C_in, H, W) -> tokens (B, h * w, C) of the (h, w) map."""
-        proj = self.proj
-        x = stem_layout(x)
-        x = proj[2](conv_norm(proj[0], proj[1], x, self.fold_norm))
-        x = proj[5](conv_norm(proj[3], proj[4], x, self.fold_norm))
-        x = self.pos(proj[6](x))
+        x, proj = stem_layout(x), self.proj
+        if may_fold_norms(x, self.fold_norm) and not has_forward_hooks(proj):
+            x = proj[2](conv_norm(proj[0], proj[1], x))
+            x = proj[6](proj[5](conv_norm(proj[3], proj[4], x)))
+        else:
+            x = proj(x)
+        x = self.pos(x)
         return self.norm(map_to_tokens(x)), (x.shape[2], x.shape[3])
 
 

@@ -145,7 +145,10 @@ class NormMlpFunction(torch.autograd.Function):
                                              b2, out.view(-1, C), block_rows,
                                              keep_stats=True,
                                              keep_hidden=not recompute_hidden)
-        ctx.save_for_backward(x, mean, rstd, hidden, ln_weight, ln_bias, w1, b1, w2)
+        # b1 only where h is recomputed (a later in-place change of a saved tensor
+        # makes the backward raise, as autograd would)
+        ctx.save_for_backward(x, mean, rstd, hidden, ln_weight, ln_bias, w1,
+                              b1 if recompute_hidden else None, w2)
         ctx.block_rows = max(1, min(block_rows, tokens.shape[0]))
         return out
 
