@@ -119,8 +119,7 @@ class PixelAttention(nn.Module):
                 and (x.requires_grad or conv.weight.requires_grad
                      or conv.bias.requires_grad)):
             return PixelAttentionFunction.apply(x, conv.weight, conv.bias)
-        if (self.recompute_gate and not torch.is_grad_enabled() and cpu_tuned(x)
-                and autocast_dtype(x.device.type) is None and x.dtype == conv.weight.dtype
+        if (self.recompute_gate and cpu_inference(x) and x.dtype == conv.weight.dtype
                 and not has_forward_hooks(conv)):
             # CPU inference: the gate and the product in place in the conv's fresh
             # output (the same values; no two more maps to allocate)
@@ -162,11 +161,11 @@ def has_forward_hooks(*modules: nn.Module) -> bool:
     return any(not getattr(hook, 'observes_only', False) for hook in hooks)
 
 
-def may_fold_norms(x: Tensor, fold: bool = True) -> bool:
-    """Whether :func:`conv_norm` may fold for input ``x``: ``fold``, CPU inference in
-    eager mode outside autocast."""
-    return (fold and not torch.is_grad_enabled() and cpu_tuned(x)
-            and autocast_dtype('cpu') is None)
+def cpu_inference(x: Tensor) -> bool:
+    """Whether ``x`` runs in CPU inference in eager mode outside autocast, where the
+    inference shortcuts of this module (folded norms, the in-place PA) may apply."""
+    return (not torch.is_grad_enabled() and cpu_tuned(x)
+            and autocast_dtype(x.device.type) is None)
 
 
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool = True) -> Tensor:
@@ -190,7 +189,7 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool = True) ->
     Returns:
         Tensor: ``norm(conv(x))``.
     """
-    if (may_fold_norms(x, fold) and isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
+    if (fold and cpu_inference(x) and isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
             and type(norm).forward in (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
             and not norm.training and norm.affine and norm.track_running_stats
             and norm.running_var is not None and x.dim() == 4
@@ -306,7 +305,7 @@ class ConvStemV2(nn.Module):
     def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Images (B, C_in, H, W) -> tokens (B, h * w, C) of the (h, w) map."""
         x, proj = stem_layout(x), self.proj
-        if may_fold_norms(x, self.fold_norm) and not has_forward_hooks(proj):
+        if self.fold_norm and cpu_inference(x) and not has_forward_hooks(proj):
             x = proj[2](conv_norm(proj[0], proj[1], x))
             x = proj[6](proj[5](conv_norm(proj[3], proj[4], x)))
         else:
