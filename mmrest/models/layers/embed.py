@@ -129,7 +129,7 @@ class PixelAttention(nn.Module):
 
 def set_cpu_fusions(module: nn.Module, enabled: bool) -> nn.Module:
     """Set ``recompute_gate`` of every :class:`PixelAttention` and ``fold_norm`` of every
-    stem and patch embedding in ``module`` (:func:`conv_norm`).
+    module that has one (the stems and patch embeddings, :func:`conv_norm`) in ``module``.
 
     Args:
         module (nn.Module): A backbone, stem or patch embedding.
@@ -142,7 +142,7 @@ def set_cpu_fusions(module: nn.Module, enabled: bool) -> nn.Module:
     for m in module.modules():
         if isinstance(m, PixelAttention):
             m.recompute_gate = enabled
-        if isinstance(m, (ConvStem, PatchEmbed, ConvStemV2)):
+        if hasattr(m, 'fold_norm'):  # the stems and patch embeddings with BatchNorms
             m.fold_norm = enabled
     return module
 
