@@ -1,10 +1,12 @@
-"""The ``mmrest`` registry scope: MODELS, HOOKS and OPTIM_WRAPPERS.
+"""The ``mmrest`` registry scope: MODELS, HOOKS, OPTIM_WRAPPERS and
+OPTIM_WRAPPER_CONSTRUCTORS.
 
 Children of mmengine's root registries; their ``locations`` make mmengine import the
 modules that fill them (:mod:`mmrest.models`, :mod:`mmrest.engine`) on first use.
 """
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS
 from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import Registry
 
@@ -26,16 +28,12 @@ HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmrest', locations=['mmre
 OPTIM_WRAPPERS = Registry('optim_wrapper', parent=MMENGINE_OPTIM_WRAPPERS, scope='mmrest',
                           locations=['mmrest.engine'])
 
-__all__ = ['MODELS', 'HOOKS', 'OPTIM_WRAPPERS']
-
 # Optimizer wrapper constructors, e.g.
 # ``constructor='mmrest.ResTLearningRateDecayOptimWrapperConstructor'``.
-from mmengine.registry import \
-    OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS  # noqa: E402
-
 OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     'optimizer wrapper constructor',
     parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS,
     scope='mmrest',
     locations=['mmrest.engine.optim_constructor'])
-__all__.append('OPTIM_WRAPPER_CONSTRUCTORS')
+
+__all__ = ['MODELS', 'HOOKS', 'OPTIM_WRAPPERS', 'OPTIM_WRAPPER_CONSTRUCTORS']

@@ -88,10 +88,9 @@ def build_config(args: argparse.Namespace):
         Config: The config to build the runner from.
     """
     import mmrest  # noqa: F401  (registers mmrest.ResT, allows mmengine's checkpoint types)
-    from mmrest.engine import cpu_amp_config_fix, inspect_checkpoint, load_tool_config
+    from mmrest.engine import inspect_checkpoint, load_tool_config
 
     cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
-    cpu_amp_config_fix(cfg)
 
     if '://' not in args.checkpoint:
         if not osp.isfile(args.checkpoint):

@@ -362,6 +362,27 @@ def commit_file(tmp_path: PathLike, final_path: PathLike) -> None:
     fsync_dir(osp.dirname(os.fspath(final_path)))
 
 
+def _write_then_commit(path: str, write_temp: Callable[[str], None]) -> None:
+    """Write ``path``'s temporary file with ``write_temp``, then :func:`commit_file` it.
+
+    Args:
+        path (str): The destination.
+        write_temp (Callable): Called with the temporary file's path; writes it whole.
+
+    Raises:
+        BaseException: Whatever ``write_temp`` or the commit raise; the destination is
+            untouched and the temporary file is removed.
+    """
+    tmp = temp_path_for(path)
+    try:
+        write_temp(tmp)
+        commit_file(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = 'wb') -> None:
     """Write a file so that a crash or a full disk never leaves it partial.
 
@@ -374,19 +395,12 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = 'wb')
         OSError: If writing fails; the destination is untouched and the temporary file
             is removed.
     """
-    path = os.fspath(path)
-    tmp = temp_path_for(path)
-    try:
+
+    def write_temp(tmp: str) -> None:
         with open(tmp, mode) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(osp.dirname(path))
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    _write_then_commit(os.fspath(path), write_temp)
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
@@ -440,8 +454,9 @@ class AtomicLocalBackend(LocalBackend):
 
     ``put`` and ``put_text`` write to a temporary file in the destination folder
     (through :class:`~mmengine.fileio.backends.LocalBackend`), then
-    :func:`commit_file` it: a crash or a full disk never leaves a partial destination,
-    and a failed write removes its temporary file. Everything else is mmengine's.
+    :func:`commit_file` it, as :func:`atomic_write` does: a crash or a full disk never
+    leaves a partial destination, and a failed write removes its temporary file.
+    Everything else is mmengine's.
     :mod:`mmrest.engine` registers it with mmengine's file backends as
     ``'mmrest_atomic_local'``, so ``backend_args=dict(backend='mmrest_atomic_local')``
     selects it wherever mmengine takes ``backend_args`` (``mmrest.AtomicCheckpointHook``
@@ -455,15 +470,8 @@ class AtomicLocalBackend(LocalBackend):
             obj (bytes): Data to be written.
             filepath (str | PathLike): The destination (its folder is created).
         """
-        filepath = os.fspath(filepath)
-        tmp = temp_path_for(filepath)
-        try:
-            super().put(obj, tmp)
-            commit_file(tmp, filepath)
-        except BaseException:
-            if osp.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_temp = super().put
+        _write_then_commit(os.fspath(filepath), lambda tmp: write_temp(obj, tmp))
 
     def put_text(self, obj: str, filepath: PathLike, encoding: str = 'utf-8') -> None:
         """Write text to ``filepath`` atomically.
