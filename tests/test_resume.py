@@ -317,6 +317,33 @@ def test_explicit_damaged_path_names_previous_good(work_dir):
     assert f'--resume {work_dir / "iter_4.pth"}' in msg
 
 
+def test_candidates_after_a_non_periodic_latest(work_dir):
+    """A ``last_checkpoint`` that names no periodic file (a best checkpoint) is tried
+    first, then every periodic checkpoint, newest first, each once."""
+    from mmrest.engine import checkpoint_candidates
+    best = work_dir / 'best_coco_bbox_mAP_iter_5.pth'
+    _fake_ckpt(str(best), 5)
+    (work_dir / 'last_checkpoint').write_text(str(best))
+    assert checkpoint_candidates(str(work_dir)) == [
+        str(best)] + [str(work_dir / f'iter_{it}.pth') for it in (6, 4, 2)]
+    (work_dir / 'last_checkpoint').unlink()
+    assert checkpoint_candidates(str(work_dir), ('ckpt_{}.pth', )) == []
+    assert checkpoint_candidates(str(work_dir)) == [
+        str(work_dir / f'iter_{it}.pth') for it in (6, 4, 2)]
+
+
+def test_explicit_damaged_non_periodic_path_names_newest_good(work_dir):
+    from mmrest.engine import check_resume_path
+    from mmrest.utils import CheckpointError
+    bad = str(work_dir / 'best.pth')
+    _fake_ckpt(bad, 7)
+    _truncate(bad)
+    _truncate(str(work_dir / 'iter_6.pth'))
+    with pytest.raises(CheckpointError) as info:
+        check_resume_path(bad)
+    assert str(info.value).endswith(f'--resume {work_dir / "iter_4.pth"}')
+
+
 def test_not_a_training_checkpoint(tmp_path):
     from mmrest.engine import inspect_checkpoint
     from mmrest.utils import CheckpointError

@@ -511,6 +511,44 @@ def _template_regex(template: str) -> 're.Pattern':
     return re.compile('^' + re.escape(head) + r'(\d+)' + re.escape(tail) + '$')
 
 
+def _checkpoint_step(name: str, templates: Sequence[str]) -> Optional[int]:
+    """The step in a periodic checkpoint's file name (first matching template), or None."""
+    for template in templates:
+        match = _template_regex(template).match(name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _periodic_checkpoints(folders: Sequence[str], templates: Sequence[str],
+                          before: Optional[int] = None) -> List[str]:
+    """Periodic checkpoints of ``folders`` (each file once), newest first.
+
+    Args:
+        folders (Sequence[str]): Folders to list; missing ones are skipped.
+        templates (Sequence[str]): File name templates of periodic checkpoints.
+        before (int, optional): Keep only steps below this one. Defaults to None (all).
+
+    Returns:
+        list[str]: Paths, by step, newest first.
+    """
+    found: List[Tuple[int, str]] = []
+    seen = set()
+    for folder in folders:
+        if not osp.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            step = _checkpoint_step(name, templates)
+            path = osp.join(folder, name)
+            if step is None or (before is not None and step >= before):
+                continue
+            if osp.realpath(path) not in seen:
+                seen.add(osp.realpath(path))
+                found.append((step, path))
+    found.sort(key=lambda item: item[0], reverse=True)
+    return [path for _, path in found]
+
+
 def _read_last_checkpoint(work_dir: str) -> Optional[str]:
     save_file = osp.join(work_dir, 'last_checkpoint')
     if not osp.isfile(save_file):
@@ -543,37 +581,12 @@ def checkpoint_candidates(work_dir: str,
         list[str]: Paths (the first may not exist if ``last_checkpoint`` is stale).
     """
     latest = _read_last_checkpoint(work_dir)
-    folders = [work_dir] if latest is None else [osp.dirname(latest) or '.', work_dir]
-    regexes = [_template_regex(t) for t in templates]
-    latest_step: Optional[int] = None
-    if latest is not None:
-        for regex in regexes:
-            match = regex.match(osp.basename(latest))
-            if match:
-                latest_step = int(match.group(1))
-    found: List[Tuple[int, str]] = []
-    seen = set()
-    for folder in folders:
-        if not osp.isdir(folder):
-            continue
-        for name in os.listdir(folder):
-            for regex in regexes:
-                match = regex.match(name)
-                if not match:
-                    continue
-                path = osp.join(folder, name)
-                key = osp.realpath(path)
-                if key in seen:
-                    continue
-                seen.add(key)
-                step = int(match.group(1))
-                if latest_step is None or step < latest_step:
-                    found.append((step, path))
-    found.sort(key=lambda item: item[0], reverse=True)
-    ordered = [] if latest is None else [latest]
-    ordered += [path for _, path in found
-                if latest is None or osp.realpath(path) != osp.realpath(latest)]
-    return ordered
+    if latest is None:
+        return _periodic_checkpoints([work_dir], templates)
+    older = _periodic_checkpoints([osp.dirname(latest) or '.', work_dir], templates,
+                                  before=_checkpoint_step(osp.basename(latest), templates))
+    return [latest] + [path for path in older
+                       if osp.realpath(path) != osp.realpath(latest)]
 
 
 def find_resume_checkpoint(work_dir: str,
@@ -648,21 +661,10 @@ def check_resume_path(path: str, templates: Sequence[str] = DEFAULT_TEMPLATES) -
     except UnsafeCheckpointError:
         raise
     except CheckpointError as err:
-        folder = osp.dirname(path) or '.'
-        regexes = [_template_regex(t) for t in templates]
-        step = None
-        for regex in regexes:
-            match = regex.match(osp.basename(path))
-            if match:
-                step = int(match.group(1))
-        older = []
-        for name in os.listdir(folder):
-            for regex in regexes:
-                match = regex.match(name)
-                if match and (step is None or int(match.group(1)) < step):
-                    older.append((int(match.group(1)), osp.join(folder, name)))
+        older = _periodic_checkpoints([osp.dirname(path) or '.'], templates,
+                                      before=_checkpoint_step(osp.basename(path), templates))
         hint = ''
-        for _, other in sorted(older, reverse=True):
+        for other in older:
             try:
                 inspect_checkpoint(other, for_resume=True)
             except (CheckpointError, FileNotFoundError):
