@@ -539,11 +539,12 @@ def _periodic_checkpoints(folders: Sequence[str], templates: Sequence[str],
             continue
         for name in os.listdir(folder):
             step = _checkpoint_step(name, templates)
-            path = osp.join(folder, name)
             if step is None or (before is not None and step >= before):
                 continue
-            if osp.realpath(path) not in seen:
-                seen.add(osp.realpath(path))
+            path = osp.join(folder, name)
+            key = osp.realpath(path)
+            if key not in seen:
+                seen.add(key)
                 found.append((step, path))
     found.sort(key=lambda item: item[0], reverse=True)
     return [path for _, path in found]
