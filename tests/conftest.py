@@ -39,6 +39,15 @@ def restore_default_scope():
     DefaultScope._instance_dict.update(before)
 
 
+@pytest.fixture(autouse=True)
+def restore_intra_op_threads():
+    """The intra-op thread count (which the CPU dispatch of the attention reads) is,
+    after each test, what it was before it: a tool's ``main`` run in-process with
+    ``--threads`` does not change what later tests check."""
+    with _intra_op_threads(torch.get_num_threads()):
+        yield
+
+
 @functools.lru_cache(maxsize=None)
 def _authors_state_dict(arch: str, seed: int, out_norms: Tuple[int, ...],
                         num_classes: int) -> Dict[str, torch.Tensor]:
@@ -127,7 +136,10 @@ def one_intra_op_thread():
     """One intra-op thread for a test module of small cases (``pytestmark``).
 
     Their ops take microseconds, so OpenMP fork/joins would dominate them (and make the
-    file slow on a busy machine); what they check does not depend on the thread count.
+    file slow on a busy machine). One thread selects the CPU paths for many (batch, head)
+    pairs; the paths taken with fewer pairs than threads have tests of their own under
+    ``two_threads`` and ``many_threads`` (e.g. ``test_plain_attention_blocked_backward*``
+    in tests/test_emsa_ops.py).
     """
     with _intra_op_threads(1):
         yield

@@ -204,3 +204,80 @@ def test_pixel_attention_in_inference_is_the_plain_function_in_place():
         with OpNames() as mode:
             assert torch.equal(pa(x), ref)
         assert 'aten.sigmoid_' not in mode.names
+
+
+class KeepOutput:
+    """A forward hook that keeps each output and a copy of it taken when the module
+    returned: an in-place write into the output after that would make them differ."""
+
+    def __init__(self) -> None:
+        self.kept = []
+
+    def __call__(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        self.kept.append((output, output.clone()))
+
+    def unchanged(self) -> bool:
+        return bool(self.kept) and all(torch.equal(o, c) for o, c in self.kept)
+
+
+def block_by_hand(block, x: torch.Tensor, hw) -> torch.Tensor:
+    """The block's function from its modules, with no CPU shortcut around them."""
+    x = x + block.attn(block.norm1(x), hw)
+    mlp = block.mlp
+    return x + mlp.fc2(nn.functional.gelu(mlp.fc1(block.norm2(x))))
+
+
+@pytest.mark.parametrize('cls, arch', [(ResT, 'lite'), (ResTV2, 'tiny')])
+@pytest.mark.parametrize('hooked', ['attn', 'mlp', 'mlp.fc1', 'mlp.act', 'mlp.fc2',
+                                    'attn.proj'])
+def test_forward_hooks_see_what_their_modules_return(cls, arch, hooked):
+    """CPU inference writes the GELU over fc1's output, adds the residual into the
+    branch's output and runs LayerNorm + MLP in blocks without calling the modules: not
+    where a forward hook on one of them would miss its call or see its output change."""
+    torch.manual_seed(0)
+    model = cls(arch, out_indices=(0, 1), drop_path_rate=0.).eval()
+    block = model.stage2[0]
+    x = torch.randn(1, 77, model.embed_dims[1])
+    with torch.no_grad():
+        expected = block_by_hand(block, x, (7, 11))
+        hook = KeepOutput()
+        handle = block.get_submodule(hooked).register_forward_hook(hook)
+        out = block(x, (7, 11))
+        handle.remove()
+        assert hook.unchanged(), f'{hooked}: not called, or its output was overwritten'
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        # without hooks the shortcuts are taken again, with the same result
+        torch.testing.assert_close(block(x, (7, 11)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_hook_on_the_v2_upsampling_norm_sees_its_output():
+    """ResT V2 adds the attention into the up-sampling's fresh output in CPU inference:
+    not where a hook on ``up_norm`` keeps that output."""
+    torch.manual_seed(0)
+    attn = ResTV2('tiny').eval().stage1[0].attn
+    x = torch.randn(2, 8 * 12, attn.embed_dims)
+    with torch.no_grad():
+        plain = attn(x, (8, 12))
+        hook = KeepOutput()
+        attn.up_norm.register_forward_hook(hook)
+        assert torch.equal(attn(x, (8, 12)), plain)
+    assert hook.unchanged()
+
+
+@pytest.mark.parametrize('cls, arch', [(ResT, 'lite'), (ResTV2, 'tiny')])
+def test_dynamically_quantized_blocks_run_their_modules(cls, arch):
+    """After ``quantize_dynamic`` (a common CPU deployment step) the linear layers are
+    quantized modules: the blocked LayerNorm + MLP, which reads float weights, is not
+    taken, and each block is its modules' function."""
+    torch.manual_seed(0)
+    model = cls(arch, out_indices=(0, 1, 2, 3), drop_path_rate=0.).eval()
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    block = quantized.stage1[0]
+    assert type(block.mlp.fc1) is not nn.Linear
+    x = torch.randn(2, 9 * 13, model.embed_dims[0])
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, (9, 13)), block_by_hand(block, x, (9, 13)),
+                                   rtol=1e-5, atol=1e-5)
+        outs = quantized(torch.randn(1, 3, 61, 83))
+    assert [tuple(o.shape) for o in outs] == [
+        (1, c, -(-61 // s), -(-83 // s)) for c, s in zip(model.embed_dims, (4, 8, 16, 32))]

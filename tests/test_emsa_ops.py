@@ -182,6 +182,21 @@ def test_plain_attention_blocked_backward(two_threads, N, M, block_size):
     assert 'AttentionFunction' not in type(emsa_fused(q, k, v, 0.3).grad_fn).__name__
 
 
+@pytest.mark.parametrize('B,h', [(1, 2), (2, 2), (1, 4), (2, 4), (1, 8), (3, 8)])
+def test_plain_attention_blocked_backward_several_heads(many_threads, B, h):
+    """ResT V2's attention (several heads, no head mixing) on a many-core CPU: fewer
+    (batch, head) pairs than threads take the blocked backward, whose per-pair loops
+    must keep every pair's queries, keys and gradients apart."""
+    q, k, v, _, _, kv = make_inputs(B, h, 97, 25, 16, seed=10 * B + h)
+    inputs = [q, k, v, None, None, kv]
+    for block_size in (None, 16):
+        ref, fused, ref_grads, fused_grads = run_both(inputs, 0.25, block_size)
+        assert fused.grad_fn.__class__.__name__ == 'AttentionFunctionBackward'
+        assert max_err(fused, ref) < TOL_FP32
+        for g_fused, g_ref in zip(fused_grads, ref_grads):
+            assert max_err(g_fused, g_ref) < TOL_FP32
+
+
 def test_plain_attention_blocked_backward_gradcheck(two_threads):
     q, _, _, _, _, kv = make_inputs(1, 1, 9, 4, 3, torch.float64)
 
@@ -322,6 +337,29 @@ def test_bf16_autocast_is_finite_and_close(h):
         assert g.dtype == torch.float32  # the leaves' dtype
         assert torch.all(torch.isfinite(g))
         assert max_err(g, g_ref) < TOL_BF16[h]
+
+
+@pytest.mark.parametrize('near_uniform', [False, True])
+def test_dense_core_under_bf16_autocast_runs_head_mixing_in_float32(near_uniform):
+    """The shape-generic core (export, torch.compile) keeps the fused kernel's float32
+    head-mixing core under bfloat16 autocast: only its inputs and output are rounded.
+    With the core in bfloat16, near-uniform maps lose their deviations (the reference
+    under autocast: 0.05 against an output of about 0.05)."""
+    from mmrest.models.layers.emsa_ops import emsa_dense
+    q, k, v, weight, bias, _ = make_inputs(2, 4, 200, 64, 8, seed=5, requires_grad=False)
+    if near_uniform:
+        q = q * 1e-3
+    ref = emsa_reference(q, k, v, 0.1, weight, bias)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = emsa_dense(q, k, v, 0.1, weight, transform_bias=bias)
+    assert out.dtype == torch.bfloat16
+    assert max_err(out, ref) < (1e-3 if near_uniform else TOL_BF16[4])
+    # without autocast: the same function in the inputs' precision
+    torch.testing.assert_close(emsa_dense(q, k, v, 0.1, weight, transform_bias=bias), ref,
+                               rtol=1e-5, atol=1e-5)
+    dense64 = emsa_dense(q.double(), k.double(), v.double(), 0.1, weight.double(),
+                         transform_bias=bias.double())
+    assert dense64.dtype == torch.float64
 
 
 @pytest.mark.usefixtures('scores_layout')

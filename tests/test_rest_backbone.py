@@ -1,5 +1,6 @@
 """ResT backbone: shapes, values against the independent oracle, options and errors."""
 import math
+import re
 from typing import List, Sequence
 
 import pytest
@@ -239,9 +240,18 @@ def test_arch_dict_unknown_keys():
         ResT(_arch_dict(qkv_bias=True))
 
 
-def test_arch_dict_wrong_length():
-    with pytest.raises(ValueError, match=r"arch\['depths'\] needs 4 values, got \[2, 2, 2\]"):
-        ResT(_arch_dict(depths=[2, 2, 2]))
+@pytest.mark.parametrize('key, value', [
+    ('depths', [2, 2, 2]), ('depths', 2), ('num_heads', [0, 2, 4, 8]),
+    ('sr_ratios', [8, 4, 2, -1]), ('embed_dims', [64.0, 128, 256, 512]),
+    ('depths', [True, 2, 2, 2]), ('mlp_ratios', [4, 4, 4, 0])])
+def test_arch_dict_bad_values(key, value):
+    """Four positive integers per entry (mlp_ratios: positive numbers), named in the
+    error; not a ZeroDivisionError or an AttributeError later."""
+    kind = 'numbers' if key == 'mlp_ratios' else 'integers'
+    with pytest.raises(ValueError, match=rf"arch\['{key}'\] needs 4 positive {kind}, "
+                       rf'got {re.escape(repr(value))}'):
+        ResT(_arch_dict(**{key: value}))
+    assert ResT(_arch_dict(mlp_ratios=[4, 4, 2.5, 4])).arch_settings['mlp_ratios'][2] == 2.5
 
 
 def test_arch_dict_heads_not_dividing_dims():
@@ -249,7 +259,7 @@ def test_arch_dict_heads_not_dividing_dims():
         ResT(_arch_dict(num_heads=[3, 2, 4, 8]))
 
 
-@pytest.mark.parametrize('bad', [4, -5, (0, 4), (1, 1), (0, -4), (), (0.5, )])
+@pytest.mark.parametrize('bad', [4, -5, (0, 4), (1, 1), (0, -4), (), (0.5, ), True, (1, False)])
 def test_out_indices_out_of_range(bad):
     with pytest.raises(ValueError, match='out_indices'):
         ResT('lite', out_indices=bad)
@@ -260,7 +270,7 @@ def test_out_indices_message_names_value():
         ResT('lite', out_indices=(0, 7))
 
 
-@pytest.mark.parametrize('bad', [-2, 5])
+@pytest.mark.parametrize('bad', [-2, 5, 2.0, True])
 def test_frozen_stages_out_of_range(bad):
     with pytest.raises(ValueError, match=rf'frozen_stages must be in \[-1, 4\], got {bad}'):
         ResT('lite', frozen_stages=bad)

@@ -154,11 +154,84 @@ def test_pretrained_output_norms_load_when_present(tmp_path, authors_weights):
     model.init_weights()
     assert torch.equal(model.norm2.bias, sd['norm2.bias'])
     assert_matches_reference(model, sd, out_norms=(0, 1, 2))
-    # ... and into a classification backbone, the extra norms are just ignored.
-    model = ResT('lite', out_indices=(3, ), drop_path_rate=0.,
+    # ... and into a classification backbone with output-only norms, the extra norms
+    # are just ignored.
+    model = ResT('lite', out_indices=(3, ), drop_path_rate=0., out_norm_in_main_path=False,
                  init_cfg=dict(type='Pretrained', checkpoint=path))
     model.init_weights()
     assert_matches_reference(model, sd)
+
+
+@pytest.mark.parametrize('out_indices, dropped', [((3, ), 'norm1'), ((1, 2, 3), 'norm1'),
+                                                  ((0, 1, 3), 'norm3')])
+def test_main_path_output_norms_are_not_dropped(tmp_path, authors_weights, out_indices,
+                                                dropped):
+    """A checkpoint trained with the output norm of stage i in the main path cannot
+    load, by any path, into a backbone that lacks that norm (its later stages would
+    compute another function); the error names the norm and the two ways out."""
+    sd = authors_weights('lite', seed=3, out_norms=(0, 1, 2))
+    path = str(tmp_path / 'det.pth')
+    torch.save(LAYOUTS['detectron2'](sd), path)
+    model = ResT('lite', out_indices=out_indices, drop_path_rate=0.,
+                 init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(CheckpointError, match=dropped) as info:
+        model.init_weights()
+    assert path in str(info.value)
+    for text in ('out_norm_in_main_path=False', f'out_indices={list(out_indices)}'):
+        assert text in str(info.value)
+    # the same through load_state_dict, as mmengine's load_from and resume load
+    detector = nn.Module()
+    detector.backbone = model
+    weights = {'backbone.' + k: v for k, v in backbone_part(sd).items()}
+    with pytest.raises(CheckpointError, match=dropped):
+        detector.load_state_dict(weights, strict=False)
+    # a backbone with every norm the checkpoint has loads it
+    full = ResT('lite', out_indices=(0, 1, 2, 3), drop_path_rate=0.)
+    full.load_state_dict(backbone_part(sd), strict=True)
+    assert_matches_reference(full, sd, out_norms=(0, 1, 2))
+
+
+def test_init_cfg_prefix_takes_the_weights_under_it(tmp_path, authors_weights):
+    """mmengine's ``prefix`` of a Pretrained init: the weights under it, stripped; a
+    prefix nothing is under raises and names the keys there are."""
+    sd = authors_weights('lite', seed=5)
+    other = authors_weights('lite', seed=6)
+    path = str(tmp_path / 'two_models.pth')
+    torch.save({'state_dict': {**{'teacher.' + k: v for k, v in backbone_part(other).items()},
+                               **{'student.' + k: v for k, v in backbone_part(sd).items()}}},
+               path)
+    model = ResT('lite', out_indices=(3, ), drop_path_rate=0.,
+                 init_cfg=dict(type='Pretrained', checkpoint=path, prefix='student.',
+                               map_location='cpu'))
+    model.init_weights()
+    assert model.is_init
+    assert_matches_reference(model, sd)
+    model = ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
+    with pytest.raises(CheckpointError, match="no weights under the prefix 'backbone.'") as info:
+        model.init_weights()
+    assert 'teacher.stem' in str(info.value)
+
+
+@pytest.mark.parametrize('init_cfg, message', [
+    ([dict(type='Pretrained', checkpoint='x.pth'), dict(type='Constant', val=0, layer='Linear')],
+     'give it alone'),
+    (dict(type='Pretrained', checkpoint='x.pth', revise_keys=[]), r"not \['revise_keys'\]"),
+    (dict(type='Pretrained'), "takes 'checkpoint'"),
+])
+def test_init_cfg_pretrained_errors(init_cfg, message):
+    """A Pretrained init this loader would not follow as written is an error, not a
+    silent partial load."""
+    with pytest.raises(ValueError, match=message):
+        ResT('lite', init_cfg=init_cfg).init_weights()
+
+
+def test_other_init_cfg_goes_to_mmengine_and_non_affine_norms_init():
+    model = ResT('lite', init_cfg=dict(type='Constant', val=0.5, layer='Linear'))
+    model.init_weights()
+    assert model.is_init and torch.all(model.stage1[0].attn.q.weight == 0.5)
+    model = ResT('lite', norm_cfg=dict(type='LN', elementwise_affine=False))
+    model.init_weights()  # the authors' init skips the absent affine parameters
+    assert model.stage1[0].norm1.weight is None and model.is_init
 
 
 # ------------------------------------------------------------------ bad checkpoints

@@ -6,7 +6,7 @@ and ResT V2 (https://arxiv.org/abs/2204.07366), both by Qing-Long Zhang and Yu-B
 embeddings, its block (with its attention) and a few class attributes; the rest is here.
 """
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.utils.checkpoint as cp
@@ -19,9 +19,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...utils.checkpoint import CheckpointError, safe_load_checkpoint
 from ..layers import map_to_tokens, tokens_to_map
-from ..utils.ckpt_convert import check_rest_family, convert_rest_checkpoint, normalize_rest_key
+from ..utils.ckpt_convert import (check_rest_family, convert_rest_checkpoint, normalize_rest_key,
+                                  unwrap_checkpoint)
 
 NUM_STAGES = 4
+#: Keys of the output norms of stages 1-3 (``norm1``-``norm3``).
+_OUT_NORM_KEY = re.compile(r'^norm([123])\.')
 
 
 class ResTBase(BaseModule):
@@ -78,7 +81,8 @@ class ResTBase(BaseModule):
         self.depths = list(self.arch_settings['depths'])
         self.in_channels = in_channels
         self.out_indices = self._parse_out_indices(out_indices)
-        if not -1 <= frozen_stages <= NUM_STAGES:
+        if (not isinstance(frozen_stages, int) or isinstance(frozen_stages, bool)
+                or not -1 <= frozen_stages <= NUM_STAGES):
             raise ValueError(f'frozen_stages must be in [-1, {NUM_STAGES}], '
                              f'got {frozen_stages}')
         self.frozen_stages = frozen_stages
@@ -141,9 +145,16 @@ class ResTBase(BaseModule):
             raise KeyError(f'The {name} arch dict has unknown keys {extra}; it takes '
                            f'{list(cls.arch_keys)}')
         for key in cls.arch_keys:
-            if len(arch[key]) != NUM_STAGES:
-                raise ValueError(f'arch[{key!r}] needs {NUM_STAGES} values, got '
-                                 f'{list(arch[key])}')
+            values = arch[key]
+            # mlp_ratios may be fractional; the other entries count channels, blocks,
+            # heads or a stride
+            kinds = (int, float) if key == 'mlp_ratios' else (int, )
+            if (not isinstance(values, (list, tuple)) or len(values) != NUM_STAGES
+                    or not all(isinstance(v, kinds) and not isinstance(v, bool) and v > 0
+                               for v in values)):
+                raise ValueError(f'arch[{key!r}] needs {NUM_STAGES} positive '
+                                 f'{"numbers" if key == "mlp_ratios" else "integers"}, '
+                                 f'got {values!r}')
         return {k: list(arch[k]) for k in cls.arch_keys}
 
     @staticmethod
@@ -152,7 +163,8 @@ class ResTBase(BaseModule):
             out_indices = [out_indices]
         out = []
         for index in out_indices:
-            if not isinstance(index, int) or not -NUM_STAGES <= index < NUM_STAGES:
+            if (not isinstance(index, int) or isinstance(index, bool)
+                    or not -NUM_STAGES <= index < NUM_STAGES):
                 raise ValueError(f'out_indices must be stage indices in [0, {NUM_STAGES - 1}]'
                                  f' (or negative), got {index!r}')
             out.append(index % NUM_STAGES)
@@ -197,42 +209,77 @@ class ResTBase(BaseModule):
         return self
 
     def init_weights(self) -> None:
-        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
-            self.load_pretrained(self.init_cfg['checkpoint'])
-            return
-        if self.init_cfg is not None:
-            super().init_weights()
-            return
-        # The authors' initialisation.
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                trunc_normal_(m.weight, std=.02)
-                if isinstance(m, self.zero_bias_types) and m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, _BatchNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        """Initialise: from ``init_cfg=dict(type='Pretrained', checkpoint=...)`` through
+        :meth:`load_pretrained`, by mmengine for other ``init_cfg``, else as the authors.
 
-    def load_pretrained(self, checkpoint: str) -> None:
+        Raises:
+            ValueError: If a ``Pretrained`` config is one of several, or has keys other
+                than ``type``, ``checkpoint``, ``prefix`` and ``map_location``.
+        """
+        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
+        pretrained = [c for c in cfgs if isinstance(c, dict) and c.get('type') == 'Pretrained']
+        if pretrained:
+            if len(cfgs) > 1:
+                raise ValueError(f'{self.family_name} init_cfg: a Pretrained config sets '
+                                 'every weight, so give it alone (as a dict), got '
+                                 f'{self.init_cfg}')
+            cfg = pretrained[0]
+            unknown = sorted(set(cfg) - {'type', 'checkpoint', 'prefix', 'map_location'})
+            if unknown or 'checkpoint' not in cfg:
+                raise ValueError(f'{self.family_name} init_cfg {cfg}: Pretrained takes '
+                                 "'checkpoint' and optionally 'prefix' and 'map_location'"
+                                 + (f', not {unknown}' if unknown else ''))
+            # map_location does not matter: the weights are copied into the parameters
+            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
+        elif self.init_cfg is not None:
+            super().init_weights()
+        else:
+            # The authors' initialisation.
+            for m in self.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    trunc_normal_(m.weight, std=.02)
+                    if isinstance(m, self.zero_bias_types) and m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, (nn.LayerNorm, _BatchNorm)):
+                    if m.weight is not None:
+                        nn.init.ones_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+        self._is_init = True
+
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
         """Load weights of any supported layout from a file, safely.
 
         Missing and unexpected keys are logged by name. Only the new output norms
         ``norm1``-``norm3`` (and BN ``num_batches_tracked``) may be missing, and only
-        output norms of unselected stages may be extra; any other difference means
-        another architecture and raises.
+        output norms of unselected stages may be extra, and only where they are not in
+        the main path (``out_norm_in_main_path=False``); any other difference means
+        another architecture or another function and raises.
 
         Args:
             checkpoint (str): Path of the checkpoint file.
+            prefix (str, optional): Take only the weights under this prefix (stripped),
+                as mmengine's ``Pretrained`` init does, e.g. ``'backbone.'`` of a
+                detector. Defaults to None: the layouts of README "Pretrained weights
+                and checkpoint conversion" are recognised without it.
 
         Raises:
             CheckpointError: If the file is unsafe, unreadable, holds no ResT weights,
-                holds the weights of the other ResT version, or its weights do not fit
-                this architecture.
+                holds the weights of the other ResT version, its weights do not fit
+                this architecture, or it has main-path output norms this backbone lacks.
         """
         logger = MMLogger.get_current_instance()
         name = self.family_name
         try:
-            state_dict = convert_rest_checkpoint(safe_load_checkpoint(checkpoint))
+            loaded = safe_load_checkpoint(checkpoint)
+            if prefix:
+                weights = unwrap_checkpoint(loaded)
+                loaded = {k[len(prefix):]: v for k, v in weights.items()
+                          if k.startswith(prefix)}
+                if not loaded:
+                    raise ValueError(f'no weights under the prefix {prefix!r}; its keys '
+                                     f'start: {list(weights)[:5]}')
+            state_dict = convert_rest_checkpoint(loaded)
             check_rest_family(state_dict, name)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f'{checkpoint}: {err}') from err
@@ -261,6 +308,7 @@ class ResTBase(BaseModule):
                 f'depths={self.depths}): {len(absent)} of its weights are missing from the '
                 f'checkpoint {absent[:5]}, {len(extra)} checkpoint weights are not in the '
                 f'model {extra[:5]}')
+        self._check_dropped_out_norms(state_dict, checkpoint)
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
         logger.info(f'Loaded {len(matched)} {name} tensors from {checkpoint}')
         if missing:
@@ -270,7 +318,8 @@ class ResTBase(BaseModule):
             logger.warning(f'Unexpected keys in {checkpoint} (ignored): {unexpected}')
 
     def _convert_old_layout(self, state_dict: dict, prefix: str, *args) -> None:
-        """Load-state-dict pre-hook: rename keys of other layouts under ``prefix``.
+        """Load-state-dict pre-hook: rename keys of other layouts under ``prefix``, and
+        refuse main-path output norms this backbone lacks (:meth:`_check_dropped_out_norms`).
 
         E.g. an authors' detectron2 detector loaded into an mmdet detector has
         ``backbone.bottom_up.stem.conv1.weight`` where ``backbone.stem.conv1.weight`` is
@@ -281,6 +330,37 @@ class ResTBase(BaseModule):
             new = normalize_rest_key(key[len(prefix):])
             if new is not None and prefix + new != key and prefix + new not in state_dict:
                 state_dict[prefix + new] = state_dict.pop(key)
+        self._check_dropped_out_norms(
+            [k[len(prefix):] for k in state_dict if k.startswith(prefix)],
+            'the state dict being loaded')
+
+    def _check_dropped_out_norms(self, keys: Iterable[str], source: str) -> None:
+        """Refuse weights whose output norms this backbone would drop from its main path.
+
+        With ``out_norm_in_main_path`` the output norm of stage i is part of the network
+        (stage i + 1 consumes its output): a checkpoint that has ``norm{i}`` was trained
+        with it, and a backbone without it (stage i not in ``out_indices``) would compute
+        another function in every later stage.
+
+        Args:
+            keys (Iterable[str]): The backbone's keys in the weights (no prefix).
+            source (str): What to name in the error.
+
+        Raises:
+            CheckpointError: If such a norm would be dropped.
+        """
+        if not self.out_norm_in_main_path:
+            return
+        dropped = sorted({int(m.group(1)) for m in map(_OUT_NORM_KEY.match, keys)
+                          if m and not hasattr(self, f'norm{m.group(1)}')})
+        if dropped:
+            raise CheckpointError(
+                f'{source} has the output norms {[f"norm{i}" for i in dropped]} of the '
+                f'stages {[i - 1 for i in dropped]} that are not in out_indices='
+                f'{list(self.out_indices)}; with out_norm_in_main_path=True the next stage '
+                'consumes them, so without them every later stage would compute another '
+                'function. Add those stages to out_indices, or set '
+                'out_norm_in_main_path=False to use the weights without them.')
 
     # ---------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:

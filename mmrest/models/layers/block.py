@@ -1,12 +1,13 @@
 """The transformer blocks of ResT and ResT V2: pre-norm attention and MLP with stochastic
 depth."""
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
+from .embed import has_forward_hooks
 from .emsa import EMSA
 from .emsa_ops import cpu_tuned
 from .norm_mlp import norm_mlp, norm_mlp_applies
@@ -30,14 +31,22 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x)
-        if torch.is_grad_enabled() or not cpu_tuned(hidden):
-            hidden = self.act(hidden)
-        else:
+        if self._gelu_in_place(hidden):
             # CPU inference: in place, since the fresh hidden-sized buffer GELU would
             # allocate costs as much as the GELU itself at detection resolution (page
             # faults)
             hidden = torch.ops.aten.gelu.out(hidden, out=hidden)
+        else:
+            hidden = self.act(hidden)
         return self.drop(self.fc2(self.drop(hidden)))
+
+    def _gelu_in_place(self, hidden: Tensor) -> bool:
+        """Whether ``act(hidden)`` may be written over ``hidden``: CPU inference, exact
+        ``nn.GELU``, and no forward hook on ``fc1`` (which may hold its output) or
+        ``act``."""
+        return (not torch.is_grad_enabled() and cpu_tuned(hidden)
+                and type(self.act) is nn.GELU and self.act.approximate == 'none'
+                and not has_forward_hooks(self.fc1, self.act))
 
 
 class PreNormBlock(nn.Module):
@@ -75,12 +84,13 @@ class PreNormBlock(nn.Module):
         self.attn_impl = attn_impl
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        x = add_residual(x, self.drop_path(self.attn(self.norm1(x), hw_shape)))
+        x = add_residual(x, self.drop_path(self.attn(self.norm1(x), hw_shape)),
+                         (self.attn, self.drop_path))
         if self.attn_impl == 'fused' and norm_mlp_applies(x, self.norm2, self.mlp):
             mlp_out = norm_mlp(x, self.norm2, self.mlp)
         else:
             mlp_out = self.mlp(self.norm2(x))
-        return add_residual(x, self.drop_path(mlp_out))
+        return add_residual(x, self.drop_path(mlp_out), (self.mlp, self.drop_path))
 
 
 class ResTBlock(PreNormBlock):
@@ -133,10 +143,23 @@ class ResTBlock(PreNormBlock):
                          drop_path=drop_path, norm_cfg=norm_cfg, attn_impl=attn_impl)
 
 
-def add_residual(x: Tensor, branch: Tensor) -> Tensor:
+def add_residual(x: Tensor, branch: Tensor,
+                 producers: Sequence[nn.Module] = ()) -> Tensor:
     """``x + branch``; for CPU inference, added into ``branch`` (a fresh tensor of the
-    caller's) instead of allocating a third one, where that gives the same result."""
+    caller's) instead of allocating a third one, where that gives the same result.
+
+    Args:
+        x (Tensor): The residual.
+        branch (Tensor): The branch's output, e.g. ``attn(norm(x))``.
+        producers (Sequence[nn.Module]): The modules whose outputs ``branch`` may be (with
+            their submodules): with a forward hook on any of them, which may keep that
+            output, ``branch`` is not written over. Defaults to ().
+
+    Returns:
+        Tensor: ``x + branch``.
+    """
     if (torch.is_grad_enabled() or not cpu_tuned(x) or branch.dtype != x.dtype
-            or branch.shape != x.shape):
+            or branch.shape != x.shape
+            or has_forward_hooks(*(m for p in producers for m in p.modules()))):
         return x + branch
     return branch.add_(x)

@@ -154,11 +154,11 @@ def has_forward_hooks(*modules: nn.Module) -> bool:
     keep no output, e.g. the profiler ranges of ``tools/analysis/profile_step.py``) do
     not count."""
     from torch.nn.modules import module as module_globals
-    hooks = [*module_globals._global_forward_hooks.values(),
-             *module_globals._global_forward_pre_hooks.values()]
+    tables = [module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks]
     for m in modules:
-        hooks += [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
-    return any(not getattr(hook, 'observes_only', False) for hook in hooks)
+        tables += (m._forward_hooks, m._forward_pre_hooks)
+    return any(not getattr(hook, 'observes_only', False)
+               for table in tables if table for hook in table.values())
 
 
 def cpu_inference(x: Tensor) -> bool:

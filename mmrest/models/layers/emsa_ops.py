@@ -548,13 +548,26 @@ def emsa_dense(q: Tensor,
     """
     if transform_weight is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    # the head mixing as the reference writes it, a 1x1 conv (an einsum here would let
-    # the traced graph depend on whether the batch is 1)
-    scores = F.conv2d(q @ k.transpose(-2, -1), transform_weight * scale, transform_bias)
-    # centred probabilities P - 1/M, as in the blocked kernel
-    probs = scores.softmax(-1) - 1.0 / k.shape[2]
-    std = (probs.square().mean(dim=(-2, -1), keepdim=True) + eps).sqrt()
-    return (probs @ v) / std
+    # in float32 under bfloat16 / float16 autocast or inputs, as the blocked kernel (see
+    # emsa_fused): the instance norm of nearly uniform maps would lose most of the bits
+    device = q.device.type
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    cast = autocast_dtype(device)
+    if cast is not None:
+        dtype = cast
+    compute = torch.float32 if dtype in _LOW_PRECISION else dtype
+    with autocast_off(device) if cast is not None else contextlib.nullcontext():
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        bias = None if transform_bias is None else transform_bias.to(compute)
+        # the head mixing as the reference writes it, a 1x1 conv (an einsum here would
+        # let the traced graph depend on whether the batch is 1)
+        scores = F.conv2d(q @ k.transpose(-2, -1), transform_weight.to(compute) * scale,
+                          bias)
+        # centred probabilities P - 1/M, as in the blocked kernel
+        probs = scores.softmax(-1) - 1.0 / k.shape[2]
+        std = (probs.square().mean(dim=(-2, -1), keepdim=True) + eps).sqrt()
+        out = (probs @ v) / std
+    return out.to(dtype)
 
 
 def emsa_fused(q: Tensor,

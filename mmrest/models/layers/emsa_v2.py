@@ -98,7 +98,8 @@ class EMSAv2(ReducedKVAttention):
         out = emsa_fused(q, k, v, self.scale).transpose(1, 2).reshape(B, N, C)
         del q  # not needed any more: its memory serves the up-sampling
         # on the CPU without autograd ``out`` is added into the fresh ``up``
-        return self.proj(add_residual(out, self._upsample(kv[..., C:], kv_hw, hw_shape)))
+        return self.proj(
+            add_residual(out, self._upsample(kv[..., C:], kv_hw, hw_shape), (self.up_norm, )))
 
     def _upsample_reference(self, v: Tensor, kv_hw: Tuple[int, int],
                             hw_shape: Tuple[int, int]) -> Tensor:

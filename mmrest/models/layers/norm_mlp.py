@@ -220,18 +220,23 @@ def norm_mlp_applies(x: Tensor, norm: nn.Module, mlp: nn.Module) -> bool:
 
     Only where it is the same function and measured to help: the tokens are
     float32/float64 CPU tensors outside autocast (and outside graph recording), the norm
-    is an affine ``nn.LayerNorm`` over the last dim, the MLP is ``fc1``, exact ``nn.GELU``, ``fc2``
-    with biases, and no dropout is active.
+    is an affine ``nn.LayerNorm`` over the last dim, the MLP is ``fc1``, exact ``nn.GELU``,
+    ``fc2``, all plain modules (e.g. not the quantized linears of
+    ``torch.ao.quantization.quantize_dynamic``) with biases, no dropout is active, and
+    no forward hook would be skipped.
     """
+    from .embed import has_forward_hooks
     from .emsa_ops import autocast_dtype, cpu_tuned
+    fc1, act, fc2 = (getattr(mlp, name, None) for name in ('fc1', 'act', 'fc2'))
     return (cpu_tuned(x) and x.dtype in (torch.float32, torch.float64)
             and autocast_dtype(x.device.type) is None
             and type(norm) is nn.LayerNorm and norm.elementwise_affine
             and norm.bias is not None and len(norm.normalized_shape) == 1
-            and isinstance(getattr(mlp, 'act', None), nn.GELU)
-            and mlp.act.approximate == 'none'
-            and mlp.fc1.bias is not None and mlp.fc2.bias is not None
-            and (not mlp.training or mlp.drop.p == 0))
+            and type(act) is nn.GELU and act.approximate == 'none'
+            and type(fc1) is nn.Linear and type(fc2) is nn.Linear
+            and fc1.bias is not None and fc2.bias is not None
+            and (not mlp.training or mlp.drop.p == 0)
+            and not has_forward_hooks(norm, *mlp.modules()))
 
 
 def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> Tensor:

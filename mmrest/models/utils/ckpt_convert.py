@@ -97,7 +97,19 @@ def check_rest_family(state_dict: Mapping, family: str) -> None:
                          f'model is a {family}: use a {found} backbone or {family} weights')
 
 
-def _unwrap(checkpoint: Mapping) -> Mapping:
+def unwrap_checkpoint(checkpoint: Mapping) -> Mapping:
+    """The state dict of a loaded checkpoint: its ``state_dict`` or ``model`` entry, or
+    the checkpoint itself.
+
+    Args:
+        checkpoint (Mapping): The loaded checkpoint.
+
+    Returns:
+        Mapping: The weights by key.
+
+    Raises:
+        TypeError: If the checkpoint is not a mapping.
+    """
     if not isinstance(checkpoint, Mapping):
         raise TypeError('a ResT checkpoint must be a dict of tensors or a dict with '
                         f"'state_dict' or 'model', got {type(checkpoint).__name__}")
@@ -128,7 +140,7 @@ def convert_rest_checkpoint(checkpoint: Mapping,
     """
     if target not in ('backbone', 'classifier'):
         raise ValueError(f"target must be 'backbone' or 'classifier', got {target!r}")
-    state_dict = _unwrap(checkpoint)
+    state_dict = unwrap_checkpoint(checkpoint)
     out: Dict[str, torch.Tensor] = OrderedDict()
     for key, value in state_dict.items():
         new_key = normalize_rest_key(key)
