@@ -1,11 +1,12 @@
 # mmrest: the two commands of the README, and their building blocks.
-VENV ?= .venv
+# the environment folder: VENV=... or, as for tools/install.sh, MMREST_VENV=...
+VENV ?= $(or $(MMREST_VENV),.venv)
 PY := $(VENV)/bin/python
 
 .PHONY: install demo test test-fast bench clean
 
 install:  ## virtual environment with the pinned stack (builds mmcv once, then cached)
-	bash tools/install.sh
+	MMREST_VENV="$(abspath $(VENV))" bash tools/install.sh
 
 demo: install  ## train and evaluate RetinaNet-ResT on the built-in synthetic data (CPU)
 	$(PY) tools/demo.py

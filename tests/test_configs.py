@@ -118,14 +118,13 @@ def _is_v2(path: str) -> bool:
 def _optim_wrapper_cfg(cfg: Config, cpu_amp: bool = True) -> dict:
     """A copy of ``cfg.optim_wrapper`` as ``tools/train.py`` uses it on this machine: a
     GPU config's ``AmpOptimWrapper`` becomes the CPU's bfloat16 wrapper without CUDA
-    (with ``cpu_amp=False``, the float32 ``OptimWrapper``)."""
-    from mmrest.engine import cpu_amp_config_fix
+    (with ``cpu_amp=False``, the float32 ``OptimWrapper`` of ``--no-amp``)."""
+    from mmrest.engine import cpu_amp_config_fix, disable_amp
     copied = Config(dict(optim_wrapper=copy.deepcopy(cfg.optim_wrapper)))
     if cpu_amp:
         cpu_amp_config_fix(copied)
-    elif copied.optim_wrapper.get('type') == 'AmpOptimWrapper':
-        copied.optim_wrapper.type = 'OptimWrapper'
-        copied.optim_wrapper.pop('loss_scale', None)
+    else:
+        disable_amp(copied)
     return copied.optim_wrapper
 
 
@@ -178,6 +177,8 @@ def test_config_loads_with_its_scope_and_the_rest_backbone(path):
     cfg = _fromfile(path)
     assert cfg.default_scope in ('mmdet', 'mmseg', 'mmpretrain')
     assert cfg.model.backbone.type == ('mmrest.ResTV2' if _is_v2(path) else 'mmrest.ResT')
+    # what README "Inference" promises: the inferencers import mmrest from the config
+    assert cfg.custom_imports == dict(imports=['mmrest'], allow_failed_imports=False)
     if path in MAIN_CONFIGS:
         paper = 'arxiv.org/abs/2204.07366' if _is_v2(path) else 'arxiv.org/abs/2105.13677'
         assert text.startswith('# ') and paper in text

@@ -150,8 +150,7 @@ def test_speed_ratios_against_reference_and_swin():
 
 
 def test_swin_backbone_cfg_is_mmdets_without_weights():
-    pytest.importorskip('mmdet')
-    cfg = tool.swin_backbone_cfg()
+    cfg = tool.swin_backbone_cfg()  # needs mmdet, which the test stack has
     assert cfg['type'] == 'SwinTransformer' and cfg['embed_dims'] == 96
     assert cfg['depths'] == [2, 2, 6, 2] and cfg['window_size'] == 7
     assert cfg['init_cfg'] is None and tuple(cfg['out_indices']) == (0, 1, 2, 3)

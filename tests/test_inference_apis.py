@@ -347,6 +347,22 @@ def test_infer_tool_refuses_bad_input(setup, tmp_path, capsys):
                        '--out-dir', str(tmp_path)]) == 1
     assert "default_scope must be one of ['mmdet', 'mmpretrain', 'mmseg'], got 'mmocr'" in \
         capsys.readouterr().err
+    # a checkpoint that would run code when unpickled: refused, in one line
+    unsafe = str(tmp_path / 'unsafe.pth')
+    torch.save({'state_dict': _RunsCode()}, unsafe)
+    assert infer.main([setup['configs']['upernet'], unsafe, setup['photos']['coffee'],
+                       '--out-dir', str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f'error: refusing to load {unsafe}') and '\n' not in \
+        captured.err.strip() and 'GLOBAL print' in captured.err
+    assert 'unpickled' not in captured.out
+
+
+class _RunsCode:
+    """Unpickling this would call ``print``: a weights-only load refuses it."""
+
+    def __reduce__(self):
+        return (print, ('unpickled',))
 
 
 @pytest.mark.slow

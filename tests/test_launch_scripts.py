@@ -75,6 +75,12 @@ def test_slurm_train_and_test(fake_bin):
         '--ntasks-per-node=4', '--cpus-per-task=2', '--kill-on-bad-exit=1',
         str(fake_bin / 'fakepy'), '-u', osp.join(TOOLS, 'test.py'), 'cfg.py', 'ckpt.pth',
         '--launcher', 'slurm']
+    # fewer than 8 GPUs: each node is asked for what the job uses, not for 8
+    proc = run_script('slurm_train.sh', ['gpu', 'job', 'cfg.py', 'wd'], fake_bin,
+                      dict(GPUS='2'))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[4:7] == ['--gres=gpu:2', '--ntasks=2',
+                                             '--ntasks-per-node=2']
 
 
 @pytest.mark.parametrize('script,args,usage', [

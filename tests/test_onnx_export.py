@@ -137,6 +137,34 @@ def test_cli_refuses_bad_arguments(tmp_path, capsys):
         export_onnx.backbone_spec('tiny', None)
 
 
+class _RunsCode:
+    """Unpickling this would call ``print``: a weights-only load refuses it."""
+
+    def __reduce__(self):
+        return (print, ('unpickled',))
+
+
+def test_cli_ends_model_and_checkpoint_errors_in_one_line(tmp_path, capsys):
+    """An unknown arch, a checkpoint of another arch and a checkpoint that would run
+    code: exit status 1 and one line naming the problem, no traceback."""
+    unsafe = str(tmp_path / 'unsafe.pth')
+    torch.save({'model': _RunsCode()}, unsafe)
+    other = str(tmp_path / 'small.pth')
+    torch.save({'model': random_authors_state_dict('small', seed=0)}, other)
+    out = str(tmp_path / 'x.onnx')
+    cases = [(['--arch', 'tiny', '--checkpoint', other], "KeyError: Unknown ResT arch 'tiny'"),
+             (['--arch', 'lite', '--checkpoint', other],
+              f'CheckpointError: {other} does not fit this ResT'),
+             (['--arch', 'lite', '--checkpoint', unsafe], 'UnsafeCheckpointError: refusing')]
+    for argv, message in cases:
+        assert export_onnx.main([*argv, '--out', out]) == 1
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert err[-1].startswith('export_onnx.py: error: ' + message), err
+        assert 'Traceback' not in captured.err and 'unpickled' not in captured.out
+    assert not osp.exists(out)
+
+
 def test_shape_generic_adaptive_pool_equals_pytorch():
     """The export replacement of ``nn.AdaptiveAvgPool2d`` computes the same bins."""
     x = torch.randn(2, 3, 13, 22)

@@ -1,4 +1,5 @@
-"""tools/analysis/results_table.py on hand-made metric files in mmengine's formats."""
+"""tools/analysis/results_table.py on metric files in the formats of tools/test.py and
+mmengine."""
 import importlib.util
 import json
 import os.path as osp
@@ -71,6 +72,79 @@ def test_work_dir_uses_newest_timestamp_run(tmp_path):
     assert rt.reproduced_cell(rt.load_metrics(str(tmp_path))) == '41.0 box AP'
 
 
+def _test_metrics_json(tmp_path, metrics: dict, metrics_out=None) -> str:
+    """Run tools/test.py's ``main`` with a runner whose ``test()`` returns ``metrics``:
+    the file it writes is the one results_table.py reads after a real test run."""
+    import mmrest.engine
+    from mmrest.utils import atomic_torch_save
+    spec = importlib.util.spec_from_file_location(
+        'mmrest_tool_test_for_results', osp.join(ROOT, 'tools', 'test.py'))
+    test_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_tool)
+
+    class FakeRunner:
+
+        def test(self) -> dict:
+            return dict(metrics)
+
+    ckpt = str(tmp_path / 'epoch_36.pth')
+    atomic_torch_save(dict(meta=dict(), state_dict={}), ckpt)
+    work_dir = tmp_path / 'work_dir'
+    argv = [osp.join(ROOT, 'configs', 'mask_rcnn_restv2_tiny_3x_coco.py'), ckpt,
+            '--work-dir', str(work_dir), '--no-data-check']
+    if metrics_out is not None:
+        argv += ['--metrics-out', str(metrics_out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mmrest.engine, 'build_runner', lambda cfg: FakeRunner())
+        test_tool.main(argv)
+    return str(metrics_out or work_dir / 'test_metrics.json')
+
+
+def test_test_py_metrics_file_and_work_dir(tmp_path):
+    """The ``{"config", "checkpoint", "metrics"}`` file of tools/test.py, given as a file
+    (``--metrics-out``) and as the work dir it is written to by default."""
+    out = _test_metrics_json(tmp_path, COCO_MASK)
+    with open(out, encoding='utf-8') as f:
+        record = json.load(f)
+    assert set(record) == {'config', 'checkpoint', 'metrics'}  # the format read below
+    assert record['metrics'] == COCO_MASK
+    work_dir = osp.dirname(out)
+    assert rt.find_result_json(work_dir) == osp.join(work_dir, 'test_metrics.json')
+    for path in (out, work_dir):
+        assert rt.load_metrics(path) == COCO_MASK
+    row = rt.table_row('configs/mask_rcnn_restv2_tiny_3x_coco.py', rt.load_metrics(work_dir))
+    assert row.endswith('| 49.94M | 47.6 box / 43.2 mask AP | 39.6 box / 37.2 mask AP |')
+    custom = _test_metrics_json(tmp_path, ADE, metrics_out=tmp_path / 'seg' / 'm.json')
+    assert rt.reproduced_cell(rt.load_metrics(custom)) == '45.3 mIoU'
+
+
+def test_cli_reads_a_test_py_work_dir(tmp_path):
+    work_dir = osp.dirname(_test_metrics_json(tmp_path, COCO_BOX))
+    out = subprocess.run(
+        [sys.executable, TOOL, 'configs/retinanet_rest_small_coco.py', work_dir],
+        capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[2].endswith('| 23.40M | 40.3 box AP | 40.3 box AP |')
+
+
+def test_work_dir_prefers_test_metrics_over_timestamp_runs(tmp_path):
+    ts = '20260102_080000'
+    (tmp_path / ts).mkdir()
+    _write(tmp_path / ts / f'{ts}.json', {'coco/bbox_mAP': 0.30})
+    assert rt.find_result_json(str(tmp_path)).endswith(f'{ts}.json')  # fallback
+    _write(tmp_path / 'test_metrics.json',
+           dict(config='/x/cfg.py', checkpoint='/x/epoch_12.pth',
+                metrics={'coco/bbox_mAP': 0.41}))
+    assert rt.find_result_json(str(tmp_path)) == str(tmp_path / 'test_metrics.json')
+    assert rt.reproduced_cell(rt.load_metrics(str(tmp_path))) == '41.0 box AP'
+
+
+def test_test_py_file_without_a_metric_names_its_keys(tmp_path):
+    path = _write(tmp_path / 'test_metrics.json',
+                  dict(config='/x/cfg.py', checkpoint='/x/e.pth', metrics={'loss': 0.5}))
+    with pytest.raises(rt.ResultsError, match=r"test_metrics.json: no coco/bbox_mAP.*'loss'"):
+        rt.load_metrics(path)
+
+
 def test_json_lines_log_uses_last_record_with_a_metric(tmp_path):
     lines = [{'lr': 1e-4, 'loss': 1.2, 'step': 50},
              {'coco/bbox_mAP': 0.21, 'step': 1},
@@ -85,7 +159,8 @@ def test_json_lines_log_uses_last_record_with_a_metric(tmp_path):
 def test_errors_name_the_file_and_the_problem(tmp_path):
     with pytest.raises(rt.ResultsError, match='nothing_here.json: no such file'):
         rt.load_metrics(str(tmp_path / 'nothing_here.json'))
-    with pytest.raises(rt.ResultsError, match='no <timestamp>/<timestamp>.json'):
+    with pytest.raises(rt.ResultsError,
+                       match='no test_metrics.json .* nor <timestamp>/<timestamp>.json'):
         rt.load_metrics(str(tmp_path))
     path = _write(tmp_path / 'loss.json', {'loss': 0.5, 'time': 0.1})
     with pytest.raises(rt.ResultsError, match=r"loss.json: no coco/bbox_mAP.*'loss', 'time'"):

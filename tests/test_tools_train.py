@@ -1,4 +1,6 @@
-"""tools/train.py and tools/test.py: arguments, scopes, --amp, and clear data errors."""
+"""tools/train.py and tools/test.py: arguments, scopes, --amp, --no-amp, and clear data
+errors."""
+import copy
 import importlib.util
 import json
 import math
@@ -87,6 +89,121 @@ def test_amp_arguments(demo):
     assert configure_amp(cfg, device='cuda') == 'bfloat16'
 
 
+RESTV2_MASK_RCNN = osp.join(REPO, 'configs', 'mask_rcnn_restv2_tiny_3x_coco.py')
+
+
+class _Lines:
+    """A logger stand-in that keeps its info lines."""
+
+    def __init__(self) -> None:
+        self.lines = []
+
+    def info(self, msg: str) -> None:
+        self.lines.append(msg)
+
+
+def test_disable_amp_gives_a_buildable_fp32_wrapper():
+    """The ResT V2 Mask R-CNN config asks for AmpOptimWrapper with loss_scale: --no-amp's
+    rewrite builds, through mmengine's constructor and OPTIM_WRAPPERS, into a plain
+    float32 OptimWrapper with a real optimizer; only swapping the type does not build."""
+    from mmengine.config import Config
+    from mmengine.optim import OptimWrapper, build_optim_wrapper
+
+    from mmrest.engine import disable_amp
+    cfg = Config.fromfile(RESTV2_MASK_RCNN)
+    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+    assert cfg.optim_wrapper.loss_scale == 'dynamic'
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    swapped = copy.deepcopy(cfg.optim_wrapper)
+    swapped.type = 'OptimWrapper'
+    with pytest.raises(TypeError, match='loss_scale'):
+        build_optim_wrapper(model, swapped)
+
+    logger = _Lines()
+    expected = {k: v for k, v in cfg.optim_wrapper.items() if k not in ('type', 'loss_scale')}
+    assert disable_amp(cfg, logger=logger) is True
+    assert cfg.optim_wrapper == dict(expected, type='OptimWrapper')
+    assert len(logger.lines) == 1 and 'float32' in logger.lines[0]
+    assert 'AmpOptimWrapper' in logger.lines[0]
+    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    assert type(wrapper) is OptimWrapper
+    assert isinstance(wrapper.optimizer, torch.optim.Optimizer)
+    assert type(wrapper.optimizer).__name__ == cfg.optim_wrapper.optimizer.type
+    assert wrapper.clip_grad_kwargs == cfg.optim_wrapper.clip_grad
+    with wrapper.optim_context(model):
+        out = model(torch.randn(2, 3, 8, 8))
+    assert out.dtype == torch.float32  # no autocast
+    before = model[0].weight.detach().clone()
+    wrapper.update_params(out.square().mean())
+    assert not torch.equal(before, model[0].weight)
+
+
+@pytest.mark.parametrize('wrapper, changed', [
+    (dict(type='mmrest.CPUAmpOptimWrapper', dtype='bfloat16'), True),
+    (dict(type='AmpOptimWrapper', loss_scale=512., dtype='float16', use_fsdp=False), True),
+    (dict(type='OptimWrapper'), False),
+    (dict(), False),
+])
+def test_disable_amp_drops_every_amp_only_key(wrapper, changed):
+    from mmengine.config import Config
+
+    from mmrest.engine import disable_amp
+    optimizer = dict(type='SGD', lr=0.01)
+    cfg = Config(dict(optim_wrapper=dict(wrapper, optimizer=optimizer, clip_grad=None)))
+    assert disable_amp(cfg) is changed
+    kept = dict(optimizer=optimizer, clip_grad=None)
+    assert cfg.optim_wrapper == (dict(kept, type='OptimWrapper') if 'type' in wrapper
+                                 else kept)
+
+
+def test_disable_amp_refuses_other_wrappers():
+    from mmengine.config import Config
+
+    from mmrest.engine import disable_amp
+    cfg = Config(dict(optim_wrapper=dict(type='mmrest.MyLossScaledWrapper', loss_scale=8.)))
+    with pytest.raises(ValueError, match="--no-amp: optim_wrapper type 'MyLossScaledWrapper'"):
+        disable_amp(cfg)
+    assert cfg.optim_wrapper.type == 'mmrest.MyLossScaledWrapper'  # left alone
+    with pytest.raises(ValueError, match='--no-amp: the config has no optim_wrapper dict'):
+        disable_amp(Config(dict()))
+
+
+def test_no_amp_arguments(demo, capsys):
+    assert train_tool.parse_args([demo['config'], '--no-amp']).no_amp is True
+    assert train_tool.parse_args([demo['config']]).no_amp is False
+    with pytest.raises(SystemExit) as info:
+        train_tool.parse_args([demo['config'], '--amp', '--no-amp'])
+    assert info.value.code == 2
+    assert 'argument --no-amp: not allowed with argument --amp' in capsys.readouterr().err
+    cfg = _cfg(demo['config'], '--no-amp')  # an fp32 config stays as it is
+    assert cfg.optim_wrapper.type == 'OptimWrapper'
+    with pytest.raises(ValueError, match="--no-amp: optim_wrapper type 'ApexOptimWrapper'"):
+        _cfg(demo['config'], '--no-amp', '--cfg-options', 'optim_wrapper.type=ApexOptimWrapper')
+
+
+def test_train_tool_no_amp_trains_with_a_plain_optim_wrapper(tmp_path, monkeypatch):
+    """tools/train.py --no-amp on the ResT V2 Mask R-CNN config, on any device, up to the
+    runner's train(), which here only builds the optimizer wrapper: a float32
+    OptimWrapper (without the flag: the CPU's bfloat16 wrapper or AmpOptimWrapper)."""
+    from mmengine.optim import OptimWrapper
+    from mmengine.runner import Runner
+    built = {}
+
+    def build_wrapper_only(runner):
+        runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
+        built['wrapper'] = runner.optim_wrapper
+
+    monkeypatch.setattr(Runner, 'train', build_wrapper_only)
+    train_tool.main([RESTV2_MASK_RCNN, '--no-amp', '--no-data-check', '--work-dir',
+                     str(tmp_path / 'w'), '--cfg-options', 'model.backbone.init_cfg=None'])
+    wrapper = built['wrapper']
+    assert type(wrapper) is OptimWrapper
+    assert type(wrapper.optimizer).__name__ == 'AdamW'
+    cfg = _cfg(RESTV2_MASK_RCNN, '--work-dir', str(tmp_path / 'w'))
+    amp_type = 'AmpOptimWrapper' if torch.cuda.is_available() else 'mmrest.CPUAmpOptimWrapper'
+    assert cfg.optim_wrapper.type == amp_type
+
+
 def test_cpu_amp_wrapper_autocasts_forward_only():
     from mmrest.engine import CPUAmpOptimWrapper
     model = torch.nn.Linear(4, 3)
@@ -130,9 +247,31 @@ def test_test_tool_arguments(demo, tmp_path):
     assert cfg.load_from == ckpt and cfg.resume is False
     assert cfg.default_hooks.visualization.draw is True
     assert cfg.default_hooks.visualization.test_out_dir == 'vis'
-    with pytest.raises(ValueError, match='results.json: the dump file must be a .pkl'):
-        test_tool.build_config(test_tool.parse_args([demo['config'], ckpt, '--out',
-                                                     'results.json']))
+
+@pytest.mark.parametrize('extra, message', [
+    (['--no-amp', '--cfg-options', 'optim_wrapper.type=MyWrapper'],
+     "ToolConfigError: --no-amp: optim_wrapper type 'MyWrapper' is not an"),
+    (['--auto-scale-lr', '--cfg-options', 'auto_scale_lr=None'],
+     'ToolConfigError: --auto-scale-lr: the config has no auto_scale_lr.base_batch_size'),
+])
+def test_cli_reports_option_errors_in_one_line(demo, tmp_path, capsys, extra, message):
+    """Options that cannot work with the config end like data errors: one line, exit 1."""
+    from mmrest.engine import run_tool_cli
+    argv = [demo['config'], '--work-dir', str(tmp_path / 'w'), *extra]
+    with pytest.raises(SystemExit) as info:
+        run_tool_cli(lambda: train_tool.main(argv), 'train.py')
+    assert info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith('train.py: error: ' + message), last
+
+
+def test_test_tool_out_suffix_is_checked_with_the_arguments(capsys):
+    """Before the config or the checkpoint is read: an argparse error."""
+    with pytest.raises(SystemExit) as info:
+        test_tool.parse_args(['no_such_config.py', 'no_such.pth', '--out', 'results.json'])
+    assert info.value.code == 2
+    assert '--out results.json: the dump file must be a .pkl or .pickle file' in \
+        capsys.readouterr().err
 
 
 # --- a real run: --amp on the CPU ------------------------------------------------------

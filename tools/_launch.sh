@@ -1,11 +1,14 @@
 # Shared by tools/dist_{train,test}.sh and tools/slurm_{train,test}.sh: sourced, not run.
 #
-# Environment: PYTHON (python): the interpreter. torchrun: NNODES (1), NODE_RANK (0),
-#   MASTER_ADDR (127.0.0.1), PORT (29500). Slurm: GPUS (8, total), GPUS_PER_NODE (8),
+# Environment: PYTHON (the repository's .venv/bin/python where it exists, else python):
+#   the interpreter. torchrun: NNODES (1), NODE_RANK (0),
+#   MASTER_ADDR (127.0.0.1), PORT (29500). Slurm: GPUS (8, total), GPUS_PER_NODE (GPUS up to 8),
 #   CPUS_PER_TASK (5), SRUN_ARGS (extra srun options).
 
 TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON=${PYTHON:-python}
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$TOOLS/../.venv/bin/python" ]]; then PYTHON="$TOOLS/../.venv/bin/python"; else PYTHON=python; fi
+fi
 # mmrest and the configs' custom imports resolve from the repository without installing
 export PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -36,12 +39,15 @@ torchrun_tool() {
 slurm_tool() {
   local partition=$1 job_name=$2 script=$3
   shift 3
+  # a job of fewer than 8 GPUs asks each node for no more than it uses
+  local gpus=${GPUS:-8}
+  local per_node=${GPUS_PER_NODE:-$(( gpus < 8 ? gpus : 8 ))}
   # shellcheck disable=SC2086  # SRUN_ARGS is a list of options
   exec srun -p "$partition" \
     --job-name="$job_name" \
-    --gres="gpu:${GPUS_PER_NODE:-8}" \
-    --ntasks="${GPUS:-8}" \
-    --ntasks-per-node="${GPUS_PER_NODE:-8}" \
+    --gres="gpu:$per_node" \
+    --ntasks="$gpus" \
+    --ntasks-per-node="$per_node" \
     --cpus-per-task="${CPUS_PER_TASK:-5}" \
     --kill-on-bad-exit=1 \
     ${SRUN_ARGS:-} \

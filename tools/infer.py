@@ -100,6 +100,11 @@ def infer(config, checkpoint: str, images: List[str], out_dir: str,
 
     Returns:
         dict: What ``predictions.json`` holds.
+
+    Raises:
+        FileNotFoundError: If the checkpoint or an image does not exist.
+        ValueError: If the config's scope has no inferencer here.
+        CheckpointError: If the checkpoint is damaged or loading it could run code.
     """
     import mmengine
     from mmengine.config import Config
@@ -114,6 +119,10 @@ def infer(config, checkpoint: str, images: List[str], out_dir: str,
     for path in [checkpoint] + list(images):
         if not osp.isfile(path):
             raise FileNotFoundError(f'no such file: {path}')
+    # complete and safe to load (else a one-line CheckpointError, not torch's advice to
+    # unpickle it anyway)
+    from mmrest.engine import inspect_checkpoint
+    inspect_checkpoint(checkpoint, for_resume=False)
     device = device or _default_device()
     vis_dir = osp.join(out_dir, 'vis')
     os.makedirs(vis_dir, exist_ok=True)
@@ -183,11 +192,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the tool; 0 on success, 1 with the reason on stderr otherwise."""
+    from mmrest.utils import CheckpointError
     args = parse_args(argv)
     try:
         result = infer(args.config, args.checkpoint, args.images, args.out_dir,
                        args.device, args.score_thr)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 1
     for entry in result['images']:

@@ -10,6 +10,11 @@
 #   MMREST_VENV         virtual environment folder (default: <repo>/.venv)
 #   MMREST_WHEEL_CACHE  where the built mmcv wheel is kept (default: ~/.cache/mmrest/wheels)
 #   MAX_JOBS            parallel compile jobs for mmcv (default: number of cores)
+#   PYTHON              the interpreter that creates the environment (default: python3;
+#                       Python 3.11 or newer, with its venv module and headers, and a C++
+#                       compiler for mmcv)
+#   FORCE_CUDA=1        build mmcv's CUDA ops too (a CUDA torch and nvcc needed); such
+#                       wheels are cached apart from the CPU-only ones
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +32,10 @@ fi
 log() { printf '[install] %s\n' "$*" >&2; }
 
 if [[ ! -x "$venv/bin/python" ]]; then
+  if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    log "$py is not Python 3.11 or newer (the pinned stack needs it); set PYTHON=python3.11"
+    exit 1
+  fi
   log "creating virtual environment $venv"
   "$py" -m venv "$venv"
 fi
@@ -47,12 +56,23 @@ PY
 then
   "${pip[@]}" install -q -r "$torch_req"
 fi
-"${pip[@]}" install -q "${constraints[@]}" wheel ninja psutil "setuptools<70" 2>&1 \
-  | grep -v "requires setuptools>=77" | grep -v "dependency resolver does not currently" || true
+# pip's complaint that torch wants setuptools>=77 is expected; any failure is not
+if ! out="$("${pip[@]}" install -q "${constraints[@]}" wheel ninja psutil "setuptools<70" 2>&1)"; then
+  printf '%s\n' "$out" >&2
+  log "installing the build tools (wheel, ninja, psutil, setuptools<70) failed"
+  exit 1
+fi
+printf '%s\n' "$out" | grep -v "requires setuptools>=77" \
+  | grep -v "dependency resolver does not currently" | grep -v '^$' >&2 || true
 torch_ver="$("$venv/bin/python" -c 'import torch;print(torch.__version__.split("+")[0])')"
 
 if ! "$venv/bin/python" -c "import mmcv, mmcv._ext; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
-  wheel_dir="$cache/torch-$torch_ver-py$("$venv/bin/python" -c 'import sys;print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
+  # CPU-only and CUDA builds of mmcv are different wheels: a CUDA build (FORCE_CUDA=1, or
+  # a visible GPU, which is when mmcv's setup.py compiles its CUDA ops) is cached apart
+  ops="$("$venv/bin/python" -c 'import os, torch
+cuda = torch.version.cuda and (os.environ.get("FORCE_CUDA") == "1" or torch.cuda.is_available())
+print(f"-cuda{torch.version.cuda}" if cuda else "")')"
+  wheel_dir="$cache/torch-$torch_ver-py$("$venv/bin/python" -c 'import sys;print(f"{sys.version_info[0]}{sys.version_info[1]}")')$ops"
   mkdir -p "$wheel_dir"
   whl="$(ls "$wheel_dir"/mmcv-2.1.0-*.whl 2>/dev/null | head -n 1 || true)"
   if [[ -z "$whl" ]]; then

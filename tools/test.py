@@ -49,15 +49,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--metrics-out', help='JSON file of the metrics (default: '
         '<work dir>/test_metrics.json)')
     add_common_tool_arguments(parser)
-    return parse_tool_arguments(parser, argv)
+    args = parse_tool_arguments(parser, argv)
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        parser.error(f'--out {args.out}: the dump file must be a .pkl or .pickle file')
+    return args
 
 
 def _enable_visualization(cfg, args: argparse.Namespace) -> None:
     hooks = cfg.get('default_hooks') or {}
     hook = hooks.get('visualization')
     if not isinstance(hook, dict):
-        raise RuntimeError('--show/--show-dir: the config has no '
-                           'default_hooks.visualization hook')
+        from mmrest.engine import ToolConfigError
+        raise ToolConfigError('--show/--show-dir: the config has no '
+                              'default_hooks.visualization hook')
     hook_type = str(hook.get('type', '')).split('.')[-1]
     if hook_type == 'VisualizationHook':  # mmpretrain
         hook['enable'] = True
@@ -101,8 +105,6 @@ def build_config(args: argparse.Namespace):
 
     if args.show or args.show_dir:
         _enable_visualization(cfg, args)
-    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
-        raise ValueError(f'--out {args.out}: the dump file must be a .pkl or .pickle file')
     return cfg
 
 

@@ -13,6 +13,11 @@ of mmengine's runner, this tool
 * checks the datasets of the config before building anything (paths, COCO JSON, a
   sample of images);
 * ``--amp``: float16 autocast with loss scaling on CUDA, bfloat16 autocast on the CPU;
+  a config that asks for ``AmpOptimWrapper`` gets the CPU's bfloat16 wrapper on a machine
+  without CUDA;
+* ``--no-amp``: float32, mmengine's plain ``OptimWrapper`` on any device, also for a config
+  that asks for ``AmpOptimWrapper`` (e.g. the ResT V2 detectors; bfloat16 Mask R-CNN
+  training fails in mmcv's CPU ``nms``);
 * ``--launcher pytorch|slurm`` also works on CPU-only machines (gloo).
 
 Examples::
@@ -20,6 +25,7 @@ Examples::
     python tools/train.py configs/retinanet_rest_small_coco.py
     python tools/train.py CONFIG --work-dir work_dirs/x --resume            # latest
     python tools/train.py CONFIG --resume work_dirs/x/iter_4000.pth --amp
+    python tools/train.py configs/mask_rcnn_restv2_tiny_3x_coco.py --no-amp    # fp32
     python tools/train.py CONFIG --cfg-options train_dataloader.batch_size=4
     bash tools/dist_train.sh CONFIG 8                                       # 8 GPUs
 """
@@ -55,11 +61,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='resume from the given checkpoint; without a path, from the latest '
         'checkpoint of the work dir (falling back to the previous good one if it is '
         'damaged)')
-    parser.add_argument(
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument(
         '--amp',
         action='store_true',
         default=False,
         help='automatic mixed precision: float16 (+loss scaling) on CUDA, bfloat16 on CPU')
+    precision.add_argument(
+        '--no-amp',
+        action='store_true',
+        default=False,
+        help='train in float32 with a plain OptimWrapper, also when the config asks for '
+        'AmpOptimWrapper (which without CUDA otherwise becomes bfloat16 autocast)')
     parser.add_argument(
         '--auto-scale-lr',
         action='store_true',
@@ -81,8 +94,9 @@ def build_config(args: argparse.Namespace):
     import mmrest  # noqa: F401  (registers mmrest.ResT, allows mmengine's checkpoint types)
     from mmrest.engine import (apply_reliability_hooks, check_resume_path,
                                checkpoint_templates, configure_amp, cpu_amp_config_fix,
-                               find_resume_checkpoint, inspect_checkpoint, load_tool_config,
-                               prepare_compile)
+                               disable_amp, find_resume_checkpoint, inspect_checkpoint,
+                               load_tool_config, prepare_compile)
+    from mmrest.engine.config import ToolConfigError
 
     cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
 
@@ -92,16 +106,20 @@ def build_config(args: argparse.Namespace):
     if args.amp:
         from mmengine.logging import MMLogger
         configure_amp(cfg, logger=MMLogger.get_current_instance())  # logs dtype and device
+    elif args.no_amp:
+        from mmengine.logging import MMLogger
+        disable_amp(cfg, logger=MMLogger.get_current_instance())  # logs what it changed
     elif cpu_amp_config_fix(cfg):
         _info('AmpOptimWrapper needs a GPU: using mmrest.CPUAmpOptimWrapper (bfloat16 '
               'autocast on cpu)')
 
     if args.auto_scale_lr:
-        if 'auto_scale_lr' in cfg and 'base_batch_size' in cfg.auto_scale_lr:
+        scale = cfg.get('auto_scale_lr')
+        if isinstance(scale, dict) and 'base_batch_size' in scale:
             cfg.auto_scale_lr.enable = True
         else:
-            raise RuntimeError('--auto-scale-lr: the config has no '
-                               'auto_scale_lr.base_batch_size')
+            raise ToolConfigError('--auto-scale-lr: the config has no '
+                                  'auto_scale_lr.base_batch_size')
 
     templates = checkpoint_templates(cfg)
     if args.resume == 'auto' or (args.resume is None and cfg.get('resume', False)

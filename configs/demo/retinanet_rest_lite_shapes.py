@@ -13,6 +13,7 @@
 # - AdamW 1e-3 with linear warm-up and cosine decay, 1000 iterations of batch 8,
 #   evaluated at the end only.
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['mmrest'], allow_failed_imports=False)
 
 # --- data -----------------------------------------------------------------------------
 classes = ('circle', 'square', 'triangle', 'star', 'cross')

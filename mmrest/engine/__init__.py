@@ -8,8 +8,8 @@ Used by ``tools/train.py`` and ``tools/test.py``; with a runner of your own::
     runner = Runner.from_cfg(cfg)
 
 One module per job: :mod:`.checkpointing` (the checkpoint and RNG hooks, putting them
-into a config, choosing the checkpoint to resume from), :mod:`.amp` (``--amp`` and the
-CPU autocast wrapper), :mod:`.dist` (gloo on machines without CUDA), :mod:`.cli` (the
+into a config, choosing the checkpoint to resume from), :mod:`.amp` (``--amp``, ``--no-amp``
+and the CPU autocast wrapper), :mod:`.dist` (gloo on machines without CUDA), :mod:`.cli` (the
 tools' shared arguments and error exit), :mod:`.config` (loading a tool's config,
 building its runner) and :mod:`.preflight` (data checks before training).
 
@@ -20,22 +20,22 @@ import it lazily: a config that names them needs nothing else), and the atomic f
 backend ``'mmrest_atomic_local'`` among mmengine's file backends. Nothing else.
 """
 from ..utils.checkpoint import setup_safe_loading
-from .amp import CPUAmpOptimWrapper, configure_amp, cpu_amp_config_fix
+from .amp import CPUAmpOptimWrapper, configure_amp, cpu_amp_config_fix, disable_amp
 from .checkpointing import (ATOMIC_BACKEND, AtomicCheckpointHook, RNGStateHook,
                             apply_reliability_hooks, check_resume_path, checkpoint_candidates,
                             checkpoint_templates, find_resume_checkpoint, inspect_checkpoint)
 from .cli import add_common_tool_arguments, parse_tool_arguments, run_tool_cli
 from .compile import PlainParamGroupsHook, prepare_compile
-from .config import build_runner, default_work_dir, load_tool_config
+from .config import ToolConfigError, build_runner, default_work_dir, load_tool_config
 from .dist import init_cpu_distributed
 from .preflight import DatasetCheckError, check_data_config, check_dataset
 
 __all__ = [
     'ATOMIC_BACKEND', 'AtomicCheckpointHook', 'CPUAmpOptimWrapper', 'DatasetCheckError',
-    'PlainParamGroupsHook', 'RNGStateHook', 'add_common_tool_arguments',
+    'PlainParamGroupsHook', 'RNGStateHook', 'ToolConfigError', 'add_common_tool_arguments',
     'apply_reliability_hooks', 'build_runner', 'check_data_config', 'check_dataset',
     'check_resume_path', 'checkpoint_candidates', 'checkpoint_templates', 'configure_amp',
-    'cpu_amp_config_fix', 'default_work_dir', 'find_resume_checkpoint',
+    'cpu_amp_config_fix', 'default_work_dir', 'disable_amp', 'find_resume_checkpoint',
     'init_cpu_distributed', 'inspect_checkpoint', 'load_tool_config',
     'parse_tool_arguments', 'prepare_compile', 'run_tool_cli', 'setup_safe_loading'
 ]

@@ -1,7 +1,9 @@
-"""Mixed precision: ``--amp`` rewriting of a config, and bfloat16 autocast on the CPU.
+"""Mixed precision: ``--amp`` / ``--no-amp`` rewriting of a config, and bfloat16 autocast
+on the CPU.
 
 :func:`configure_amp` turns on mixed precision in a config's ``optim_wrapper`` (mmengine's
 ``AmpOptimWrapper`` on CUDA, :class:`CPUAmpOptimWrapper` on the CPU);
+:func:`disable_amp` turns it off (mmengine's float32 ``OptimWrapper`` on any device);
 :func:`cpu_amp_config_fix` moves a config that asks for ``AmpOptimWrapper`` to the CPU
 wrapper on a machine without CUDA.
 
@@ -13,16 +15,21 @@ autocast graph, parameters, gradients and optimizer state stay float32. No loss 
 bfloat16 has float32's exponent range.
 """
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from mmengine.optim import OptimWrapper
 from torch import nn
 
 from ..registry import OPTIM_WRAPPERS
-from .config import type_name
+from .config import ToolConfigError, type_name
 
 CPU_AMP_WRAPPER = 'mmrest.CPUAmpOptimWrapper'
+#: The wrapper types ``--amp`` and ``--no-amp`` know how to rewrite.
+_KNOWN_WRAPPERS = ('OptimWrapper', 'AmpOptimWrapper', 'CPUAmpOptimWrapper')
+#: Arguments of mmengine 0.10.7's ``AmpOptimWrapper`` (and of :class:`CPUAmpOptimWrapper`)
+#: that its base class ``OptimWrapper`` does not take.
+AMP_ONLY_KEYS = ('loss_scale', 'dtype', 'use_fsdp')
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -57,6 +64,25 @@ class CPUAmpOptimWrapper(OptimWrapper):
             yield
 
 
+def _known_wrapper(cfg: Any, flag: str, action: str) -> Tuple[dict, str]:
+    """``cfg.optim_wrapper`` and its type, if ``flag`` can rewrite it.
+
+    Raises:
+        ToolConfigError: If there is no ``optim_wrapper`` dict, or its type is not one of
+            ``OptimWrapper``, ``AmpOptimWrapper`` and ``CPUAmpOptimWrapper``.
+    """
+    wrapper = cfg.get('optim_wrapper')
+    if not isinstance(wrapper, dict):
+        raise ToolConfigError(f'{flag}: the config has no optim_wrapper dict to {action} '
+                              'mixed precision in')
+    wrapper_type = type_name(wrapper.get('type', 'OptimWrapper'))
+    if wrapper_type not in _KNOWN_WRAPPERS:
+        raise ToolConfigError(f'{flag}: optim_wrapper type {wrapper_type!r} is not an '
+                              f'{"/".join(_KNOWN_WRAPPERS)}; {action} mixed precision in '
+                              'the config')
+    return wrapper, wrapper_type
+
+
 def configure_amp(cfg: Any, device: Optional[str] = None, logger=None) -> str:
     """Turn on automatic mixed precision in ``cfg.optim_wrapper``.
 
@@ -75,23 +101,17 @@ def configure_amp(cfg: Any, device: Optional[str] = None, logger=None) -> str:
         str: The autocast dtype in use (``'float16'``, ``'bfloat16'``...).
 
     Raises:
-        ValueError: If the config has no ``optim_wrapper`` or asks for a dtype the CPU
+        ToolConfigError: If the config has no ``optim_wrapper`` or asks for a dtype the CPU
             cannot autocast to.
     """
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    wrapper = cfg.get('optim_wrapper')
-    if not isinstance(wrapper, dict):
-        raise ValueError('--amp: the config has no optim_wrapper dict to enable AMP in')
-    wrapper_type = type_name(wrapper.get('type', 'OptimWrapper'))
-    if wrapper_type not in ('OptimWrapper', 'AmpOptimWrapper', 'CPUAmpOptimWrapper'):
-        raise ValueError(f'--amp: optim_wrapper type {wrapper_type!r} is not an '
-                         f'OptimWrapper/AmpOptimWrapper; enable mixed precision in the config')
+    wrapper, wrapper_type = _known_wrapper(cfg, '--amp', 'enable')
     dtype = wrapper.get('dtype')
     dtype_name = type_name(dtype) if dtype is not None else None
     if device == 'cpu':
         if dtype_name not in (None, 'bfloat16'):
-            raise ValueError(
+            raise ToolConfigError(
                 f'--amp on the CPU: autocast supports bfloat16 only, but the config sets '
                 f'optim_wrapper.dtype={dtype_name!r}')
         wrapper['type'] = CPU_AMP_WRAPPER
@@ -106,6 +126,45 @@ def configure_amp(cfg: Any, device: Optional[str] = None, logger=None) -> str:
     if logger is not None:
         logger.info(f'mixed precision: {used} autocast on {device}')
     return used
+
+
+def disable_amp(cfg: Any, logger=None) -> bool:
+    """Turn off automatic mixed precision in ``cfg.optim_wrapper``, on any device.
+
+    An ``AmpOptimWrapper`` or ``mmrest.CPUAmpOptimWrapper`` becomes mmengine's float32
+    ``OptimWrapper``, and the arguments only the AMP wrappers take (``loss_scale``,
+    ``dtype``, ``use_fsdp``) are dropped; the optimizer, ``clip_grad``,
+    ``accumulative_counts`` and the constructor's settings are kept. A config that is
+    already float32 is left as it is.
+
+    Args:
+        cfg (Config): The config, modified in place.
+        logger (optional): Gets an info line. Defaults to None.
+
+    Returns:
+        bool: Whether the config was changed.
+
+    Raises:
+        ToolConfigError: If the config has no ``optim_wrapper`` dict or its type is not
+            ``OptimWrapper``, ``AmpOptimWrapper`` or ``CPUAmpOptimWrapper``.
+    """
+    wrapper, wrapper_type = _known_wrapper(cfg, '--no-amp', 'turn off')
+    dropped = [key for key in AMP_ONLY_KEYS if key in wrapper]
+    for key in dropped:
+        wrapper.pop(key)
+    changed = bool(dropped)
+    if wrapper_type != 'OptimWrapper':
+        wrapper['type'] = 'OptimWrapper'
+        changed = True
+    if logger is not None:
+        if changed:
+            dropped_text = f', dropped {", ".join(dropped)}' if dropped else ''
+            logger.info(f'mixed precision off: float32 OptimWrapper instead of '
+                        f'{wrapper_type}{dropped_text}')
+        else:
+            logger.info('mixed precision off: the config already uses the float32 '
+                        'OptimWrapper')
+    return changed
 
 
 def cpu_amp_config_fix(cfg: Any) -> bool:

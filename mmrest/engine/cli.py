@@ -56,8 +56,8 @@ def parse_tool_arguments(parser: argparse.ArgumentParser,
 
 
 def run_tool_cli(main: Callable[[], Any], prog: str) -> None:
-    """Run a tool's ``main``; data and checkpoint problems end with a one-line message
-    and exit status 1 instead of a traceback. When ``main`` returns, the objects it left
+    """Run a tool's ``main``; data, checkpoint and option problems end with a one-line
+    message and exit status 1 instead of a traceback. When ``main`` returns, the objects it left
     in reference cycles (the runner and its DDP wrapper, which hold the process group)
     are collected and a distributed run's default process group is destroyed, while the
     interpreter is fully alive: left to the interpreter's exit, gloo's threads made a
@@ -70,10 +70,11 @@ def run_tool_cli(main: Callable[[], Any], prog: str) -> None:
         prog (str): The tool's name in the message.
     """
     from ..utils import CheckpointError
+    from .config import ToolConfigError
     from .preflight import DatasetCheckError
     try:
         main()
-    except (DatasetCheckError, CheckpointError, FileNotFoundError) as err:
+    except (DatasetCheckError, CheckpointError, ToolConfigError, FileNotFoundError) as err:
         print(f'{prog}: error: {type(err).__name__}: {err}', file=sys.stderr)
         sys.exit(1)
     gc.collect()

@@ -3,6 +3,12 @@ import os.path as osp
 from typing import Any, Optional
 
 
+class ToolConfigError(ValueError):
+    """A tool's options or config that cannot work together (e.g. ``--amp`` with a custom
+    optimizer wrapper, a config without ``default_scope``): the user's to fix, so the
+    tools end with its message, not a traceback (:func:`mmrest.engine.run_tool_cli`)."""
+
+
 def type_name(value: Any) -> str:
     """The class name a config's ``type`` entry names, without its scope.
 
@@ -64,7 +70,7 @@ def load_tool_config(config_path: str,
 
     Raises:
         FileNotFoundError: If the config file does not exist.
-        ValueError: If the config sets no ``default_scope``.
+        ToolConfigError: If the config sets no ``default_scope``.
     """
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
@@ -77,7 +83,7 @@ def load_tool_config(config_path: str,
         cfg.merge_from_dict(cfg_options)
     scope = cfg.get('default_scope')
     if not scope:
-        raise ValueError(f'{config_path} sets no default_scope (mmdet, mmseg or mmpretrain): '
+        raise ToolConfigError(f'{config_path} sets no default_scope (mmdet, mmseg or mmpretrain): '
                          f'inherit a stock base config or set default_scope')
     init_default_scope(scope)
     if work_dir is not None:

@@ -1,25 +1,28 @@
 """Turn the metrics JSON that ``tools/test.py`` writes into rows of the README results table.
 
-mmengine's runner (0.10.7) writes the test metrics of a run to
+``tools/test.py`` writes ``<work_dir>/test_metrics.json`` (or its ``--metrics-out`` file):
+``{"config": ..., "checkpoint": ..., "metrics": {...}}``; its ``metrics`` object is read.
+mmengine's runner (0.10.7) also writes the test metrics of a run to
 ``<work_dir>/<timestamp>/<timestamp>.json``: one JSON object such as
 ``{"coco/bbox_mAP": 0.403, "coco/bbox_mAP_50": 0.61, ..., "time": 0.09}`` (mmdet, AP as a
 fraction), ``{"aAcc": 81.2, "mIoU": 45.3, "mAcc": 56.1, ...}`` (mmseg, percent) or
-``{"accuracy/top1": 79.6, "accuracy/top5": 94.9, ...}`` (mmpretrain, percent). The
-per-iteration ``vis_data/*.json`` files of training runs are JSON lines; their last record
-that holds a metric is used.
+``{"accuracy/top1": 79.6, "accuracy/top5": 94.9, ...}`` (mmpretrain, percent); the
+``metrics`` object of ``test_metrics.json`` holds the same metric keys. The per-iteration
+``vis_data/*.json`` files of training runs are JSON lines; their last record that holds a
+metric is used.
 
 Usage::
 
     python tools/analysis/results_table.py CONFIG RESULT [CONFIG RESULT ...]
     # e.g.
     python tools/analysis/results_table.py configs/retinanet_rest_small_coco.py \\
-        work_dirs/retinanet_rest_small_coco/20260101_120000/20260101_120000.json
+        work_dirs/retinanet_rest_small_coco
 
-``RESULT`` is the JSON file or a work directory (its newest ``<timestamp>/<timestamp>.json``
-is used). The rows have the README columns ``| Method | Backbone | Config | Params | Paper
-| Reproduced here |``; the paper and parameter cells of the configs in this repository are
-filled in, the "Reproduced here" cell comes from the JSON (AP and mIoU in percent, one
-decimal; box / mask for Mask R-CNN).
+``RESULT`` is the JSON file or a work directory (its ``test_metrics.json`` if there is
+one, else its newest ``<timestamp>/<timestamp>.json``). The rows have the README columns
+``| Method | Backbone | Config | Params | Paper | Reproduced here |``; the paper and
+parameter cells of the configs in this repository are filled in, the "Reproduced here"
+cell comes from the JSON (AP and mIoU in percent, one decimal; box / mask for Mask R-CNN).
 """
 import argparse
 import json
@@ -64,13 +67,20 @@ KNOWN_CONFIGS: Dict[str, Tuple[str, str, str, str]] = {
 
 _TIMESTAMP = re.compile(r'^\d{8}_\d{6}$')
 
+#: The file ``tools/test.py`` writes into the work dir unless given ``--metrics-out``.
+TEST_METRICS_FILE = 'test_metrics.json'
+
 
 class ResultsError(ValueError):
     """A results file that cannot be read or holds no known metric."""
 
 
 def find_result_json(path: str) -> str:
-    """Return ``path`` if it is a file, else the newest ``<ts>/<ts>.json`` under it.
+    """Return ``path`` if it is a file, else the result file in that work directory.
+
+    In a work directory, ``test_metrics.json`` (written by ``tools/test.py``) is used when
+    it exists, else the newest ``<timestamp>/<timestamp>.json`` (written by mmengine's
+    runner).
 
     Args:
         path (str): A JSON file or a work directory.
@@ -85,12 +95,23 @@ def find_result_json(path: str) -> str:
         return path
     if not osp.isdir(path):
         raise ResultsError(f'{path}: no such file or directory')
+    test_metrics = osp.join(path, TEST_METRICS_FILE)
+    if osp.isfile(test_metrics):
+        return test_metrics
     runs = sorted(d for d in os.listdir(path)
                   if _TIMESTAMP.match(d) and osp.isfile(osp.join(path, d, f'{d}.json')))
     if not runs:
-        raise ResultsError(f'{path}: no <timestamp>/<timestamp>.json written by '
-                           'tools/test.py in this directory')
+        raise ResultsError(f'{path}: no {TEST_METRICS_FILE} (written by tools/test.py) '
+                           'nor <timestamp>/<timestamp>.json (written by mmengine\'s runner) '
+                           'in this directory')
     return osp.join(path, runs[-1], f'{runs[-1]}.json')
+
+
+def _metrics_of(record: dict) -> dict:
+    """The metrics of a record: the ``metrics`` object of a ``tools/test.py`` file, else
+    the record itself (mmengine's formats)."""
+    nested = record.get('metrics')
+    return nested if isinstance(nested, dict) else record
 
 
 def _has_metric(record: dict) -> bool:
@@ -105,10 +126,13 @@ def _metric_key(key: str) -> Optional[str]:
 
 
 def load_metrics(path: str) -> Dict[str, object]:
-    """Read the metrics written by ``tools/test.py`` (or a JSON-lines log).
+    """Read the metrics written by ``tools/test.py`` or mmengine (or a JSON-lines log).
+
+    A ``tools/test.py`` file (``{"config", "checkpoint", "metrics"}``) gives its
+    ``metrics`` object; mmengine's files are read as they are.
 
     Args:
-        path (str): A JSON file or a work directory.
+        path (str): A JSON file or a work directory (see :func:`find_result_json`).
 
     Returns:
         dict: The metrics record.
@@ -133,6 +157,7 @@ def load_metrics(path: str) -> Dict[str, object]:
                 raise ResultsError(f'{file}: line {n} is not JSON ({err})') from err
             if isinstance(record, dict):
                 records.append(record)
+    records = [_metrics_of(r) for r in records]
     with_metrics = [r for r in records if _has_metric(r)]
     if not with_metrics:
         raise ResultsError(f'{file}: no coco/bbox_mAP, coco/segm_mAP, mIoU or accuracy/top1 '

@@ -477,12 +477,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the export; returns the exit status."""
+    """Run the export; returns the exit status (1 with the reason on stderr where the
+    model cannot be built or its checkpoint is refused)."""
+    import pickle
+
+    from mmrest.utils import CheckpointError
     args = parse_args(argv)
-    if args.config is not None:
-        spec = config_spec(args.config, args.checkpoint, args.cfg_options)
-    else:
-        spec = backbone_spec(args.arch, args.checkpoint)
+    try:
+        if args.config is not None:
+            spec = config_spec(args.config, args.checkpoint, args.cfg_options)
+        else:
+            spec = backbone_spec(args.arch, args.checkpoint)
+    except (FileNotFoundError, ValueError, KeyError, CheckpointError,
+            pickle.UnpicklingError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f'export_onnx.py: error: {type(err).__name__}: {message}', file=sys.stderr)
+        return 1
     shape = args.static_shape or args.trace_shape
     export_onnx(spec, args.out, trace_shape=shape, dynamic_hw=args.static_shape is None,
                 opset=args.opset, trace_batch=args.trace_batch)
