@@ -2,7 +2,8 @@
 mmengine's default scope restored after each test, the slow mark of the large archs."""
 import contextlib
 import functools
-from typing import Callable, Dict, Tuple
+import logging
+from typing import Callable, Dict, List, Tuple
 
 import pytest
 import torch
@@ -46,6 +47,27 @@ def restore_intra_op_threads():
     ``--threads`` does not change what later tests check."""
     with _intra_op_threads(torch.get_num_threads()):
         yield
+
+
+class _ListHandler(logging.Handler):
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def log_records() -> List[logging.LogRecord]:
+    """The records the current MMLogger receives during the test."""
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    handler = _ListHandler()
+    logger.addHandler(handler)
+    yield handler.records
+    logger.removeHandler(handler)
 
 
 @functools.lru_cache(maxsize=None)

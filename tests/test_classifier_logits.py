@@ -4,11 +4,11 @@ The authors'-layout weights (random, see ``reference_rest.random_authors_state_d
 through the one conversion (``target='classifier'``); the logits must equal the independent
 oracle ``reference_logits`` (fp32, max abs error < 1e-4 at 224x224; README "Pretrained weights").
 """
-import importlib.util
 import os.path as osp
 
 import pytest
 import torch
+from _tools import load_script
 from mmengine.runner import load_checkpoint
 from mmpretrain.registry import MODELS as PRETRAIN_MODELS
 from reference_rest import ARCHS, reference_logits
@@ -69,10 +69,7 @@ def test_logits_equal_reference_float64(authors_weights):
 
 def test_cli_output_loads_into_classifier(tmp_path, authors_weights):
     """The converter's classifier file loads strictly with mmengine's load_checkpoint."""
-    spec = importlib.util.spec_from_file_location(
-        'rest_to_mmrest', osp.join(REPO, 'tools', 'model_converters', 'rest_to_mmrest.py'))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script('tools/model_converters/rest_to_mmrest.py')
     sd = authors_weights('lite', seed=11)
     src, dst = tmp_path / 'rest_lite.pth', tmp_path / 'rest_lite_cls.pth'
     torch.save({'model': sd, 'epoch': 299}, src)

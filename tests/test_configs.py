@@ -4,7 +4,6 @@ mmpretrain configs with and without ``custom_imports``."""
 import copy
 import functools
 import glob
-import importlib.util
 import os
 import os.path as osp
 import subprocess
@@ -13,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from _tools import load_script
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import MODELS, init_default_scope
@@ -247,10 +247,7 @@ def test_parameter_totals_match_the_paper(name):
 
 def test_results_table_params_are_the_measured_ones():
     """The parameter cells that tools/analysis/results_table.py prints are measured here."""
-    spec = importlib.util.spec_from_file_location(
-        'results_table', osp.join(ROOT, 'tools', 'analysis', 'results_table.py'))
-    rt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rt)
+    rt = load_script('tools/analysis/results_table.py')
     for stem, (_, _, params_cell, _) in rt.KNOWN_CONFIGS.items():
         assert osp.isfile(osp.join(ROOT, 'configs', stem + '.py')), stem
         if params_cell == '-':

@@ -1,22 +1,12 @@
 """tools/analysis/get_flops.py: the FLOPs convention that reproduces the published numbers."""
-import importlib.util
 import os.path as osp
 
 import pytest
 import torch
+from _tools import load_script
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-TOOL = osp.join(ROOT, 'tools', 'analysis', 'get_flops.py')
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location('get_flops', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gf = _load_tool()
+gf = load_script('tools/analysis/get_flops.py')
 
 # The authors' released models with 1000-class heads: the parameter counts of their
 # checkpoints (an outside fact), and the GFLOPs at 224x224 that this tool's convention

@@ -1,6 +1,5 @@
 """tools/analysis/gpu_check.py on the CPU: options, refusal without CUDA, error measures,
 a whole smoke run (tables, JSON, passing checks) and that a wrong fused model fails it."""
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -9,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from _tools import load_script
 
 import mmrest.models
 
@@ -16,14 +16,7 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools', 'analysis', 'gpu_check.py')
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location('gpu_check_tool', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_script('tools/analysis/gpu_check.py')
 #: Speed rows of ResT V2-tiny, measured beside ResT-small whenever mmrest has ResT V2.
 V2_LABELS = (['ResTV2-tiny', 'ResTV2-tiny reference']
              if hasattr(mmrest.models, 'ResTV2') else [])

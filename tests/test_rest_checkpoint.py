@@ -1,15 +1,14 @@
 """ResT checkpoints: every published layout through init_cfg and the conversion CLI, safely."""
-import importlib.util
 import logging
 import os
 import os.path as osp
 import subprocess
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import pytest
 import torch
-from mmengine.logging import MMLogger
+from _tools import load_script
 from reference_rest import ARCHS, reference_features
 from torch import nn
 
@@ -21,14 +20,7 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CLI = osp.join(REPO, 'tools', 'model_converters', 'rest_to_mmrest.py')
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location('rest_to_mmrest', CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
+cli = load_script('tools/model_converters/rest_to_mmrest.py')
 
 
 def backbone_part(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -62,25 +54,6 @@ LAYOUTS: Dict[str, Callable[[Dict[str, torch.Tensor]], dict]] = {
     # a plain backbone state dict
     'plain': lambda sd: backbone_part(sd),
 }
-
-
-class ListHandler(logging.Handler):
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.records: List[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def log_records():
-    logger = MMLogger.get_current_instance()
-    handler = ListHandler()
-    logger.addHandler(handler)
-    yield handler.records
-    logger.removeHandler(handler)
 
 
 def assert_matches_reference(model: ResT, sd: Dict[str, torch.Tensor],

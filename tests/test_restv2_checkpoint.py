@@ -6,15 +6,16 @@ from typing import Callable, Dict
 import pytest
 import torch
 from _restv2_helpers import authors_state_dict, backbone_part, double
+from _tools import load_script
 from reference_rest import random_authors_state_dict as random_v1_state_dict
 from reference_rest_v2 import reference_features, reference_logits
-from test_rest_checkpoint import cli, log_records  # noqa: F401 (a fixture)
 from torch import nn
 
 from mmrest.models import ResT, ResTV2
 from mmrest.models.utils import convert_rest_checkpoint, rest_checkpoint_family
 from mmrest.utils import CheckpointError
 
+cli = load_script('tools/model_converters/rest_to_mmrest.py')
 pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
 
 def authors_output_norms(sd: Dict[str, torch.Tensor], style: str) -> Dict[str, torch.Tensor]:

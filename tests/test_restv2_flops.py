@@ -2,7 +2,9 @@
 authors' count that reproduces their README (4.1, 6.0, 7.9, 13.8 GFLOPs at 224x224)."""
 import pytest
 import torch
-from test_flops import gf  # the tool, loaded from tools/analysis/get_flops.py
+from _tools import load_script
+
+gf = load_script('tools/analysis/get_flops.py')
 
 # (parameters with the 1000-class head, GFLOPs of the authors' README)
 AUTHORS = {'tiny': (30_434_776, 4.1), 'small': (41_205_976, 6.0), 'base': (55_965_208, 7.9),

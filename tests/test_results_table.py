@@ -1,25 +1,18 @@
 """tools/analysis/results_table.py on metric files in the formats of tools/test.py and
 mmengine."""
-import importlib.util
 import json
 import os.path as osp
 import subprocess
 import sys
 
 import pytest
+from _tools import load_script
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools', 'analysis', 'results_table.py')
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location('results_table', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-rt = _load_tool()
+rt = load_script('tools/analysis/results_table.py')
 
 # What mmengine 0.10.7's LoggerHook.after_test_epoch dumps for each toolbox (fractions for
 # mmdet's COCO AP, percentages for mmseg and mmpretrain), plus the timing keys it adds.
@@ -77,10 +70,7 @@ def _test_metrics_json(tmp_path, metrics: dict, metrics_out=None) -> str:
     the file it writes is the one results_table.py reads after a real test run."""
     import mmrest.engine
     from mmrest.utils import atomic_torch_save
-    spec = importlib.util.spec_from_file_location(
-        'mmrest_tool_test_for_results', osp.join(ROOT, 'tools', 'test.py'))
-    test_tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(test_tool)
+    test_tool = load_script('tools/test.py')
 
     class FakeRunner:
 

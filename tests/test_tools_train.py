@@ -11,19 +11,13 @@ import subprocess
 import pytest
 import torch
 
-from _engine_helpers import (PYTHON, REPO, TEST, TRAIN, demo_config_text, make_shapes_data,
+from _engine_helpers import (PYTHON, REPO, TEST, demo_config_text, make_shapes_data,
                              run, scalars, train_cmd, write_config)
+from _tools import load_script
 
 
-def _load_tool(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tool = _load_tool(TRAIN, 'mmrest_tool_train')
-test_tool = _load_tool(TEST, 'mmrest_tool_test')
+train_tool = load_script('tools/train.py')
+test_tool = load_script('tools/test.py')
 
 
 @pytest.fixture(scope='module')

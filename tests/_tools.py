@@ -1,0 +1,26 @@
+"""The repository's scripts as modules, for the tests that call their functions."""
+import functools
+import importlib.util
+import os.path as osp
+from types import ModuleType
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def load_script(path: str) -> ModuleType:
+    """The script at ``path`` (relative to the repository, e.g. ``'tools/train.py'``),
+    executed once per test session as the module ``mmrest_script_<its path>``: not a
+    top-level module name that another import could clash with.
+
+    Args:
+        path (str): The script's path inside the repository.
+
+    Returns:
+        ModuleType: The loaded module.
+    """
+    name = 'mmrest_script_' + osp.splitext(path)[0].replace('/', '_')
+    spec = importlib.util.spec_from_file_location(name, osp.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
