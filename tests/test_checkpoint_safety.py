@@ -11,6 +11,8 @@ same ``custom_imports`` alone, mmengine's ``load_checkpoint``, ``Runner.resume``
 """
 import collections
 import errno
+import functools
+import http.server
 import json
 import os
 import os.path as osp
@@ -18,12 +20,14 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
 
 from _engine_helpers import (PYTHON, TEST, demo_config_text, make_shapes_data, run,
                              tool_env, train_cmd, write_config)
+from _tools import load_script
 
 
 class _WritesMarker:
@@ -201,6 +205,62 @@ def _openmmlab_apis(config_text: str, ckpt: str, tmp_path) -> dict:
 
 
 @pytest.mark.slow
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # no request lines in the test output
+        pass
+
+
+@pytest.fixture
+def web(tmp_path, monkeypatch):
+    """A folder served over HTTP on 127.0.0.1 (no network), and torch hub's folder in
+    tmp_path."""
+    root = tmp_path / 'www'
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(
+        ('127.0.0.1', 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    yield root, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+def test_checkpoints_at_http_addresses_are_downloaded_then_read_safely(demo_setup, web):
+    """mmengine reads http(s) checkpoints with torch.hub (weights_only=False); the tools
+    and the backbone download them and read the file like a local one."""
+    from mmrest.models import ResT
+    from mmrest.utils import (CheckpointError, UnsafeCheckpointError, atomic_torch_save,
+                              fetch_checkpoint)
+    s = demo_setup
+    root, url = web
+    marker = str(root / 'MARKER')
+    _malicious_checkpoint(str(root / 'evil.pth'), marker)
+    atomic_torch_save(dict(meta=dict(), state_dict={}), str(root / 'good.pth'))
+    hub = osp.join(os.environ['TORCH_HOME'], 'hub', 'checkpoints')
+
+    local = fetch_checkpoint(f'{url}/evil.pth')
+    assert local == osp.join(hub, 'evil.pth') and osp.isfile(local)
+    train_tool, test_tool = load_script('tools/train.py'), load_script('tools/test.py')
+    with pytest.raises(UnsafeCheckpointError, match='could run code'):
+        train_tool.build_config(train_tool.parse_args(
+            [s['config'], '--cfg-options', f'load_from={url}/evil.pth']))
+    with pytest.raises(UnsafeCheckpointError, match='could run code'):
+        test_tool.build_config(test_tool.parse_args([s['config'], f'{url}/evil.pth']))
+    with pytest.raises(CheckpointError, match='refusing to load'):
+        ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=f'{url}/evil.pth')
+             ).init_weights()
+    assert not osp.exists(marker)
+
+    cfg = test_tool.build_config(test_tool.parse_args([s['config'], f'{url}/good.pth']))
+    assert cfg.load_from == osp.join(hub, 'good.pth')
+    with pytest.raises(CheckpointError, match='download failed'):
+        fetch_checkpoint(f'{url}/missing.pth')
+    with pytest.raises(CheckpointError, match=r'open-mmlab:// checkpoints with torch.hub'):
+        fetch_checkpoint('open-mmlab://resnet50_v1c')
+    assert fetch_checkpoint('s3://bucket/x.pth') == 's3://bucket/x.pth'  # torch.load's default
+
+
 def test_mmengine_apis_refuse_code_with_custom_imports_alone(demo_setup, tmp_path):
     s = demo_setup
     with open(s['config']) as f:

@@ -106,6 +106,21 @@ def test_cli_prints_the_table(capsys):
     assert lines[2] == '| lite | 10.51 (10,508,300) | 1.54 | 1.47 |'
 
 
+@pytest.mark.parametrize('flags', [['--paper-stem'], ['--arch', 'small'],
+                                   ['--family', 'ResTV2', '--paper-stem']])
+def test_classifier_options_with_a_config_are_refused(capsys, flags):
+    """The options that choose the classifiers are not silently ignored with a config."""
+    cfg = osp.join(ROOT, 'configs', 'rest_small_imagenet.py')
+    with pytest.raises(SystemExit) as info:
+        gf.main([cfg] + flags)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'without a config (a config names its own backbone)' in err
+    for flag in flags:
+        if flag.startswith('--'):
+            assert flag in err
+
+
 @pytest.mark.slow
 def test_config_mode_counts_the_whole_classifier_like_the_arch_mode():
     """The mmpretrain config of ResT-Small counts the same as the standalone classifier."""

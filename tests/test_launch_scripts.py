@@ -28,8 +28,8 @@ def run_script(script: str, args: List[str], fake_bin, env: Optional[Dict[str, s
                ) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, PATH=f'{fake_bin}{os.pathsep}{os.environ["PATH"]}',
                     PYTHON=str(fake_bin / 'fakepy'))
-    for var in ('NNODES', 'NODE_RANK', 'MASTER_ADDR', 'PORT', 'GPUS', 'GPUS_PER_NODE',
-                'CPUS_PER_TASK', 'SRUN_ARGS'):
+    for var in ('NNODES', 'NODE_RANK', 'MASTER_ADDR', 'PORT', 'MASTER_PORT', 'GPUS',
+                'GPUS_PER_NODE', 'CPUS_PER_TASK', 'SRUN_ARGS'):
         full_env.pop(var, None)
     full_env.update(env or {})
     return subprocess.run(['bash', osp.join(TOOLS, script)] + args, capture_output=True,
@@ -81,6 +81,22 @@ def test_slurm_train_and_test(fake_bin):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[4:7] == ['--gres=gpu:2', '--ntasks=2',
                                              '--ntasks-per-node=2']
+
+
+def test_several_nodes_need_master_addr(fake_bin):
+    proc = run_script('dist_train.sh', ['cfg.py', '8'], fake_bin, dict(NNODES='2'))
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert 'NNODES=2 needs MASTER_ADDR' in proc.stderr
+
+
+def test_slurm_port_is_the_rendezvous_port(fake_bin):
+    (fake_bin / 'srun').write_text('#!/usr/bin/env bash\necho "MASTER_PORT=${MASTER_PORT:-}"\n')
+    proc = run_script('slurm_train.sh', ['gpu', 'job', 'cfg.py', 'wd'], fake_bin,
+                      dict(PORT='29611'))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ['MASTER_PORT=29611']
+    proc = run_script('slurm_train.sh', ['gpu', 'job', 'cfg.py', 'wd'], fake_bin)
+    assert proc.stdout.splitlines() == ['MASTER_PORT=']  # mmengine's default then
 
 
 @pytest.mark.parametrize('script,args,usage', [

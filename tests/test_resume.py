@@ -289,6 +289,61 @@ def test_missing_latest_falls_back(work_dir):
     assert 'does not exist' in logs[0]
 
 
+def test_rng_states_loaded_onto_a_gpu_are_restored():
+    """``Runner.resume`` loads a checkpoint onto the run's device, so on a GPU the saved
+    generator states arrive as CUDA tensors, which torch's setters refuse; they are
+    restored through the CPU. A stand-in plays the CUDA tensor: only its ``cpu()`` gives
+    the bytes."""
+    from mmrest.engine.checkpointing import _rng_state, _set_rng_state
+
+    class OnTheGpu:
+        def __init__(self, state: torch.Tensor) -> None:
+            self._state = state
+
+        def cpu(self) -> torch.Tensor:
+            return self._state
+
+    saved = _rng_state()
+    expected = torch.rand(3)
+    torch.rand(5)
+    _set_rng_state(dict(saved, torch=OnTheGpu(saved['torch'])))
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize('persistent, workers, warns', [
+    (True, 2, True), (False, 2, False), (True, 0, False)])
+def test_epoch_resume_with_persistent_workers_says_what_is_not_restored(
+        persistent, workers, warns):
+    """Persistent data loader workers keep their own generators across epochs, which no
+    checkpoint holds: resuming an epoch-based run with them says so."""
+    from types import SimpleNamespace
+
+    from mmrest.engine import RNGStateHook
+    from mmrest.engine.checkpointing import _rng_state
+    logs = []
+    runner = SimpleNamespace(
+        world_size=1, rank=0, iter=8, train_loop=object(),
+        train_dataloader=SimpleNamespace(persistent_workers=persistent, num_workers=workers),
+        logger=SimpleNamespace(info=logs.append, warning=logs.append))
+    hook = RNGStateHook()
+    hook.after_load_checkpoint(runner, dict(meta=dict(iter=8), rng_state=dict(
+        world_size=1, ranks=[_rng_state()])))
+    hook.before_train_epoch(runner)
+    assert logs[0] == 'restored the random generator state of iteration 8 from the checkpoint'
+    assert any('persistent workers' in m for m in logs) == warns
+
+
+def test_moved_work_dir_resumes_from_its_newest(work_dir):
+    """``last_checkpoint`` holds the absolute path of the folder the run was in; after the
+    work dir moved, the file of that name in the work dir is the newest one."""
+    from mmrest.engine import find_resume_checkpoint
+    (work_dir / 'last_checkpoint').write_text('/scratch/gone/run/iter_6.pth')
+    logs = []
+    assert find_resume_checkpoint(str(work_dir), log=logs.append) == \
+        str(work_dir / 'iter_6.pth')
+    assert logs == []
+
+
 def test_all_damaged_stops_with_list(work_dir):
     from mmrest.engine import find_resume_checkpoint
     from mmrest.utils import CheckpointError

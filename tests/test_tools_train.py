@@ -66,6 +66,20 @@ def test_resume_arguments(demo, tmp_path):
         _cfg(demo['config'], '--resume', missing)
 
 
+def test_resume_with_nothing_to_resume_starts_from_load_from(demo, tmp_path):
+    """The first run of a job always started with --resume: the config's load_from is
+    still loaded (checked, without resuming), not dropped."""
+    from mmrest.utils import atomic_torch_save
+    ckpt = str(tmp_path / 'pretrained_detector.pth')
+    atomic_torch_save(dict(meta=dict(), state_dict={}), ckpt)
+    cfg = _cfg(demo['config'], '--work-dir', str(tmp_path / 'empty'), '--resume',
+               '--cfg-options', f'load_from={ckpt}')
+    assert cfg.resume is False and cfg.load_from == ckpt
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        _cfg(demo['config'], '--work-dir', str(tmp_path / 'empty'), '--resume',
+             '--cfg-options', f'load_from={tmp_path / "missing.pth"}')
+
+
 def test_amp_arguments(demo):
     from mmrest.engine import configure_amp
     cfg = _cfg(demo['config'], '--amp')

@@ -2,8 +2,10 @@
 #
 # Environment: PYTHON (the repository's .venv/bin/python where it exists, else python):
 #   the interpreter. torchrun: NNODES (1), NODE_RANK (0),
-#   MASTER_ADDR (127.0.0.1), PORT (29500). Slurm: GPUS (8, total), GPUS_PER_NODE (GPUS up to 8),
-#   CPUS_PER_TASK (5), SRUN_ARGS (extra srun options).
+#   MASTER_ADDR (127.0.0.1; required when NNODES > 1), PORT (29500). Slurm: GPUS (8, total),
+#   GPUS_PER_NODE (GPUS up to 8), CPUS_PER_TASK (5), SRUN_ARGS (extra srun options), PORT
+#   (exported as MASTER_PORT, the rendezvous port on the first node; mmengine's default
+#   29500 where neither is set).
 
 TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -25,6 +27,10 @@ usage_unless() {
 torchrun_tool() {
   local nproc=$1 script=$2
   shift 2
+  if [[ "${NNODES:-1}" -gt 1 && -z "${MASTER_ADDR:-}" ]]; then
+    echo "$0: NNODES=$NNODES needs MASTER_ADDR, the address of the node with NODE_RANK=0" >&2
+    exit 2
+  fi
   exec "$PYTHON" -m torch.distributed.run \
     --nnodes="${NNODES:-1}" \
     --node_rank="${NODE_RANK:-0}" \
@@ -42,6 +48,7 @@ slurm_tool() {
   # a job of fewer than 8 GPUs asks each node for no more than it uses
   local gpus=${GPUS:-8}
   local per_node=${GPUS_PER_NODE:-$(( gpus < 8 ? gpus : 8 ))}
+  if [[ -n "${PORT:-}" ]]; then export MASTER_PORT="$PORT"; fi
   # shellcheck disable=SC2086  # SRUN_ARGS is a list of options
   exec srun -p "$partition" \
     --job-name="$job_name" \

@@ -10,6 +10,9 @@ of mmengine's runner, this tool
   (``mmrest.RNGStateHook``), so a killed run resumes exactly;
 * ``--resume`` checks the checkpoint (CRC of every record, safe unpickling) and falls
   back to the previous good one when the newest is damaged, saying which file is bad;
+  with nothing to resume yet, the config's ``load_from`` is loaded as without ``--resume``;
+* ``load_from`` at an ``http(s)://`` address is downloaded first and then read like a
+  local file (mmengine would unpickle the download with ``weights_only=False``);
 * checks the datasets of the config before building anything (paths, COCO JSON, a
   sample of images);
 * ``--amp``: float16 autocast with loss scaling on CUDA, bfloat16 autocast on the CPU;
@@ -94,8 +97,8 @@ def build_config(args: argparse.Namespace):
     import mmrest  # noqa: F401  (registers mmrest.ResT, allows mmengine's checkpoint types)
     from mmrest.engine import (apply_reliability_hooks, check_resume_path,
                                checkpoint_templates, configure_amp, cpu_amp_config_fix,
-                               disable_amp, find_resume_checkpoint, inspect_checkpoint,
-                               load_tool_config, prepare_compile)
+                               disable_amp, find_resume_checkpoint, load_tool_config,
+                               prepare_compile)
     from mmrest.engine.config import ToolConfigError
 
     cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
@@ -125,24 +128,37 @@ def build_config(args: argparse.Namespace):
     if args.resume == 'auto' or (args.resume is None and cfg.get('resume', False)
                                  and cfg.get('load_from') is None):
         found = find_resume_checkpoint(cfg.work_dir, templates, log=_warn)
-        if found is None:
+        cfg.resume = found is not None
+        if found is not None:
+            cfg.load_from = found
+        elif cfg.get('load_from'):
+            # the first run of a job that is always started with --resume (a requeued
+            # Slurm job): the config's weights are still its starting point
+            _warn(f'--resume: no checkpoint in {cfg.work_dir}; training starts from '
+                  f'iteration 0 with the weights of load_from={cfg.load_from}')
+            cfg.load_from = _checked_load_from(cfg.load_from)
+        else:
             _warn(f'--resume: no checkpoint in {cfg.work_dir}; training starts from '
                   f'iteration 0')
-            cfg.resume = False
-            cfg.load_from = None
-        else:
-            cfg.resume = True
-            cfg.load_from = found
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = check_resume_path(args.resume, templates)
     elif cfg.get('resume', False) and cfg.get('load_from'):
         check_resume_path(cfg.load_from, templates)
     elif cfg.get('load_from'):
-        load_from = cfg.load_from
-        if '://' not in load_from:
-            inspect_checkpoint(load_from, for_resume=False)
+        cfg.load_from = _checked_load_from(cfg.load_from)
     return cfg
+
+
+def _checked_load_from(load_from: str) -> str:
+    """``load_from`` as mmengine will read it: an http(s) address downloaded, a local file
+    checked to be complete and safe to load."""
+    from mmrest.engine import inspect_checkpoint
+    from mmrest.utils import fetch_checkpoint
+    load_from = fetch_checkpoint(load_from)
+    if '://' not in load_from:
+        inspect_checkpoint(load_from, for_resume=False)
+    return load_from
 
 
 def _warn(msg: str) -> None:

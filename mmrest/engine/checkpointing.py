@@ -172,15 +172,22 @@ def _rng_state() -> Dict[str, Any]:
     return state
 
 
+def _byte_state(state: Any) -> torch.Tensor:
+    """A generator state as the CPU byte tensor the setters take: ``Runner.resume`` loads
+    checkpoints onto the run's device, so on a GPU the saved states arrive as CUDA
+    tensors."""
+    return state.cpu()
+
+
 def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state['torch'])
+    torch.set_rng_state(_byte_state(state['torch']))
     cuda = state.get('cuda')
     if cuda is not None and torch.cuda.is_available():
         if isinstance(cuda, (list, tuple)):  # older checkpoints: every device of rank 0
             index = torch.cuda.current_device()
             cuda = cuda[index] if index < len(cuda) else None
         if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+            torch.cuda.set_rng_state(_byte_state(cuda))
     if 'numpy' in state:
         np.random.set_state(state['numpy'])
     if 'python' in state:
@@ -260,7 +267,11 @@ class RNGStateHook(Hook):
       iteration (which draws random numbers for the skipped batches); the generators are
       restored right after that replay, before the first new batch is fetched;
     * epoch-based loops: at the start of the resumed epoch, before its data loader
-      iterator is created.
+      iterator is created. Data loader workers seed their own generators when they
+      start (mmengine's ``worker_init_fn``); with ``persistent_workers=True`` an
+      uninterrupted run carries their streams across epochs, which a resumed run, whose
+      workers start afresh, cannot: a warning says so (iteration-based runs replay the
+      skipped batches in their workers and are not affected).
 
     A checkpoint from a run with another number of processes is not restored (a warning
     says so; the generators keep the seeding of ``randomness``). Checkpoints of older
@@ -388,6 +399,15 @@ class RNGStateHook(Hook):
             return
         if self._pending is not None and runner.iter == self._pending_iter:
             self._restore(runner)
+            loader = getattr(runner, 'train_dataloader', None)
+            if (getattr(loader, 'persistent_workers', False)
+                    and getattr(loader, 'num_workers', 0) > 0):
+                runner.logger.warning(
+                    'the data loader has persistent workers: their generators (random '
+                    'transforms) start again from their seeds, where the uninterrupted '
+                    'run would have continued them; for a bit-exact resume of an '
+                    'epoch-based run set train_dataloader.persistent_workers=False or '
+                    'num_workers=0')
         self._pending = None
 
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
@@ -558,9 +578,9 @@ def _read_last_checkpoint(work_dir: str) -> Optional[str]:
         recorded = f.read().strip()
     if not recorded:
         return None
-    if osp.isfile(recorded) or osp.isabs(recorded):
+    if osp.isfile(recorded):
         return recorded
-    # a relative path written from another working directory
+    # written from another working directory (relative), or before the work dir moved
     candidate = osp.join(work_dir, osp.basename(recorded))
     return candidate if osp.isfile(candidate) else recorded
 

@@ -1,12 +1,13 @@
 """Checkpoint files: safe reading, the allowlist of mmengine's types, atomic writing."""
 from .checkpoint import (SAFE_GLOBAL_REASONS, AtomicLocalBackend, CheckpointError,
                          UnsafeCheckpointError, atomic_torch_save, atomic_write, commit_file,
-                         mmengine_safe_globals, remove_stale_temp_files, safe_load_checkpoint,
-                         setup_safe_loading, temp_path_for, verify_checkpoint_file)
+                         fetch_checkpoint, mmengine_safe_globals, remove_stale_temp_files,
+                         safe_load_checkpoint, setup_safe_loading, temp_path_for,
+                         verify_checkpoint_file)
 
 __all__ = [
     'SAFE_GLOBAL_REASONS', 'AtomicLocalBackend', 'CheckpointError', 'UnsafeCheckpointError',
-    'atomic_torch_save', 'atomic_write', 'commit_file', 'mmengine_safe_globals',
-    'remove_stale_temp_files', 'safe_load_checkpoint', 'setup_safe_loading', 'temp_path_for',
-    'verify_checkpoint_file'
+    'atomic_torch_save', 'atomic_write', 'commit_file', 'fetch_checkpoint',
+    'mmengine_safe_globals', 'remove_stale_temp_files', 'safe_load_checkpoint',
+    'setup_safe_loading', 'temp_path_for', 'verify_checkpoint_file'
 ]

@@ -43,8 +43,9 @@ import os
 import os.path as osp
 import pickle
 import re
+import urllib.parse
 import zipfile
-from typing import Any, Callable, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -261,6 +262,57 @@ def safe_load_checkpoint(path: PathLike,
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as err:
         first_line = str(err).splitlines()[0] if str(err) else ''
         raise _not_a_checkpoint(path, f'{type(err).__name__}: {first_line}') from err
+
+
+# mmengine's schemes that end in ``torch.hub.load_state_dict_from_url``, which unpickles
+# with ``weights_only=False``: nothing of ours reads them
+_HUB_SCHEMES = ('modelzoo://', 'torchvision://', 'open-mmlab://', 'openmmlab://', 'mmcls://')
+
+
+def fetch_checkpoint(path: str, model_dir: Optional[str] = None) -> str:
+    """The local file to read a checkpoint from, downloading ``http(s)://`` addresses.
+
+    mmengine reads such addresses with ``torch.hub.load_state_dict_from_url``, which
+    unpickles them with ``weights_only=False``: a downloaded file could run code. Here the
+    file is only downloaded, into torch hub's ``checkpoints`` folder as mmengine and
+    torchvision do (once; an existing file of the same name is reused), and the local
+    path is returned, for :func:`safe_load_checkpoint` or ``inspect_checkpoint``. Local
+    paths and other storage schemes (``s3://``, read by mmengine with
+    ``torch.load``'s weights-only default) are returned as they are.
+
+    Args:
+        path (str): A local path or an address.
+        model_dir (str, optional): Folder of downloaded checkpoints. Defaults to None:
+            ``<torch.hub.get_dir()>/checkpoints``.
+
+    Returns:
+        str: The local path, or ``path`` itself.
+
+    Raises:
+        CheckpointError: For mmengine's ``open-mmlab://``, ``torchvision://``,
+            ``modelzoo://`` and ``mmcls://`` names (they resolve to downloads mmengine
+            unpickles unsafely), for an address that names no file, or a failed download.
+    """
+    path = os.fspath(path)
+    if path.startswith(_HUB_SCHEMES):
+        raise CheckpointError(
+            f'{path}: mmengine loads {path.split("://")[0]}:// checkpoints with '
+            f'torch.hub, which unpickles them with weights_only=False (the file could run '
+            f'code); download the file and pass its path or its https:// address')
+    if not path.startswith(('http://', 'https://')):
+        return path
+    name = osp.basename(urllib.parse.urlparse(path).path)
+    if not name:
+        raise CheckpointError(f'{path}: the address names no file')
+    folder = model_dir or osp.join(torch.hub.get_dir(), 'checkpoints')
+    local = osp.join(folder, name)
+    if not osp.isfile(local):
+        os.makedirs(folder, exist_ok=True)
+        try:  # written to a temporary file and renamed when complete
+            torch.hub.download_url_to_file(path, local, progress=False)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f'{path}: download failed ({err})') from err
+    return local
 
 
 def verify_checkpoint_file(path: PathLike) -> None:

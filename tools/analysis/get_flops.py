@@ -408,7 +408,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--shape', type=int, nargs='+', default=None,
                         help='input H [W]; default 224 (classifiers) or 800 1333 (config)')
     parser.add_argument('--paper-stem', action='store_true',
-                        help='count the paper-era 7x7 stem (reproduces the paper table)')
+                        help='count the paper-era 7x7 stem (reproduces the paper table; '
+                        'without a config)')
     parser.add_argument('--cfg-options', nargs='+', default=None, metavar='KEY=VALUE',
                         help='config overrides, as in tools/train.py')
     args = parser.parse_args(argv)
@@ -426,6 +427,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                 for a in archs}
         print(format_arch_table(rows, shape, args.paper_stem, args.family))
         return
+    given = [flag for flag, used in (('--family', args.family != 'ResT'),
+                                     ('--arch', args.arch is not None),
+                                     ('--paper-stem', args.paper_stem)) if used]
+    if given:
+        parser.error(f'{", ".join(given)}: for the classifiers, without a config (a '
+                     f'config names its own backbone)')
     from mmengine.config import DictAction
     cfg_options = None
     if args.cfg_options:

@@ -93,8 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'{args.src} -> {args.dst}: {len(state_dict)} tensors '
           f'({num_params / 1e6:.2f} M values, {family}), target {args.target}')
     if args.target == 'classifier' and 'head.fc.weight' not in state_dict:
-        print(f'warning: {args.src} has no classification head (head.weight); only the '
-              'backbone was converted', file=sys.stderr)
+        print(f'warning: {args.src} has no classification head (head.weight or '
+              'head.fc.weight); only the backbone was converted', file=sys.stderr)
     return 0
 
 
