@@ -165,20 +165,23 @@ def test_main_path_output_norms_are_not_dropped(tmp_path, authors_weights, out_i
 
 
 def test_init_cfg_prefix_takes_the_weights_under_it(tmp_path, authors_weights):
-    """mmengine's ``prefix`` of a Pretrained init: the weights under it, stripped; a
+    """mmengine's ``prefix`` of a Pretrained init: the weights under it, stripped (with or
+    without the final dot, as mmengine takes it, and never those of a longer name); a
     prefix nothing is under raises and names the keys there are."""
     sd = authors_weights('lite', seed=5)
     other = authors_weights('lite', seed=6)
     path = str(tmp_path / 'two_models.pth')
     torch.save({'state_dict': {**{'teacher.' + k: v for k, v in backbone_part(other).items()},
-                               **{'student.' + k: v for k, v in backbone_part(sd).items()}}},
+                               **{'student.' + k: v for k, v in backbone_part(sd).items()},
+                               'student2.stem.conv1.weight': torch.zeros(1)}},
                path)
-    model = ResT('lite', out_indices=(3, ), drop_path_rate=0.,
-                 init_cfg=dict(type='Pretrained', checkpoint=path, prefix='student.',
-                               map_location='cpu'))
-    model.init_weights()
-    assert model.is_init
-    assert_matches_reference(model, sd)
+    for prefix in ('student.', 'student'):
+        model = ResT('lite', out_indices=(3, ), drop_path_rate=0.,
+                     init_cfg=dict(type='Pretrained', checkpoint=path, prefix=prefix,
+                                   map_location='cpu'))
+        model.init_weights()
+        assert model.is_init
+        assert_matches_reference(model, sd)
     model = ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path, prefix='backbone.'))
     with pytest.raises(CheckpointError, match="no weights under the prefix 'backbone.'") as info:
         model.init_weights()
@@ -371,6 +374,30 @@ def test_cli_classifier_target(tmp_path, authors_weights, capsys):
     assert cli.main([src, dst, '--target', 'classifier']) == 0
     assert 'no classification head' in capsys.readouterr().err
     assert 'head.fc.weight' not in torch.load(dst, weights_only=True)
+
+
+def test_classifier_target_keeps_an_mmpretrain_head(authors_weights):
+    """An mmpretrain ImageClassifier (``head.fc.*``) converts to itself, head included."""
+    sd = authors_weights('lite', seed=5)
+    classifier = convert_rest_checkpoint(sd, target='classifier')
+    again = convert_rest_checkpoint({'state_dict': classifier, 'meta': {}},
+                                    target='classifier')
+    assert list(again) == list(classifier)
+    assert torch.equal(again['head.fc.weight'], sd['head.weight'])
+    assert torch.equal(again['head.fc.bias'], sd['head.bias'])
+
+
+def test_two_weights_for_one_key_are_refused(authors_weights):
+    """Keys of two layouts that name the same weight with different values (here the
+    final norm as ``norm`` and as the authors' ``norm_4``) are an error, not a silent
+    choice; the same value twice is taken."""
+    sd = backbone_part(authors_weights('lite', seed=5))
+    clash = dict(sd, **{'norm_4.weight': sd['norm.weight'] + 1})
+    with pytest.raises(ValueError, match=r"two different weights for 'norm.weight': "
+                                         r"'norm.weight' and 'norm_4.weight'"):
+        convert_rest_checkpoint(clash)
+    same = dict(sd, **{'norm_4.weight': sd['norm.weight'].clone()})
+    assert torch.equal(convert_rest_checkpoint(same)['norm.weight'], sd['norm.weight'])
 
 
 def test_cli_errors(tmp_path, capsys):

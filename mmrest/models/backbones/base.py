@@ -17,7 +17,7 @@ from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...utils.checkpoint import CheckpointError, safe_load_checkpoint
+from ...utils.checkpoint import CheckpointError, fetch_checkpoint, safe_load_checkpoint
 from ..layers import map_to_tokens, tokens_to_map
 from ..utils.ckpt_convert import (check_rest_family, convert_rest_checkpoint, normalize_rest_key,
                                   unwrap_checkpoint)
@@ -257,11 +257,14 @@ class ResTBase(BaseModule):
         another architecture or another function and raises.
 
         Args:
-            checkpoint (str): Path of the checkpoint file.
+            checkpoint (str): Path of the checkpoint file, or an ``http(s)://`` address
+                (downloaded once into torch hub's ``checkpoints`` folder, then read like
+                a local file).
             prefix (str, optional): Take only the weights under this prefix (stripped),
-                as mmengine's ``Pretrained`` init does, e.g. ``'backbone.'`` of a
-                detector. Defaults to None: the layouts of README "Pretrained weights
-                and checkpoint conversion" are recognised without it.
+                as mmengine's ``Pretrained`` init does, e.g. ``'backbone'`` or
+                ``'backbone.'`` of a detector (a missing final dot is added, as
+                mmengine does). Defaults to None: the layouts of README "Pretrained
+                weights and checkpoint conversion" are recognised without it.
 
         Raises:
             CheckpointError: If the file is unsafe, unreadable, holds no ResT weights,
@@ -271,8 +274,9 @@ class ResTBase(BaseModule):
         logger = MMLogger.get_current_instance()
         name = self.family_name
         try:
-            loaded = safe_load_checkpoint(checkpoint)
+            loaded = safe_load_checkpoint(fetch_checkpoint(checkpoint))
             if prefix:
+                prefix = prefix if prefix.endswith('.') else prefix + '.'
                 weights = unwrap_checkpoint(loaded)
                 loaded = {k[len(prefix):]: v for k, v in weights.items()
                           if k.startswith(prefix)}

@@ -7,7 +7,7 @@ from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
-from .embed import has_forward_hooks
+from .embed import has_hooks
 from .emsa import EMSA
 from .emsa_ops import cpu_tuned
 from .norm_mlp import norm_mlp, norm_mlp_applies
@@ -46,7 +46,7 @@ class Mlp(nn.Module):
         ``act``."""
         return (not torch.is_grad_enabled() and cpu_tuned(hidden)
                 and type(self.act) is nn.GELU and self.act.approximate == 'none'
-                and not has_forward_hooks(self.fc1, self.act))
+                and not has_hooks(self.fc1, self.act))
 
 
 class PreNormBlock(nn.Module):
@@ -160,6 +160,6 @@ def add_residual(x: Tensor, branch: Tensor,
     """
     if (torch.is_grad_enabled() or not cpu_tuned(x) or branch.dtype != x.dtype
             or branch.shape != x.shape
-            or has_forward_hooks(*(m for p in producers for m in p.modules()))):
+            or has_hooks(*(m for p in producers for m in p.modules()))):
         return x + branch
     return branch.add_(x)

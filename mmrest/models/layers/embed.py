@@ -97,9 +97,10 @@ class PixelAttention(nn.Module):
 
     With ``recompute_gate`` (the default; the backbones set it from their ``attn_impl``:
     True for ``'fused'``, False for ``'reference'``), CPU training outside autocast runs
-    :class:`PixelAttentionFunction`, which keeps x only, and CPU inference computes the
-    gate and the product in place in the conv's output (unless ``pa_conv`` has forward
-    hooks, which would see their output overwritten).
+    :class:`PixelAttentionFunction`, which keeps x only (where ``pa_conv`` is a plain
+    ``nn.Conv2d`` with zero padding and no hooks, :func:`runs_as_written`), and CPU
+    inference computes the gate and the product in place in the conv's output (unless
+    ``pa_conv`` has hooks, which would see their output overwritten).
 
     Args:
         channels (int): Channels of the input map.
@@ -114,13 +115,15 @@ class PixelAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         conv = self.pa_conv
         if (self.recompute_gate and torch.is_grad_enabled() and cpu_tuned(x)
-                and autocast_dtype(x.device.type) is None and conv.bias is not None
+                and autocast_dtype(x.device.type) is None
+                and runs_as_written(conv, nn.Conv2d) and conv.padding_mode == 'zeros'
+                and conv.bias is not None
                 and x.dtype == conv.weight.dtype == conv.bias.dtype
                 and (x.requires_grad or conv.weight.requires_grad
                      or conv.bias.requires_grad)):
             return PixelAttentionFunction.apply(x, conv.weight, conv.bias)
         if (self.recompute_gate and cpu_inference(x) and x.dtype == conv.weight.dtype
-                and not has_forward_hooks(conv)):
+                and not has_hooks(conv)):
             # CPU inference: the gate and the product in place in the conv's fresh
             # output (the same values; no two more maps to allocate)
             return conv(x).sigmoid_().mul_(x)
@@ -147,18 +150,28 @@ def set_cpu_fusions(module: nn.Module, enabled: bool) -> nn.Module:
     return module
 
 
-def has_forward_hooks(*modules: nn.Module) -> bool:
-    """Whether calling these modules would run forward (pre-)hooks, their own or global
-    ones: a shortcut that bypasses the modules must not skip them. Hooks with an
-    ``observes_only`` attribute set to True (they change no input, output or weight and
-    keep no output, e.g. the profiler ranges of ``tools/analysis/profile_step.py``) do
-    not count."""
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run hooks, their own or global ones: forward,
+    forward-pre, backward and backward-pre hooks. A shortcut that bypasses the modules
+    must not skip them. Hooks with an ``observes_only`` attribute set to True (they
+    change no input, output or weight and keep no output, e.g. the profiler ranges of
+    ``tools/analysis/profile_step.py``) do not count."""
     from torch.nn.modules import module as module_globals
-    tables = [module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks]
+    tables = [module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks,
+              module_globals._global_backward_hooks,
+              module_globals._global_backward_pre_hooks]
     for m in modules:
-        tables += (m._forward_hooks, m._forward_pre_hooks)
+        tables += (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                   m._backward_pre_hooks)
     return any(not getattr(hook, 'observes_only', False)
                for table in tables if table for hook in table.values())
+
+
+def runs_as_written(module: nn.Module, cls: type) -> bool:
+    """Whether a shortcut may use ``module``'s parameters in place of calling it: it is a
+    plain ``cls`` (not a subclass, e.g. a quantization-aware or pruned variant) and
+    calling it would run no hook (:func:`has_hooks`)."""
+    return type(module) is cls and not has_hooks(module)
 
 
 def cpu_inference(x: Tensor) -> bool:
@@ -194,7 +207,7 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool = True) ->
             and not norm.training and norm.affine and norm.track_running_stats
             and norm.running_var is not None and x.dim() == 4
             and type(conv) is nn.Conv2d and conv.padding_mode == 'zeros'
-            and not has_forward_hooks(conv, norm)
+            and not has_hooks(conv, norm)
             and all(t.dtype == x.dtype for t in (conv.weight, norm.weight, norm.bias,
                                                  norm.running_mean, norm.running_var))
             and (conv.bias is None or conv.bias.dtype == x.dtype)):
@@ -305,7 +318,7 @@ class ConvStemV2(nn.Module):
     def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Images (B, C_in, H, W) -> tokens (B, h * w, C) of the (h, w) map."""
         x, proj = stem_layout(x), self.proj
-        if self.fold_norm and cpu_inference(x) and not has_forward_hooks(proj):
+        if self.fold_norm and cpu_inference(x) and not has_hooks(proj):
             x = proj[2](conv_norm(proj[0], proj[1], x))
             x = proj[6](proj[5](conv_norm(proj[3], proj[4], x)))
         else:

@@ -6,13 +6,14 @@ https://arxiv.org/abs/2105.13677); authors' code: https://github.com/wofmanaf/Re
 Parameter names (``q``, ``kv``, ``sr``, ``sr_norm``, ``transform_conv``, ``proj``) follow the
 authors' models so that their checkpoints load without renaming.
 """
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from torch import Tensor, nn
 
+from .embed import runs_as_written
 # INSTANCE_NORM_EPS: ``eps`` of the InstanceNorm2d applied to the attention map (1e-5,
 # PyTorch's default).
 from .emsa_ops import INSTANCE_NORM_EPS, cpu_tuned, emsa_fused
@@ -39,7 +40,8 @@ def emsa_reference(q: Tensor, k: Tensor, v: Tensor, scale: float,
                    transform_bias: Optional[Tensor] = None,
                    attn_drop: float = 0.,
                    training: bool = False,
-                   eps: float = INSTANCE_NORM_EPS) -> Tensor:
+                   eps: float = INSTANCE_NORM_EPS,
+                   transform: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """The straightforward EMSA attention core, as the equations are written.
 
     Args:
@@ -54,6 +56,9 @@ def emsa_reference(q: Tensor, k: Tensor, v: Tensor, scale: float,
         attn_drop (float): Dropout probability on the attention map. Defaults to 0.
         training (bool): Whether dropout is active. Defaults to False.
         eps (float): ``eps`` of the instance norm. Defaults to 1e-5.
+        transform (Callable, optional): The head-mixing conv itself (a module, whose
+            hooks then run), called on the scores in place of ``transform_weight`` and
+            ``transform_bias``. Defaults to None.
 
     Returns:
         Tensor: Output of shape (B, heads, N, head_dim).
@@ -64,8 +69,9 @@ def emsa_reference(q: Tensor, k: Tensor, v: Tensor, scale: float,
         ``InstanceNorm2d`` refuses such a map, so the normalisation is written out here.
     """
     attn = (q @ k.transpose(-2, -1)) * scale
-    if transform_weight is not None:
-        attn = F.conv2d(attn, transform_weight, transform_bias)
+    if transform is not None or transform_weight is not None:
+        attn = (transform(attn) if transform is not None
+                else F.conv2d(attn, transform_weight, transform_bias))
         attn = attn.softmax(dim=-1)
         mean = attn.mean(dim=(-2, -1), keepdim=True)
         var = attn.var(dim=(-2, -1), keepdim=True, unbiased=False)
@@ -218,14 +224,18 @@ class EMSA(ReducedKVAttention):
         """
         B, N, C = x.shape
         q, k, v = self.project(x, hw_shape)[:3]
-        weight = self.transform_conv.weight if self.apply_transform else None
-        bias = self.transform_conv.bias if self.apply_transform else None
-        if self.attn_impl == 'reference' or (self.training and self.attn_drop.p > 0):
-            out = emsa_reference(q, k, v, self.scale, weight, bias,
-                                 self.attn_drop.p, self.training)
+        transform = self.transform_conv if self.apply_transform else None
+        if (self.attn_impl == 'reference' or (self.training and self.attn_drop.p > 0)
+                or not (transform is None or runs_as_written(transform, nn.Conv2d))):
+            # the conv called as a module: hooks on it run, another module type is used
+            out = emsa_reference(q, k, v, self.scale, attn_drop=self.attn_drop.p,
+                                 training=self.training, transform=transform)
         else:
             # a transposed view of a (B, N, heads, head_dim) tensor: the reshape below
             # is free
-            out = emsa_fused(q, k, v, self.scale, weight, bias, INSTANCE_NORM_EPS)
+            out = emsa_fused(q, k, v, self.scale,
+                             None if transform is None else transform.weight,
+                             None if transform is None else transform.bias,
+                             INSTANCE_NORM_EPS)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out))

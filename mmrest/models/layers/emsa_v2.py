@@ -35,6 +35,7 @@ from mmcv.cnn import build_norm_layer
 from torch import Tensor, nn
 
 from .block import add_residual
+from .embed import runs_as_written
 from .emsa import ReducedKVAttention, build_reduction, emsa_reference
 from .emsa_ops import emsa_fused, trace_friendly
 
@@ -97,6 +98,13 @@ class EMSAv2(ReducedKVAttention):
         # kernels do, a transposed view of a (B, N, heads, head_dim) tensor
         out = emsa_fused(q, k, v, self.scale).transpose(1, 2).reshape(B, N, C)
         del q  # not needed any more: its memory serves the up-sampling
+        if not (runs_as_written(self.up, nn.Sequential)
+                and runs_as_written(self.up[0], nn.Conv2d)
+                and self.up[0].padding_mode == 'zeros'
+                and runs_as_written(self.up[1], nn.PixelShuffle)):
+            # hooks or other modules there: called as they are
+            up = self._upsample_reference(v, kv_hw, hw_shape)
+            return self.proj(out + up)
         # on the CPU without autograd ``out`` is added into the fresh ``up``
         return self.proj(
             add_residual(out, self._upsample(kv[..., C:], kv_hw, hw_shape), (self.up_norm, )))

@@ -223,9 +223,9 @@ def norm_mlp_applies(x: Tensor, norm: nn.Module, mlp: nn.Module) -> bool:
     is an affine ``nn.LayerNorm`` over the last dim, the MLP is ``fc1``, exact ``nn.GELU``,
     ``fc2``, all plain modules (e.g. not the quantized linears of
     ``torch.ao.quantization.quantize_dynamic``) with biases, no dropout is active, and
-    no forward hook would be skipped.
+    no hook would be skipped (:func:`mmrest.models.layers.embed.has_hooks`).
     """
-    from .embed import has_forward_hooks
+    from .embed import has_hooks
     from .emsa_ops import autocast_dtype, cpu_tuned
     fc1, act, fc2 = (getattr(mlp, name, None) for name in ('fc1', 'act', 'fc2'))
     return (cpu_tuned(x) and x.dtype in (torch.float32, torch.float64)
@@ -236,7 +236,7 @@ def norm_mlp_applies(x: Tensor, norm: nn.Module, mlp: nn.Module) -> bool:
             and type(fc1) is nn.Linear and type(fc2) is nn.Linear
             and fc1.bias is not None and fc2.bias is not None
             and (not mlp.training or mlp.drop.p == 0)
-            and not has_forward_hooks(norm, *mlp.modules()))
+            and not has_hooks(norm, *mlp.modules()))
 
 
 def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> Tensor:

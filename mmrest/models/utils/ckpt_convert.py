@@ -41,8 +41,8 @@ _VERSION_KEYS = {
                        r'transform_conv\.)'),
     'ResTV2': re.compile(r'^(stem\.proj\.|patch_[234]\.|stage[1-4]\.\d+\.attn\.up(_norm)?\.)'),
 }
-# The authors' ImageNet classifier.
-_CLS_HEAD_KEY = re.compile(r'^head\.(weight|bias)$')
+# The classifier's linear head: the authors' ``head.*``, mmpretrain's ``head.fc.*``.
+_CLS_HEAD_KEY = re.compile(r'^(?:module\.)?head\.(?:fc\.)?(weight|bias)$')
 
 
 def normalize_rest_key(key: str) -> Optional[str]:
@@ -136,24 +136,33 @@ def convert_rest_checkpoint(checkpoint: Mapping,
 
     Raises:
         TypeError: If the checkpoint is not a mapping or holds non-tensor weights.
-        ValueError: If no ResT weight is found, or ``target`` is unknown.
+        ValueError: If no ResT weight is found, if two keys of other layouts give one
+            key different weights, or ``target`` is unknown.
     """
     if target not in ('backbone', 'classifier'):
         raise ValueError(f"target must be 'backbone' or 'classifier', got {target!r}")
     state_dict = unwrap_checkpoint(checkpoint)
     out: Dict[str, torch.Tensor] = OrderedDict()
+    sources: Dict[str, str] = {}
     for key, value in state_dict.items():
         new_key = normalize_rest_key(key)
-        head_key = _CLS_HEAD_KEY.match(key.replace('module.', '', 1))
+        head_key = _CLS_HEAD_KEY.match(key)
         if new_key is None and not (target == 'classifier' and head_key):
             continue
         if not isinstance(value, torch.Tensor):
             raise TypeError(f'checkpoint entry {key!r} is a {type(value).__name__}, '
                             'not a tensor')
         if new_key is not None:
-            out['backbone.' + new_key if target == 'classifier' else new_key] = value
+            new_key = 'backbone.' + new_key if target == 'classifier' else new_key
         else:
-            out['head.fc.' + head_key.group(1)] = value
+            new_key = 'head.fc.' + head_key.group(1)
+        kept = out.get(new_key)
+        if kept is not None and not (kept.shape == value.shape and kept.dtype == value.dtype
+                                     and torch.equal(kept, value)):
+            raise ValueError(f'the checkpoint has two different weights for {new_key!r}: '
+                             f'{sources[new_key]!r} and {key!r}')
+        out[new_key] = value
+        sources[new_key] = key
     if not any(normalize_rest_key(k) for k in state_dict):
         sample = ', '.join(list(map(str, state_dict))[:5]) or '<empty>'
         raise ValueError('no ResT backbone weights found in the checkpoint (expected keys '
