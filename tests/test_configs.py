@@ -391,7 +391,7 @@ def test_classification_recipe():
     assert cfg.optim_wrapper.optimizer.lr == pytest.approx(5e-4 * 1920 / 512)
     _assert_imagenet_augmentations(cfg)
     test = {t.type: t for t in cfg.val_dataloader.dataset.pipeline}
-    assert test['ResizeEdge'].scale == int(224 / 0.9)
+    assert test['ResizeEdge'].scale == 256  # the authors' ratio 224 / 256
     assert test['CenterCrop'].crop_size == 224
 
 

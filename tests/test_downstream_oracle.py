@@ -197,10 +197,25 @@ def compare_captures(ours: Dict[str, List[Tensor]], oracle: Dict[str, List[Tenso
             assert_close(a, b, f'{name}[{i}]')
 
 
-def compare_losses(ours: dict, oracle: dict) -> None:
+#: Pixel accuracies are counts: a pixel whose top two class scores are within float32
+#: rounding may flip between two implementations (one such pixel of 12,707 was seen on one
+#: CPU), so up to one pixel in this many may differ. The logits themselves are compared
+#: with the bounds above.
+PIXELS_PER_FLIP = 2000
+
+
+def compare_losses(ours: dict, oracle: dict, pixels: int = 0) -> None:
+    """Equal losses; with ``pixels`` (labelled pixels of the batch), the segmentors'
+    pixel accuracies (percent) to ``pixels / PIXELS_PER_FLIP`` pixels, at least one."""
     assert sorted(ours) == sorted(oracle)
     for key in oracle:
         for a, b in zip(flat_tensors(ours[key]), flat_tensors(oracle[key])):
+            if pixels and key.endswith('acc_seg'):
+                flips = max(1, pixels // PIXELS_PER_FLIP)
+                assert abs(a.item() - b.item()) <= 100 * flips / pixels + 1e-4, (
+                    f'loss {key}: {a.item()} vs {b.item()}, more than {flips} pixel(s) '
+                    f'of {pixels} differ')
+                continue
             assert_close(a, b, f'loss {key}')
 
 
@@ -385,7 +400,7 @@ def test_segmentor_matches_oracle_backbone(version, batch):
 
     losses, _ = run(model, [], lambda m: m.loss(inputs, copy.deepcopy(samples)))
     losses_ref, _ = run(oracle, [], lambda m: m.loss(inputs, copy.deepcopy(samples)))
-    compare_losses(losses, losses_ref)
+    compare_losses(losses, losses_ref, pixels=sum(h * w for h, w in BATCHES[batch]))
 
     preds, _ = run(model, [], lambda m: m.predict(inputs, copy.deepcopy(samples)))
     preds_ref, _ = run(oracle, [], lambda m: m.predict(inputs, copy.deepcopy(samples)))
