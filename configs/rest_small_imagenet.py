@@ -9,7 +9,8 @@
 # smoothing 0.1, Mixup 0.8, CutMix 1.0, random erasing 0.25, repeated augmentation (the
 # authors' default), 224 input, bicubic, the authors' test crop ratio 0.875 (their
 # datasets.py resizes the short side to int(256 / 224 * 224) = 256, then center-crops 224;
-# timm's crop_pct 0.9 in their model file is not used by their evaluation), drop path 0.1 (get_started.md: lite 0.1, small 0.1, base 0.2, large 0.3).
+# timm's crop_pct 0.9 in their model file is not used by their evaluation), drop path 0.1
+# (get_started.md: lite 0.1, small 0.1, base 0.2, large 0.3).
 # timm's cosine schedule adds 10 cool-down epochs at the minimum lr (310 in all); this config
 # trains the 300 epochs of the paper.
 # Expected (paper): 79.6 top-1, 13.7M parameters (13,679,708), 1.9 GFLOPs as the paper counts

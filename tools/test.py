@@ -92,18 +92,12 @@ def build_config(args: argparse.Namespace):
         Config: The config to build the runner from.
     """
     import mmrest  # noqa: F401  (registers mmrest.ResT, allows mmengine's checkpoint types)
-    from mmrest.engine import inspect_checkpoint, load_tool_config
-    from mmrest.utils import fetch_checkpoint
+    from mmrest.engine import checked_load_from, load_tool_config
 
     cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
 
     # an http(s) address is downloaded and then read like a local file, safely
-    checkpoint = fetch_checkpoint(args.checkpoint)
-    if '://' not in checkpoint:
-        if not osp.isfile(checkpoint):
-            raise FileNotFoundError(f'checkpoint file not found: {checkpoint}')
-        inspect_checkpoint(checkpoint, for_resume=False)
-    cfg.load_from = checkpoint
+    cfg.load_from = checked_load_from(args.checkpoint)
     cfg.resume = False
 
     if args.show or args.show_dir:

@@ -95,7 +95,7 @@ def build_config(args: argparse.Namespace):
         Config: The config to build the runner from.
     """
     import mmrest  # noqa: F401  (registers mmrest.ResT, allows mmengine's checkpoint types)
-    from mmrest.engine import (apply_reliability_hooks, check_resume_path,
+    from mmrest.engine import (apply_reliability_hooks, check_resume_path, checked_load_from,
                                checkpoint_templates, configure_amp, cpu_amp_config_fix,
                                disable_amp, find_resume_checkpoint, load_tool_config,
                                prepare_compile)
@@ -136,7 +136,7 @@ def build_config(args: argparse.Namespace):
             # Slurm job): the config's weights are still its starting point
             _warn(f'--resume: no checkpoint in {cfg.work_dir}; training starts from '
                   f'iteration 0 with the weights of load_from={cfg.load_from}')
-            cfg.load_from = _checked_load_from(cfg.load_from)
+            cfg.load_from = checked_load_from(cfg.load_from)
         else:
             _warn(f'--resume: no checkpoint in {cfg.work_dir}; training starts from '
                   f'iteration 0')
@@ -146,19 +146,8 @@ def build_config(args: argparse.Namespace):
     elif cfg.get('resume', False) and cfg.get('load_from'):
         check_resume_path(cfg.load_from, templates)
     elif cfg.get('load_from'):
-        cfg.load_from = _checked_load_from(cfg.load_from)
+        cfg.load_from = checked_load_from(cfg.load_from)
     return cfg
-
-
-def _checked_load_from(load_from: str) -> str:
-    """``load_from`` as mmengine will read it: an http(s) address downloaded, a local file
-    checked to be complete and safe to load."""
-    from mmrest.engine import inspect_checkpoint
-    from mmrest.utils import fetch_checkpoint
-    load_from = fetch_checkpoint(load_from)
-    if '://' not in load_from:
-        inspect_checkpoint(load_from, for_resume=False)
-    return load_from
 
 
 def _warn(msg: str) -> None:

@@ -33,8 +33,8 @@ from mmengine.runner import IterBasedTrainLoop
 
 from ..registry import HOOKS
 from ..utils.checkpoint import (AtomicLocalBackend, CheckpointError, UnsafeCheckpointError,
-                                atomic_write, remove_stale_temp_files, safe_load_checkpoint,
-                                verify_checkpoint_file)
+                                atomic_write, fetch_checkpoint, remove_stale_temp_files,
+                                safe_load_checkpoint, verify_checkpoint_file)
 from .config import add_custom_hook, type_name
 
 #: The name of :class:`~mmrest.utils.AtomicLocalBackend` among mmengine's file backends.
@@ -524,6 +524,28 @@ def inspect_checkpoint(path: str, for_resume: bool = True) -> Dict[str, Any]:
                 f'{path} cannot be resumed from: it is not an mmengine training checkpoint '
                 f'(needs "meta" with "iter", and "state_dict"; has {sorted(ckpt)})')
     return dict(meta) if isinstance(meta, dict) else {}
+
+
+def checked_load_from(path: str) -> str:
+    """A checkpoint to load weights from (``load_from``, ``tools/test.py``), as mmengine
+    should read it: an ``http(s)://`` address downloaded (:func:`fetch_checkpoint`), a
+    local file checked with :func:`inspect_checkpoint`; other storage schemes as they are.
+
+    Args:
+        path (str): A local path or an address.
+
+    Returns:
+        str: The path to give mmengine.
+
+    Raises:
+        FileNotFoundError: If a local file does not exist.
+        UnsafeCheckpointError: If loading it could run code.
+        CheckpointError: If it is truncated or corrupted, or cannot be fetched.
+    """
+    path = fetch_checkpoint(path)
+    if '://' not in path:
+        inspect_checkpoint(path, for_resume=False)
+    return path
 
 
 def _template_regex(template: str) -> 're.Pattern':
