@@ -3,7 +3,7 @@
 VENV ?= $(or $(MMREST_VENV),.venv)
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-stacks test-stacks-ops bench clean
 
 install:  ## virtual environment with the pinned stack (builds mmcv once, then cached)
 	MMREST_VENV="$(abspath $(VENV))" bash tools/install.sh
@@ -16,6 +16,13 @@ test: install  ## the whole test suite, slow end-to-end tests included
 
 test-fast: install  ## the suite without the tests marked slow
 	$(PY) -m pytest tests -m "not slow"
+
+test-stacks:  ## the stack matrix: Python 3.9 + torch 2.1, and Python 3.12 + torch 2.10 with the OneDL fork
+	bash tools/stacks.sh test classic
+	bash tools/stacks.sh test onedl
+
+test-stacks-ops:  ## detectors and segmentors on Python 3.9 + torch 2.1 (builds mmcv's ops once, ~20 min)
+	bash tools/stacks.sh test classic-ops
 
 bench: install  ## speed, memory and efficiency tables (README "Speed and memory")
 	$(PY) tools/analysis/benchmark.py --out work_dirs/benchmark.json

@@ -1,8 +1,12 @@
 """Shared fixtures and marks of the tests: cached weights and models, thread counts,
 mmengine's default scope restored after each test, the slow mark of the large archs."""
 import contextlib
+import ctypes
 import functools
+import gc
 import logging
+import os
+import sys
 from typing import Callable, Dict, List, Tuple
 
 import pytest
@@ -16,16 +20,53 @@ SLOW_ARCHS = ('base', 'large')
 
 
 def pytest_collection_modifyitems(config, items):
-    """Variants of the two largest archs are marked ``slow``.
+    """Variants of the two largest archs are marked ``slow``, cases of detector and
+    segmentor configs ``ops``.
 
     A test parametrised by ``arch`` runs, in ``make test-fast``, only on the smaller archs
     (ResT lite and small, ResT V2 tiny and small): base and large go through the same code
-    with more blocks and take most of the time. ``make test`` runs them all.
+    with more blocks and take most of the time. ``make test`` runs them all. The stack
+    matrix (tools/stacks.sh) runs the ``stack`` modules without the ``ops`` cases where
+    mmcv has no compiled ops.
     """
     for item in items:
         callspec = getattr(item, 'callspec', None)
         if callspec is not None and callspec.params.get('arch') in SLOW_ARCHS:
             item.add_marker(pytest.mark.slow)
+        # a case of a detector or segmentor config builds mmdet / mmseg models, whose
+        # imports need mmcv's compiled ops (not in mmcv-lite)
+        params = callspec.params if callspec is not None else {}
+        config = params.get('path') or params.get('name')
+        if (isinstance(config, str) and config.endswith('.py')
+                and not config.endswith('imagenet.py')):
+            item.add_marker(pytest.mark.ops)
+
+
+def _release_memory() -> None:
+    """Return freed memory to the system: glibc keeps freed blocks of large tensors in its
+    arenas, so without this the process would hold the peak of every earlier module."""
+    gc.collect()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@pytest.fixture(scope='module', autouse=True)
+def free_caches_after_each_module():
+    """After each test module, the models and weights cached by ``functools.lru_cache``
+    in the test modules and helpers are dropped (they are rebuilt where needed), so the
+    suite's memory stays that of its largest module rather than the sum of all."""
+    yield
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    for module in list(sys.modules.values()):
+        path = getattr(module, '__file__', None) or ''
+        if not path.startswith(tests_dir) or module.__name__.endswith('_tools'):
+            continue
+        for value in list(vars(module).values()):
+            if callable(getattr(value, 'cache_clear', None)):
+                value.cache_clear()
+    _release_memory()
 
 
 @pytest.fixture(autouse=True)

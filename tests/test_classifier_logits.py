@@ -15,11 +15,13 @@ from reference_rest import ARCHS, reference_logits
 
 from mmrest.models.utils import convert_rest_checkpoint
 
+pytestmark = pytest.mark.stack
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 AUTHORS_PARAMS = {'lite': 10_508_300, 'small': 13_679_708}
 
 
-def build_classifier(arch: str, attn_impl: str = 'fused'):
+def build_classifier(arch: str, attn_impl: str = 'lean'):
     cfg = dict(
         type='ImageClassifier',
         backbone=dict(type='mmrest.ResT', arch=arch, out_indices=(3, ), drop_path_rate=0.,
@@ -31,7 +33,7 @@ def build_classifier(arch: str, attn_impl: str = 'fused'):
     return PRETRAIN_MODELS.build(cfg)
 
 
-@pytest.mark.parametrize('attn_impl', ['fused', 'reference'])
+@pytest.mark.parametrize('attn_impl', ['lean', 'reference'])
 @pytest.mark.parametrize('arch', ['lite', 'small'])
 def test_logits_equal_reference_fp32_224(authors_weights, arch, attn_impl):
     sd = authors_weights(arch, seed=7)

@@ -19,6 +19,8 @@ from mmengine.registry import MODELS, init_default_scope
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+pytestmark = pytest.mark.stack
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MAIN_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*.py')))
 DEMO_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'demo', '*.py')))
@@ -245,6 +247,7 @@ def test_parameter_totals_match_the_paper(name):
         assert abs(params / 1e6 - PAPER_PARAMS_M[name]) <= 0.05, params
 
 
+@pytest.mark.ops
 def test_results_table_params_are_the_measured_ones():
     """The parameter cells that tools/analysis/results_table.py prints are measured here."""
     rt = load_script('tools/analysis/results_table.py')
@@ -453,6 +456,7 @@ def _decay_by_name(path: str):
     return cfg, trainable, groups
 
 
+@pytest.mark.ops
 def test_restv2_segmentation_tiny_spares_names_with_norm():
     """Tiny: lr 6e-5, wd 0.01, no decay exactly where the name contains 'norm' (so the
     stem's BatchNorms stem.proj.1/.4 and the heads' BatchNorms do decay)."""
@@ -467,6 +471,7 @@ def test_restv2_segmentation_tiny_spares_names_with_norm():
     assert groups['backbone.stage1.0.attn.up_norm.weight']['weight_decay'] == 0
 
 
+@pytest.mark.ops
 @pytest.mark.parametrize('arch', ['small', 'base'])
 def test_restv2_segmentation_stage_wise_lr_decay(arch):
     """Small and base: every parameter's lr is 1.5e-4 x 0.9 ** (5 - stage id) (heads 5,
@@ -552,7 +557,9 @@ REGISTRY_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 @pytest.mark.parametrize('custom_imports', [False, True], ids=['scoped-type', 'custom-imports'])
-@pytest.mark.parametrize('scope', ['mmdet', 'mmseg', 'mmpretrain'])
+@pytest.mark.parametrize('scope', [pytest.param('mmdet', marks=pytest.mark.ops),
+                                   pytest.param('mmseg', marks=pytest.mark.ops),
+                                   'mmpretrain'])
 def test_registry_from_downstream_scopes(tmp_path, scope, custom_imports):
     """ResT and ResTV2 by ``type='mmrest.X'`` or, after ``custom_imports``, ``type='X'``."""
     if custom_imports:

@@ -4,12 +4,8 @@ Tensors of the ``meta`` device carry shapes, dtypes and devices but no data, so 
 forward and backward pass runs in milliseconds and any tensor created on the CPU by
 mistake (e.g. a bare ``torch.zeros``) shows up as a device mismatch or a CPU gradient,
 exactly as it would on a GPU. The tests run with 32 intra-op threads, the setting of a
-GPU node, under which the CPU-tuned rules of ``mmrest.models.layers.emsa_ops`` (chosen
-by thread counts) would fire for small batches if they were not limited to CPU tensors.
-
-Every dispatch branch of the attention is forced in turn: one head (SDPA and the
-blocked backward) and head mixing (query-major and head-major score blocks, one block
-and many), with and without gradients, with the CPU-tuned rules applied and not.
+GPU node. Every ``attn_impl`` runs, the lean kernel with one block of scores per layer and
+with many.
 """
 from typing import Dict, List
 
@@ -17,34 +13,32 @@ import pytest
 import torch
 
 from mmrest.models import ResT
-from mmrest.models.layers import block, embed, emsa, emsa_ops
+from mmrest.models.layers import dispatch, emsa_ops
 
 ARCHS = ('lite', 'small', 'base', 'large')
 META = torch.device('meta')
 
-#: (name, CPU-tuned rules, query-major layout, score blocks) of each forced branch set.
-#: ``None`` leaves that choice to the dispatch.
+#: (attn_impl, score blocks) of each case; ``'default'`` leaves the block size alone.
 BRANCHES = {
-    'device-rules': (False, None, 'default'),
-    'device-rules-many-blocks': (False, None, 'many'),
-    'cpu-rules-query-major-one-block': (True, True, 'one'),
-    'cpu-rules-query-major-many-blocks': (True, True, 'many'),
-    'cpu-rules-head-major-many-blocks': (True, False, 'many'),
+    'lean': ('lean', 'default'),
+    'lean-many-blocks': ('lean', 'many'),
+    'dense': ('dense', 'default'),
+    'reference': ('reference', 'default'),
 }
-BLOCK_BYTES = {'one': 1 << 40, 'many': 4096}
 
 
 class Spy:
-    """Records which attention paths ran (wraps module functions of ``emsa_ops``)."""
+    """Records which attention paths ran (wraps module functions)."""
 
-    NAMES = ('_attention_backward', '_emsa_transform_forward', '_emsa_transform_backward',
-             '_block_rows', '_query_major', 'emsa_dense')
+    NAMES = ('_emsa_transform_forward', '_emsa_transform_backward', '_block_rows',
+             'emsa_dense')
 
     def __init__(self, monkeypatch) -> None:
         self.calls: Dict[str, List] = {name: [] for name in self.NAMES}
         for name in self.NAMES:
-            original = getattr(emsa_ops, name)
-            monkeypatch.setattr(emsa_ops, name, self._wrap(name, original))
+            module = dispatch if name == 'emsa_dense' else emsa_ops
+            original = getattr(module, name)
+            monkeypatch.setattr(module, name, self._wrap(name, original))
 
     def _wrap(self, name, fn):
         def wrapper(*args, **kwargs):
@@ -52,21 +46,6 @@ class Spy:
             self.calls[name].append((args, result))
             return result
         return wrapper
-
-    def results(self, name: str) -> set:
-        return {result for _, result in self.calls[name]}
-
-
-def force_branches(monkeypatch, branch: str) -> None:
-    """Apply one entry of :data:`BRANCHES` to every module that asks ``cpu_tuned``."""
-    cpu_rules, query_major, blocks = BRANCHES[branch]
-    for module in (emsa_ops, emsa, block, embed):
-        monkeypatch.setattr(module, 'cpu_tuned', lambda x, value=cpu_rules: value)
-    if query_major is not None:
-        monkeypatch.setattr(emsa_ops, 'QUERY_MAJOR_MIN_KEYS', 0 if query_major else 1 << 30)
-    if blocks != 'default':
-        monkeypatch.setattr(emsa_ops, 'DEFAULT_BLOCK_BYTES', BLOCK_BYTES[blocks])
-        monkeypatch.setattr(emsa_ops, 'ACCELERATOR_BLOCK_BYTES', BLOCK_BYTES[blocks])
 
 
 def meta_rest(arch: str, attn_impl: str) -> ResT:
@@ -100,83 +79,41 @@ def check_forward_backward(model: ResT, grad: bool, shape=(2, 3, 67, 90)) -> Non
     assert not wrong, wrong[:5]
 
 
-FUSED_CASES = [(arch, 'fused', branch) for arch in ARCHS for branch in BRANCHES]
-REFERENCE_CASES = [(arch, 'reference', branch) for arch in ARCHS
-                   for branch in ('device-rules', 'cpu-rules-query-major-one-block')]
-
-
 @pytest.mark.parametrize('grad', [True, False], ids=['grad', 'no-grad'])
-@pytest.mark.parametrize('arch,attn_impl,branch', FUSED_CASES + REFERENCE_CASES)
-def test_whole_backbone_on_meta(many_threads, monkeypatch, arch, attn_impl, branch, grad):
-    force_branches(monkeypatch, branch)
+@pytest.mark.parametrize('branch', list(BRANCHES))
+@pytest.mark.parametrize('arch', ARCHS)
+def test_whole_backbone_on_meta(many_threads, monkeypatch, arch, branch, grad):
+    impl, blocks = BRANCHES[branch]
+    if blocks == 'many':
+        monkeypatch.setattr(emsa_ops, 'CPU_BLOCK_BYTES', 4096)
+        monkeypatch.setattr(emsa_ops, 'ACCELERATOR_BLOCK_BYTES', 4096)
     spy = Spy(monkeypatch)
-    check_forward_backward(meta_rest(arch, attn_impl), grad)
-    if attn_impl == 'reference':
-        assert not any(spy.calls.values())
-        return
-    cpu_rules, query_major, blocks = BRANCHES[branch]
+    check_forward_backward(meta_rest(arch, impl), grad)
     calls = spy.calls
-    # head mixing (stages 2-4) always takes the blocked kernel
-    assert calls['_emsa_transform_forward']
-    assert bool(calls['_emsa_transform_backward']) == grad
-    # one head: the blocked backward with CPU rules (batch x heads = 2 < 32 threads),
-    # PyTorch's SDPA backward otherwise
-    assert bool(calls['_attention_backward']) == (grad and cpu_rules)
-    if cpu_rules:
-        assert spy.results('_query_major') == {query_major}
-    else:
-        assert spy.results('_query_major') == {False}
-    # (block_size, batch x heads, keys, queries, itemsize, cpu) -> rows per block
+    # head mixing (stages 2-4) takes the blocked kernel with 'lean' only
+    assert bool(calls['_emsa_transform_forward']) == (impl == 'lean')
+    assert bool(calls['_emsa_transform_backward']) == (impl == 'lean' and grad)
+    assert bool(calls['emsa_dense']) == (impl == 'dense')
+    # (block_size, batch x heads, keys, queries, itemsize, device) -> rows per block
     rows = [(args[3], result) for args, result in calls['_block_rows']]
-    if blocks == 'one':
-        assert all(r == n for n, r in rows)
-    elif blocks == 'many':
+    if blocks == 'many':
         assert all(r < n for n, r in rows if n > 8)
-    assert all(args[5] == cpu_rules for args, _ in calls['_block_rows'])
-    assert not calls['emsa_dense']
+    assert all(args[5] == 'meta' for args, _ in calls['_block_rows'])
 
 
-def test_attention_backward_buffers_follow_the_input_device():
-    """The blocked single-head backward allocates its accumulators on q's device."""
-    q, k, v, grad = (torch.empty(1, 1, L, 16, device=META) for L in (40, 7, 7, 40))
-    grads = emsa_ops._attention_backward(grad, q, k, v, 0.25, 8)
-    assert [g.device for g in grads] == [META] * 3
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=False):
-        half = [t.to(torch.bfloat16) for t in (q, k, v, grad)]
-    grads = emsa_ops._attention_backward(half[3], *half[:3], 0.25, 8)
-    assert [(g.device, g.dtype) for g in grads] == [(META, torch.bfloat16)] * 3
-
-
-def test_dispatch_off_the_cpu_ignores_the_thread_count(many_threads):
-    """With 32 threads, one image and one head, a CPU tensor takes the blocked backward
-    and a CPU-tuned layout; a tensor of another device takes PyTorch's SDPA, head-major
-    blocks of the accelerator's size, and no aliased softmax."""
-    def inputs(device, h):
-        q = torch.randn(1, h, 300, 16, device=device, requires_grad=True)
-        kv = torch.randn(1, h, 300, 16, device=device, requires_grad=True)
-        w = torch.randn(h, h, 1, 1, device=device) if h > 1 else None
-        return q, kv, w
-
-    q, kv, _ = inputs('cpu', 1)
-    assert type(emsa_ops.emsa_fused(q, kv, kv, 0.25).grad_fn).__name__ == \
-        'AttentionFunctionBackward'
-    q, kv, _ = inputs(META, 1)
-    out = emsa_ops.emsa_fused(q, kv, kv, 0.25)
-    assert 'AttentionFunction' not in type(out.grad_fn).__name__
-    assert not emsa_ops._blocked_attention_backward_pays(1, cpu=False)
-    assert not emsa_ops._query_major(1, 1050, cpu=False)
-    assert emsa_ops._query_major(1, 1050, cpu=True)
-    # blocks: CPU-cache sized on the CPU, much larger elsewhere (800x1344, batch 2,
-    # ResT-small stage 2: 2 x 2 heads, 1050 keys, 16800 queries)
-    cpu_rows = emsa_ops._block_rows(None, 4, 1050, 16800, 4, cpu=True)
-    device_rows = emsa_ops._block_rows(None, 4, 1050, 16800, 4, cpu=False)
-    assert cpu_rows * 4 * 1050 * 4 <= emsa_ops.DEFAULT_BLOCK_BYTES < cpu_rows * 4 * 1050 * 8
+def test_blocks_are_sized_by_device_and_maps_are_channels_last_on_the_cpu_only():
+    """Blocks of scores: CPU-cache sized on the CPU, much larger elsewhere (800x1344,
+    batch 2, ResT-small stage 2: 2 x 2 heads, 1050 keys, 16800 queries); token maps are
+    channels-last views on the CPU and contiguous NCHW elsewhere."""
+    cpu_rows = emsa_ops._block_rows(None, 4, 1050, 16800, 4, 'cpu')
+    device_rows = emsa_ops._block_rows(None, 4, 1050, 16800, 4, 'cuda')
+    assert cpu_rows * 4 * 1050 * 4 <= emsa_ops.CPU_BLOCK_BYTES < cpu_rows * 4 * 1050 * 8
     assert -(-16800 // device_rows) <= 2 < -(-16800 // cpu_rows)
-    # the softmax is written over its input on the CPU only
-    x = torch.randn(3, 5)
-    assert emsa_ops._softmax_(x).data_ptr() == x.data_ptr()
-    m = torch.empty(3, 5, device=META)
-    assert emsa_ops._softmax_(m) is not m
+    tokens = torch.randn(1, 6 * 7, 5)
+    assert dispatch.tokens_to_map(tokens, (6, 7)).is_contiguous(
+        memory_format=torch.channels_last)
+    meta_map = dispatch.tokens_to_map(tokens.to(META), (6, 7))
+    assert meta_map.is_contiguous() and meta_map.shape == (1, 5, 6, 7)
 
 
 def test_autocast_helpers_accept_devices_without_autocast():

@@ -27,7 +27,8 @@ from reference_rest_v2 import reference_features as reference_features_v2
 from torch import Tensor, nn
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-pytestmark = pytest.mark.slow  # whole detectors: `make test` runs them, test-fast does not
+# whole detectors: `make test` runs them, test-fast does not; they need mmcv's ops
+pytestmark = [pytest.mark.slow, pytest.mark.ops]
 
 #: float32 agreement: |a - b| <= ATOL_REL * max(1, max |b|) + RTOL * |b|. Two
 #: independent float32 implementations of a random ResT differ by a few 1e-4 of the

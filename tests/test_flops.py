@@ -94,7 +94,7 @@ def test_reference_attention_is_required():
     model = gf.ResTClassifier('lite').eval()
     for m in model.modules():
         if hasattr(m, 'attn_impl'):
-            m.attn_impl = 'fused'
+            m.attn_impl = 'lean'
     with pytest.raises(ValueError, match='attn_impl != "reference"'):
         gf.count_complexity(model, (torch.zeros(1, 3, 64, 64), ))
 

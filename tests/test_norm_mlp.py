@@ -1,4 +1,4 @@
-"""The memory-lean LayerNorm + MLP of the fused blocks against the plain modules."""
+"""The memory-lean LayerNorm + MLP of the blocks against the plain modules."""
 import pytest
 import torch
 from torch import nn
@@ -8,7 +8,8 @@ from torch.utils._pytree import tree_flatten
 import mmrest.models.layers.norm_mlp as norm_mlp_module
 from mmrest.models.layers import ResTBlock
 from mmrest.models.layers.block import Mlp
-from mmrest.models.layers.norm_mlp import NormMlpFunction, norm_mlp, norm_mlp_applies
+from mmrest.models.layers.dispatch import blocked_norm_mlp
+from mmrest.models.layers.norm_mlp import NormMlpFunction, norm_mlp
 
 pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
 
@@ -33,7 +34,7 @@ def grads(fn, x, modules):
 def test_same_function_and_gradients_as_the_modules(dtype, tol):
     norm, mlp = make(dtype=dtype)
     x = torch.randn(2, 37, 16, dtype=dtype, requires_grad=True)
-    assert norm_mlp_applies(x, norm, mlp)
+    assert blocked_norm_mlp(x, norm, mlp)
     ref, ref_grads = grads(lambda t: mlp(norm(t)), x, (norm, mlp))
     out, out_grads = grads(lambda t: norm_mlp(t, norm, mlp), x, (norm, mlp))
     assert torch.equal(out, ref)  # the forward runs the modules' own ops
@@ -213,45 +214,47 @@ def test_output_takes_in_place_ops_like_the_modules():
     assert x.grad is not None
 
 
-def test_applies_only_where_it_is_the_same_function_and_measured():
+def test_applies_only_where_it_is_the_same_function():
     norm, mlp = make(dtype=torch.float32)
     x = torch.randn(2, 9, 16, requires_grad=True)
-    assert norm_mlp_applies(x, norm, mlp)
+    assert blocked_norm_mlp(x, norm, mlp)
     with torch.no_grad():
-        assert norm_mlp_applies(x, norm, mlp)  # inference runs the blocks too
+        assert blocked_norm_mlp(x, norm, mlp)  # inference runs the blocks too
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not norm_mlp_applies(x, norm, mlp)
-    assert not norm_mlp_applies(x.to(torch.bfloat16), norm, mlp)
-    assert not norm_mlp_applies(torch.empty(2, 9, 16, device='meta'), norm, mlp)
+        assert not blocked_norm_mlp(x, norm, mlp)
+    assert not blocked_norm_mlp(x.to(torch.bfloat16), norm, mlp)
+    assert not blocked_norm_mlp(torch.empty(2, 9, 16, device='meta'), norm, mlp)
     dropout = Mlp(16, 64, drop=0.1).train()
-    assert not norm_mlp_applies(x, norm, dropout)
-    assert norm_mlp_applies(x, norm, dropout.eval())
+    assert not blocked_norm_mlp(x, norm, dropout)
+    assert blocked_norm_mlp(x, norm, dropout.eval())
     tanh = Mlp(16, 64)
     tanh.act = nn.GELU(approximate='tanh')
-    assert not norm_mlp_applies(x, norm, tanh)
-    assert not norm_mlp_applies(x, nn.LayerNorm(16, elementwise_affine=False), mlp)
+    assert not blocked_norm_mlp(x, norm, tanh)
+    assert not blocked_norm_mlp(x, nn.LayerNorm(16, elementwise_affine=False), mlp)
 
 
+@pytest.mark.parametrize('attn_impl', ['lean', 'reference'])
 @pytest.mark.parametrize('sr_ratio, heads', [(2, 2), (1, 1)])
-def test_fused_block_trains_like_the_reference_block(sr_ratio, heads):
+def test_block_trains_like_its_modules(sr_ratio, heads, attn_impl):
+    """The block takes the blocked path whatever its attention, and computes its modules'
+    function, values and gradients (float64)."""
     torch.manual_seed(0)
-    fused = ResTBlock(32, heads, sr_ratio=sr_ratio).double().train()
-    ref = ResTBlock(32, heads, sr_ratio=sr_ratio, attn_impl='reference').double().train()
-    ref.load_state_dict(fused.state_dict())
+    block = ResTBlock(32, heads, sr_ratio=sr_ratio, attn_impl=attn_impl).double().train()
     x = torch.randn(2, 6 * 5, 32, dtype=torch.float64, requires_grad=True)
     calls = []
     original = NormMlpFunction.apply
     try:
         NormMlpFunction.apply = lambda *a: calls.append(1) or original(*a)
-        out = fused(x, (6, 5))
+        out = block(x, (6, 5))
     finally:
         NormMlpFunction.apply = original
-    assert calls  # the fused block took the lean path, the reference does not
-    out_ref = ref(x, (6, 5))
+    assert calls
+    mid = x + block.attn(block.norm1(x), (6, 5))
+    out_ref = mid + block.mlp(block.norm2(mid))
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
     g = torch.randn(out.shape, dtype=out.dtype)
-    grads = torch.autograd.grad(out, [x, *fused.parameters()], g)
-    grads_ref = torch.autograd.grad(out_ref, [x, *ref.parameters()], g)
+    grads = torch.autograd.grad(out, [x, *block.parameters()], g)
+    grads_ref = torch.autograd.grad(out_ref, [x, *block.parameters()], g)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
@@ -272,3 +275,65 @@ def test_empty_and_non_contiguous_tokens(recompute):
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         for g, g_ref in zip(out_grads, ref_grads):
             torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+class KeepOutput:
+    """A forward hook that keeps each output and a copy of it taken when the module
+    returned: an in-place write into the output after that would make them differ."""
+
+    def __init__(self) -> None:
+        self.kept = []
+
+    def __call__(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        self.kept.append((output, output.clone()))
+
+    def unchanged(self) -> bool:
+        return bool(self.kept) and all(torch.equal(o, c) for o, c in self.kept)
+
+
+def block_by_hand(block, x: torch.Tensor, hw) -> torch.Tensor:
+    """The block's function from its modules."""
+    x = x + block.attn(block.norm1(x), hw)
+    return x + block.mlp(block.norm2(x))
+
+
+@pytest.mark.parametrize('hooked', ['norm2', 'mlp', 'mlp.fc1', 'mlp.act', 'mlp.fc2'])
+def test_modules_with_hooks_are_called(hooked):
+    """The blocked path calls none of its modules: not where one has a forward hook (in
+    inference) or a backward hook (in training), which then run as for the modules."""
+    torch.manual_seed(0)
+    block = ResTBlock(32, 2, sr_ratio=2).eval()
+    x = torch.randn(1, 7 * 11, 32)
+    with torch.no_grad():
+        hook = KeepOutput()
+        handle = block.get_submodule(hooked).register_forward_hook(hook)
+        out = block(x, (7, 11))
+        handle.remove()
+        assert hook.unchanged()
+        torch.testing.assert_close(out, block_by_hand(block, x, (7, 11)), rtol=1e-5, atol=1e-5)
+    block.train()
+    x.requires_grad_()
+    seen = []
+    handle = block.get_submodule(hooked).register_full_backward_hook(
+        lambda m, grad_in, grad_out: seen.append(grad_out[0].clone()))
+    block(x, (7, 11)).square().sum().backward()
+    handle.remove()
+    assert len(seen) == 1
+    grad_x, x.grad = x.grad.clone(), None
+    block_by_hand(block, x, (7, 11)).square().sum().backward()
+    torch.testing.assert_close(grad_x, x.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamically_quantized_blocks_run_their_modules():
+    """After ``quantize_dynamic`` (a common CPU deployment step) the linear layers are
+    quantized modules: the blocked path, which reads float weights, is not taken."""
+    from mmrest.models import ResTV2
+    torch.manual_seed(0)
+    model = ResTV2('tiny', drop_path_rate=0.).eval()
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    block = quantized.stage1[0]
+    assert type(block.mlp.fc1) is not nn.Linear
+    x = torch.randn(2, 9 * 13, model.embed_dims[0])
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, (9, 13)), block_by_hand(block, x, (9, 13)),
+                                   rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ from mmengine.config import Config
 from _deploy_helpers import (load_tool, photo, tiny_mask_rcnn_text, tiny_retinanet_text,
                              tiny_upernet_text, write_text)
 from mmrest.models import ResT
-from mmrest.models.layers import emsa_ops
+from mmrest.models.layers import dispatch, emsa_ops
 from reference_rest import ARCHS, random_authors_state_dict, reference_features
 
 export_onnx = load_tool('export_onnx')
@@ -56,7 +56,7 @@ def lite(tmp_path_factory):
     ckpt = str(root / 'rest_lite_authors.pth')
     torch.save({'model': sd}, ckpt)
     out = str(root / 'lite.onnx')
-    dense = mock.patch.object(emsa_ops, 'emsa_dense', wraps=emsa_ops.emsa_dense)
+    dense = mock.patch.object(dispatch, 'emsa_dense', wraps=emsa_ops.emsa_dense)
     blocked = mock.patch.object(emsa_ops, '_emsa_transform_forward',
                                 wraps=emsa_ops._emsa_transform_forward)
     printed = io.StringIO()
@@ -105,20 +105,20 @@ def test_onnx_runtime_matches_pytorch_at_other_sizes(lite, shape):
 
 
 def test_eager_forward_does_not_take_the_export_path(lite):
-    """Outside export the fused kernel runs (never the dense core) and its output equals
+    """Outside export the lean kernel runs (never the dense core) and its output equals
     the independent oracle."""
     model = ResT('lite', drop_path_rate=0.)
     model.load_pretrained(lite['ckpt'])
     model.eval()
     x = torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(2))
-    with mock.patch.object(emsa_ops, 'emsa_dense', wraps=emsa_ops.emsa_dense) as dense, \
+    with mock.patch.object(dispatch, 'emsa_dense', wraps=emsa_ops.emsa_dense) as dense, \
             mock.patch.object(emsa_ops, '_emsa_transform_forward',
                               wraps=emsa_ops._emsa_transform_forward) as blocked, \
             torch.no_grad():
         outs = model(x)
     assert dense.call_count == 0
     assert blocked.call_count == 6  # the head-mixing layers of stages 2-4
-    assert not emsa_ops.trace_friendly() and emsa_ops.cpu_tuned(x)
+    assert not emsa_ops.trace_friendly()
     oracle = reference_features(lite['sd'], x, ARCHS['lite']['depths'], out_norms=(0, 1, 2))
     assert_close([o.numpy() for o in outs], oracle)
 

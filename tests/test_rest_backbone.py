@@ -12,8 +12,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmrest.models import ResT
 
+pytestmark = pytest.mark.stack
+
 ALL_ARCHS = ('lite', 'small', 'base', 'large')
-ATTN_IMPLS = ('fused', 'reference')
+ATTN_IMPLS = ('lean', 'dense', 'reference')
 # Parameter counts of the authors' models with their 1000-class linear head.
 AUTHORS_PARAMS = {'lite': 10_508_300, 'small': 13_679_708, 'base': 30_327_052,
                   'large': 51_676_156}
@@ -150,13 +152,16 @@ def test_features_float32_224_as_accurate_as_the_oracle(rest_with_authors_weight
         assert out.dtype == torch.float32
         err = (out.double() - true).abs().max().item()
         oracle_err = (ref.double() - true).abs().max().item()
-        assert err < 3 * oracle_err + 1e-6, \
+        # a few oracle errors, plus float32 rounding at the maps' scale: the order of
+        # the sums differs between CPUs (AVX2, AVX-512) and thread counts
+        bound = 4 * oracle_err + 64 * torch.finfo(torch.float32).eps * true.abs().max().item()
+        assert err < bound, \
             f'stage {i}: max abs error {err:.3g}, oracle in float32: {oracle_err:.3g}'
         assert err < 2e-3
 
 
 def test_attn_impls_agree_in_training_mode(rest_with_authors_weights):
-    """Both EMSA implementations give the same outputs and gradients (float64)."""
+    """Every EMSA implementation gives the reference's outputs and gradients (float64)."""
     results = []
     for impl in ATTN_IMPLS:
         model, _ = rest_with_authors_weights('lite', attn_impl=impl)
@@ -166,15 +171,16 @@ def test_attn_impls_agree_in_training_mode(rest_with_authors_weights):
         loss = sum((o * o.detach().roll(1, 1)).sum() for o in model(x))
         loss.backward()
         results.append((loss.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}))
-    (l1, gx1, g1), (l2, gx2, g2) = results
-    torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(gx1, gx2, rtol=1e-8, atol=1e-10)
-    for name in g1:
-        # float64 rounding of the two op orders, amplified by the instance norms of
-        # the later stages, reaches ~1e-8 of a gradient's scale on isolated elements
-        scale = max(g2[name].abs().max().item(), 1e-3)
-        torch.testing.assert_close(g1[name], g2[name], rtol=1e-8, atol=1e-8 * scale,
-                                   msg=name)
+    l2, gx2, g2 = results[-1]  # the reference
+    for l1, gx1, g1 in results[:-1]:
+        torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gx1, gx2, rtol=1e-8, atol=1e-10)
+        for name in g1:
+            # float64 rounding of the two op orders, amplified by the instance norms of
+            # the later stages, reaches ~1e-8 of a gradient's scale on isolated elements
+            scale = max(g2[name].abs().max().item(), 1e-3)
+            torch.testing.assert_close(g1[name], g2[name], rtol=1e-8, atol=1e-8 * scale,
+                                       msg=name)
 
 
 @pytest.mark.parametrize('out_indices', [(0, 1, 2, 3), (1, 2, 3), (1, 3)])

@@ -16,6 +16,8 @@ from mmrest.models import ResT
 from mmrest.models.utils import convert_rest_checkpoint
 from mmrest.utils import CheckpointError
 
+pytestmark = pytest.mark.stack
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CLI = osp.join(REPO, 'tools', 'model_converters', 'rest_to_mmrest.py')
 

@@ -30,6 +30,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmrest.models import ResT
 
+pytestmark = pytest.mark.stack
+
 # bfloat16 autocast vs float32: relative L2 error ||a - b|| / ||b|| of each stage output,
 # of all parameter gradients and of the input gradient (ResT-Lite with the authors'
 # initialisation, 2x3x96x128). The fused EMSA runs its core with head mixing in float32
@@ -156,7 +158,20 @@ def test_float64_model(rest_with_authors_weights):
         assert (out.float() - ref).abs().max() < 1e-3 and rel_err(out, ref) < 1e-4
 
 
-@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def _cpu_float16_convolution() -> bool:
+    try:
+        torch.nn.functional.conv2d(torch.ones(1, 1, 2, 2, dtype=torch.float16),
+                                   torch.ones(1, 1, 1, 1, dtype=torch.float16))
+    except RuntimeError:  # torch < 2.2: "slow_conv2d_cpu" not implemented for 'Half'
+        return False
+    return True
+
+
+@pytest.mark.parametrize('dtype', [
+    torch.bfloat16,
+    pytest.param(torch.float16, marks=pytest.mark.skipif(
+        not _cpu_float16_convolution(), reason='this torch has no float16 CPU convolution'))
+])
 def test_low_precision_model_on_cpu(dtype):
     torch.manual_seed(0)
     model = ResT('lite', drop_path_rate=0.)
@@ -207,7 +222,7 @@ def bfloat16_autocast_errors(attn_impl: str):
 
 
 def test_bfloat16_autocast_forward_backward():
-    stages, param_grads, input_grad = bfloat16_autocast_errors('fused')
+    stages, param_grads, input_grad = bfloat16_autocast_errors('lean')
     for i, err in enumerate(stages):
         assert err < AUTOCAST_TOL['stages'][i], f'stage {i}: relative error {err:.3g}'
     assert param_grads < AUTOCAST_TOL['param_grads']

@@ -18,9 +18,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmrest.models import ResT, ResTV2
 from mmrest.models.layers import EMSAv2
 
-pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
+pytestmark = [pytest.mark.stack, pytest.mark.usefixtures('one_intra_op_thread')]
 
-ATTN_IMPLS = ('fused', 'reference')
+ATTN_IMPLS = ('lean', 'dense', 'reference')
 # Parameter counts of the authors' models with their 1000-class linear head.
 AUTHORS_PARAMS = {'tiny': 30_434_776, 'small': 41_205_976, 'base': 55_965_208,
                   'large': 86_532_520}
@@ -164,15 +164,18 @@ def test_features_float32_as_accurate_as_the_oracle():
             assert out.dtype == torch.float32
             err = (out.double() - true).abs().max().item()
             oracle_err = (ref.double() - true).abs().max().item()
-            assert err < 3 * oracle_err + 1e-6, (shape, i, err, oracle_err)
+            # a few oracle errors, plus float32 rounding at the maps' scale: the order
+            # of the sums differs between CPUs (AVX2, AVX-512) and thread counts
+            scale = true.abs().max().item()
+            bound = 4 * oracle_err + 64 * torch.finfo(torch.float32).eps * scale
+            assert err < bound, (shape, i, err, oracle_err)
             assert err < 1e-3
 
 
 @pytest.mark.parametrize('threads', ['one', 'many'])
 def test_attn_impls_agree_in_training_mode(request, threads):
-    """Outputs and every gradient of both implementations agree (float64, odd size), on
-    one thread and on 32 (as on a many-core node: every stage's batch x heads is below
-    the thread count, so the fused attention takes its blocked backward)."""
+    """Outputs and every gradient of every implementation agree with the reference's
+    (float64, odd size), on one thread and on 32 (as on a many-core node)."""
     if threads == 'many':
         request.getfixturevalue('many_threads')
     results = []
@@ -184,12 +187,13 @@ def test_attn_impls_agree_in_training_mode(request, threads):
         loss = sum((o * o.detach().roll(1, 1)).sum() for o in model(x))
         loss.backward()
         results.append((loss.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}))
-    (l1, gx1, g1), (l2, gx2, g2) = results
-    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-10)
-    torch.testing.assert_close(gx1, gx2, rtol=1e-10, atol=1e-12)
-    assert g1.keys() == g2.keys() and all(g is not None for g in g1.values())
-    for name in g1:
-        torch.testing.assert_close(g1[name], g2[name], rtol=1e-9, atol=1e-11, msg=name)
+    l2, gx2, g2 = results[-1]  # the reference
+    for l1, gx1, g1 in results[:-1]:
+        torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(gx1, gx2, rtol=1e-10, atol=1e-12)
+        assert g1.keys() == g2.keys() and all(g is not None for g in g1.values())
+        for name in g1:
+            torch.testing.assert_close(g1[name], g2[name], rtol=1e-9, atol=1e-11, msg=name)
 
 
 @pytest.mark.parametrize('attn_impl', ATTN_IMPLS)

@@ -16,7 +16,7 @@ from mmrest.models.utils import convert_rest_checkpoint, rest_checkpoint_family
 from mmrest.utils import CheckpointError
 
 cli = load_script('tools/model_converters/rest_to_mmrest.py')
-pytestmark = pytest.mark.usefixtures('one_intra_op_thread')
+pytestmark = [pytest.mark.stack, pytest.mark.usefixtures('one_intra_op_thread')]
 
 def authors_output_norms(sd: Dict[str, torch.Tensor], style: str) -> Dict[str, torch.Tensor]:
     """Our ``norm1``-``norm3`` and ``norm`` renamed as the authors' downstream backbones

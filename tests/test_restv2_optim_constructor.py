@@ -7,6 +7,8 @@ from torch import nn
 
 from mmrest.models import ResT, ResTV2
 
+pytestmark = pytest.mark.stack
+
 CONSTRUCTOR = 'mmrest.ResTLearningRateDecayOptimWrapperConstructor'
 
 

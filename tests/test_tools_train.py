@@ -15,6 +15,9 @@ from _engine_helpers import (PYTHON, REPO, TEST, demo_config_text, make_shapes_d
                              run, scalars, train_cmd, write_config)
 from _tools import load_script
 
+# detectors and segmentors: mmcv with its compiled ops
+pytestmark = pytest.mark.ops
+
 
 train_tool = load_script('tools/train.py')
 test_tool = load_script('tools/test.py')

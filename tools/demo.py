@@ -38,33 +38,38 @@ DEFAULT_CONFIG = osp.join('configs', 'demo', 'retinanet_rest_lite_shapes.py')
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description='Train and evaluate RetinaNet-ResT on synthetic shapes, on the CPU.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--config', default=DEFAULT_CONFIG, help='demo config file')
+        description='Train and evaluate RetinaNet-ResT on synthetic shapes, on the CPU.')
+    parser.add_argument('--config', default=DEFAULT_CONFIG,
+                        help='demo config file (default: %(default)s)')
     parser.add_argument('--work-dir', default=osp.join('work_dirs', 'demo'),
-                        help='where the log, checkpoint, picture and result go')
+                        help='where the log, checkpoint, picture and result go '
+                        '(default: %(default)s)')
     parser.add_argument('--data-root', default=None,
-                        help='dataset folder (default: the config\'s data_root)')
+                        help="dataset folder (default: the config's data_root)")
     parser.add_argument('--iters', type=int, default=None,
-                        help='training iterations (default: the config\'s)')
+                        help="training iterations (default: the config's)")
     parser.add_argument('--val-interval', type=int, default=None,
-                        help='also evaluate every N iterations (learning curve); '
-                        'default: only at the end')
+                        help='also evaluate every N iterations, for a learning curve '
+                        '(default: only once, at the end)')
     parser.add_argument('--num-train', type=int, default=None,
-                        help='training images to generate (default: the config\'s)')
+                        help="training images to generate (default: the config's)")
     parser.add_argument('--num-val', type=int, default=None,
-                        help='validation images to generate (default: the config\'s)')
-    parser.add_argument('--seed', type=int, default=0, help='training seed')
+                        help="validation images to generate (default: the config's)")
+    parser.add_argument('--seed', type=int, default=0,
+                        help='training seed (default: %(default)s)')
     parser.add_argument('--threads', type=int, default=None,
-                        help='torch CPU threads (default: number of CPUs available)')
+                        help='torch CPU threads (default: the number of CPUs available)')
     parser.add_argument('--num-pictures', type=int, default=8,
-                        help='validation images drawn into the picture')
+                        help='validation images drawn into the picture '
+                        '(default: %(default)s)')
     parser.add_argument('--score-thr', type=float, default=0.3,
-                        help='smallest score drawn in the picture')
+                        help='smallest score drawn in the picture (default: %(default)s)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
-                        help='override config settings, key=value (mmengine syntax)')
+                        help='override config settings, key=value in mmengine syntax '
+                        '(default: none)')
     parser.add_argument('--expect-map', type=float, default=None,
-                        help='exit with status 1 if bbox mAP ends below this')
+                        help='exit with status 1 if bbox mAP ends below this '
+                        '(default: no check)')
     return parser.parse_args(argv)
 
 

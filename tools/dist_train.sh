@@ -9,8 +9,9 @@
 #   node 0: NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash tools/dist_train.sh CONFIG 8
 #   node 1: NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash tools/dist_train.sh CONFIG 8
 # Without GPUs the processes use the gloo backend on the CPU.
-# Environment: NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), PORT (29500),
-#   PYTHON (python): the interpreter to run.
+# Environment: NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1; required when NNODES > 1),
+#   PORT (29500), PYTHON (the repository's .venv/bin/python where it exists, else python):
+#   the interpreter to run.
 set -euo pipefail
 # shellcheck source=tools/_launch.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"

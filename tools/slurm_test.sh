@@ -3,8 +3,10 @@
 #
 #   bash tools/slurm_test.sh PARTITION JOB_NAME CONFIG CHECKPOINT [tools/test.py options]
 #
-# Environment: GPUS (8, total), GPUS_PER_NODE (8), CPUS_PER_TASK (5),
-#   SRUN_ARGS (extra srun options), PYTHON (python).
+# Environment: GPUS (8, total), GPUS_PER_NODE (GPUS up to 8), CPUS_PER_TASK (5),
+#   SRUN_ARGS (extra srun options), PORT (the rendezvous port, exported as MASTER_PORT;
+#   29500 when unset), PYTHON (the repository's .venv/bin/python where it exists, else
+#   python).
 set -euo pipefail
 # shellcheck source=tools/_launch.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"

@@ -3,9 +3,10 @@
 #
 #   bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR [tools/train.py options]
 #
-# Environment: GPUS (8, total), GPUS_PER_NODE (8), CPUS_PER_TASK (5),
+# Environment: GPUS (8, total), GPUS_PER_NODE (GPUS up to 8), CPUS_PER_TASK (5),
 #   SRUN_ARGS (extra srun options, e.g. "--quotatype=auto" or "--time=2-00:00:00"),
-#   PYTHON (python).
+#   PORT (the rendezvous port, exported as MASTER_PORT; 29500 when unset),
+#   PYTHON (the repository's .venv/bin/python where it exists, else python).
 # Resume a killed or preempted job with the same command plus --resume.
 set -euo pipefail
 # shellcheck source=tools/_launch.sh

@@ -1,13 +1,15 @@
 """Checkpoint files: safe reading, the allowlist of mmengine's types, atomic writing."""
 from .checkpoint import (SAFE_GLOBAL_REASONS, AtomicLocalBackend, CheckpointError,
-                         UnsafeCheckpointError, atomic_torch_save, atomic_write, commit_file,
-                         fetch_checkpoint, mmengine_safe_globals, remove_stale_temp_files,
-                         safe_load_checkpoint, setup_safe_loading, temp_path_for,
+                         RestrictedUnpickler, UnsafeCheckpointError, atomic_torch_save,
+                         atomic_write, commit_file, fetch_checkpoint, mmengine_safe_globals,
+                         remove_stale_temp_files, restricted_torch_load, safe_load_checkpoint,
+                         setup_safe_loading, temp_path_for, torch_allowlist_usable,
                          verify_checkpoint_file)
 
 __all__ = [
-    'SAFE_GLOBAL_REASONS', 'AtomicLocalBackend', 'CheckpointError', 'UnsafeCheckpointError',
-    'atomic_torch_save', 'atomic_write', 'commit_file', 'fetch_checkpoint',
-    'mmengine_safe_globals', 'remove_stale_temp_files', 'safe_load_checkpoint',
-    'setup_safe_loading', 'temp_path_for', 'verify_checkpoint_file'
+    'SAFE_GLOBAL_REASONS', 'AtomicLocalBackend', 'CheckpointError', 'RestrictedUnpickler',
+    'UnsafeCheckpointError', 'atomic_torch_save', 'atomic_write', 'commit_file',
+    'fetch_checkpoint', 'mmengine_safe_globals', 'remove_stale_temp_files',
+    'restricted_torch_load', 'safe_load_checkpoint', 'setup_safe_loading', 'temp_path_for',
+    'torch_allowlist_usable', 'verify_checkpoint_file'
 ]

@@ -27,10 +27,21 @@ is called once with
   names of numpy 2 and numpy 1) and numpy's boolean, integer, floating and complex dtype
   classes (no object, string or structured dtypes).
 
-The entries are added to what is registered already; nothing is removed, ``weights_only``
-keeps torch's default, and mmengine's checkpoint loaders are not replaced (with the
-allowlist they work as they are, and a file with anything else is still refused by
-torch's own weights-only unpickler).
+The entries are added to what is registered already; nothing is removed and
+``weights_only`` keeps torch's default.
+
+**mmengine's loader of local files.** :func:`setup_safe_loading` also registers
+:func:`safe_load_checkpoint` as the loader of local files in mmengine's
+``CheckpointLoader`` (its registry of loaders by path scheme), so ``load_checkpoint``,
+``Runner.resume`` and ``load_from`` refuse a code-running file whatever the stack does by
+itself: torch < 2.6 defaults to ``weights_only=False``, and the OneDL fork's mmengine
+retries a refused file with ``weights_only=False``.
+
+**Older torch.** Before torch 2.6, ``add_safe_globals`` does not take the
+``(object, 'module.name')`` entries above and ``torch.load`` does not default to
+``weights_only=True``. There :func:`safe_load_checkpoint` reads files with
+:class:`RestrictedUnpickler`, which allows the same types and refuses any other global
+before looking it up; torch's allowlist is left alone.
 
 **Writing.** A checkpoint is written to a temporary file ``.<name>.<pid>.tmp`` in the
 destination folder, flushed to disk (``fsync``) and renamed over the destination
@@ -38,7 +49,9 @@ destination folder, flushed to disk (``fsync``) and renamed over the destination
 file or the new complete file, never a partial one (:func:`atomic_write`,
 :func:`atomic_torch_save`, and :class:`AtomicLocalBackend` for mmengine's file I/O).
 """
+import _compat_pickle
 import builtins
+import codecs
 import os
 import os.path as osp
 import pickle
@@ -51,6 +64,7 @@ import numpy as np
 import torch
 from mmengine.fileio.backends import LocalBackend
 from mmengine.logging.history_buffer import HistoryBuffer
+from mmengine.utils import digit_version
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _np_multiarray
@@ -114,6 +128,11 @@ _NUMERIC_DTYPE_NAMES = (
 _HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
 
 
+class RefusedGlobalError(pickle.UnpicklingError):
+    """A checkpoint refers to an object that is not allowed (refused before it is
+    used, by :class:`RestrictedUnpickler` or :func:`history_buffer_getattr`)."""
+
+
 def history_buffer_getattr(obj: Any, name: str) -> Callable:
     """Stand-in for ``getattr`` while unpickling: HistoryBuffer statistics methods only.
 
@@ -125,11 +144,11 @@ def history_buffer_getattr(obj: Any, name: str) -> Callable:
         Callable: ``HistoryBuffer.<name>``.
 
     Raises:
-        pickle.UnpicklingError: For any other object or attribute.
+        RefusedGlobalError: For any other object or attribute.
     """
     if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
         return builtins.getattr(HistoryBuffer, name)
-    raise pickle.UnpicklingError(
+    raise RefusedGlobalError(
         f'refusing getattr({obj!r}, {name!r}) in a checkpoint: only the statistics methods '
         f'{_HISTORY_BUFFER_METHODS} of mmengine HistoryBuffer are allowed')
 
@@ -167,15 +186,138 @@ def mmengine_safe_globals() -> List[SafeGlobal]:
     return entries
 
 
+def torch_allowlist_usable() -> bool:
+    """Whether torch's own weights-only unpickler can read mmengine checkpoints here.
+
+    It needs ``torch.serialization.add_safe_globals`` with ``(object, 'module.name')``
+    entries (torch >= 2.6, which also made ``weights_only=True`` the default of
+    ``torch.load``). On older torch :func:`safe_load_checkpoint` uses
+    :class:`RestrictedUnpickler`, which allows the same types.
+    """
+    return digit_version(torch.__version__) >= digit_version('2.6.0')
+
+
 def setup_safe_loading() -> None:
     """Let ``torch.load(weights_only=True)`` read mmengine checkpoints, and only those.
 
     Adds :func:`mmengine_safe_globals` to torch's allowlist
     (``torch.serialization.add_safe_globals``); that is all it changes (see the module
-    docstring). ``import mmrest`` calls it; call it again only if something cleared
+    docstring), on torch >= 2.6 (see :func:`torch_allowlist_usable`), and registers
+    :func:`safe_load_checkpoint` as mmengine's loader of local checkpoint files, so that
+    mmengine's ``load_checkpoint``, ``Runner.resume`` and ``load_from`` refuse code on
+    every stack. ``import mmrest`` calls it; call it again only if something cleared
     torch's allowlist since. Idempotent.
     """
-    torch.serialization.add_safe_globals(mmengine_safe_globals())
+    if torch_allowlist_usable():
+        torch.serialization.add_safe_globals(mmengine_safe_globals())
+    # mmengine's own local-file loader unpickles with weights_only=False before torch 2.6,
+    # and in the OneDL fork after a refusal: its registry of loaders gets a safe one
+    from mmengine.runner.checkpoint import CheckpointLoader
+    CheckpointLoader.register_scheme(prefixes='', loader=_safe_local_loader, force=True)
+
+
+def _safe_local_loader(filename: str, map_location: Any = None) -> Any:
+    """mmengine's loader of local checkpoint files, reading them with
+    :func:`safe_load_checkpoint` (registered by :func:`setup_safe_loading`)."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    return safe_load_checkpoint(filename, map_location=map_location)
+
+
+# ------------------------------------------------------ the restricted unpickler
+
+def _restricted_globals() -> Dict[Tuple[str, str], Any]:
+    """``(module, name) -> object`` for every global :class:`RestrictedUnpickler` allows:
+    what ``torch.save`` writes for tensors, parameters and plain containers, and
+    :func:`mmengine_safe_globals`."""
+    import collections
+    import torch._utils as tu
+    allowed: Dict[Tuple[str, str], Any] = {
+        ('collections', 'OrderedDict'): collections.OrderedDict,
+        ('torch', 'Size'): torch.Size,
+        ('torch', 'Tensor'): torch.Tensor,
+        ('torch', 'device'): torch.device,
+        ('torch.nn.parameter', 'Parameter'): torch.nn.Parameter,
+        ('torch._tensor', '_rebuild_from_type_v2'): torch._tensor._rebuild_from_type_v2,
+        ('_codecs', 'encode'): codecs.encode,  # bytes, in pickle protocol 2
+        ('builtins', 'set'): set,
+        ('builtins', 'frozenset'): frozenset,
+        ('builtins', 'slice'): slice,
+        ('builtins', 'complex'): complex,
+    }
+    for name in ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_parameter',
+                 '_rebuild_parameter_with_state'):
+        if hasattr(tu, name):
+            allowed[('torch._utils', name)] = getattr(tu, name)
+    for value in vars(torch).values():
+        if isinstance(value, torch.dtype):
+            allowed[('torch', str(value).split('.')[-1])] = value
+    for entry in mmengine_safe_globals():
+        obj, qualified = entry if isinstance(entry, tuple) else (
+            entry, f'{entry.__module__}.{entry.__qualname__}')
+        module, _, name = qualified.rpartition('.')
+        allowed[(module, name)] = obj
+    return allowed
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that builds only tensors, plain containers and the types of
+    :func:`mmengine_safe_globals`; any other global is refused before it is looked up.
+
+    :func:`safe_load_checkpoint` reads checkpoints with it on torch < 2.6, through
+    ``torch.load(pickle_module=...)`` (torch still restores the tensor storages); it is
+    the same allowlist as torch's weights-only unpickler with :func:`setup_safe_loading`.
+    """
+
+    _allowed: Optional[Dict[Tuple[str, str], Any]] = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        cls = type(self)
+        if cls._allowed is None:
+            cls._allowed = _restricted_globals()
+        # the Python 2 names that pickle protocol 2 writes (``__builtin__``), mapped as
+        # pickle's own find_class does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        try:
+            return cls._allowed[(module, name)]
+        except KeyError:
+            # named as torch's weights-only unpickler names it (builtins bare)
+            qualified = name if module == 'builtins' else f'{module}.{name}'
+            raise RefusedGlobalError(
+                f'Unsupported global: GLOBAL {qualified} is not an allowed type '
+                '(tensors, plain containers and the types mmengine writes)') from None
+
+
+class _RestrictedPickleModule:
+    """The ``pickle_module`` that makes ``torch.load`` use :class:`RestrictedUnpickler`."""
+    Unpickler = RestrictedUnpickler
+    UnpicklingError = pickle.UnpicklingError
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        return RestrictedUnpickler(file, **kwargs).load()
+
+
+def restricted_torch_load(path: PathLike, map_location: Any = 'cpu') -> Any:
+    """``torch.load`` with :class:`RestrictedUnpickler` (any torch version).
+
+    Args:
+        path (str | PathLike): Local checkpoint file.
+        map_location (str | torch.device | callable): As in ``torch.load``.
+            Defaults to 'cpu'.
+
+    Returns:
+        Any: The loaded object.
+
+    Raises:
+        RefusedGlobalError: If the file names a global that is not allowed (nothing it
+            names is looked up, so nothing in it runs).
+    """
+    return torch.load(os.fspath(path), map_location=map_location,
+                      pickle_module=_RestrictedPickleModule, weights_only=False)
 
 
 # ---------------------------------------------------------------- safe reading
@@ -224,14 +366,15 @@ def safe_load_checkpoint(path: PathLike,
 
     Only tensors, plain containers and the types registered with
     ``torch.serialization.add_safe_globals`` (see :func:`setup_safe_loading`) are
-    unpickled; nothing in the file can run code.
+    unpickled; nothing in the file can run code. On torch < 2.6 the same types are read
+    with :class:`RestrictedUnpickler` instead.
 
     Args:
         path (str | PathLike): Local checkpoint file.
         map_location (str | torch.device | callable): Where to put the tensors, as in
             ``torch.load``. Defaults to 'cpu'.
         mmap (bool): Memory-map the tensor data instead of reading it (zip-format
-            checkpoints only). Defaults to False.
+            checkpoints on torch >= 2.6 only). Defaults to False.
 
     Returns:
         Any: The loaded object (tensors in plain containers).
@@ -247,14 +390,21 @@ def safe_load_checkpoint(path: PathLike,
     if not osp.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
     is_zip = _check_container(path)
-    kwargs = dict(map_location=map_location, weights_only=True)
-    if mmap and is_zip:
-        kwargs['mmap'] = True
+    own = not torch_allowlist_usable()
     try:
+        if own:
+            return restricted_torch_load(path, map_location)
+        # registered again: torch's ``safe_globals`` context removes, on exit, what it
+        # added even where it was registered before (onedl-mmengine loads in one)
+        setup_safe_loading()
+        kwargs = dict(map_location=map_location, weights_only=True)
+        if mmap and is_zip:
+            kwargs['mmap'] = True
         return torch.load(path, **kwargs)
     except pickle.UnpicklingError as err:
         reason = _unpickling_reason(err)
-        if any(marker in reason for marker in _MALFORMED_PICKLE):
+        if ((own and not isinstance(err, RefusedGlobalError))
+                or any(marker in reason for marker in _MALFORMED_PICKLE)):
             raise _not_a_checkpoint(path, reason) from err
         raise UnsafeCheckpointError(
             f'refusing to load {path}: it contains objects other than tensors and plain '

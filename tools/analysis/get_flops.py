@@ -2,61 +2,27 @@
 
 Usage::
 
-    # the four ImageNet models (ResT backbone + global average pooling + 1000-class fc)
+    # the ImageNet models (backbone + global average pooling + 1000-class fc)
     python tools/analysis/get_flops.py
-    python tools/analysis/get_flops.py --arch small --shape 384
-    # the same models with the paper-era stem (see "The paper's numbers" below)
+    python tools/analysis/get_flops.py --family ResTV2 --arch tiny --shape 384
+    # the ResT models with the paper-era stem (see below)
     python tools/analysis/get_flops.py --paper-stem
-    # the four ResT V2 ImageNet models, also counted as the authors count them
-    python tools/analysis/get_flops.py --family ResTV2
     # any config: a whole detector / segmentor / classifier at an input shape (H W)
     python tools/analysis/get_flops.py configs/retinanet_rest_small_coco.py --shape 800 1333
 
-Counting convention (documented because papers rarely state theirs):
+Counts are mmengine's (:func:`mmengine.analysis.get_model_complexity_info`, the fvcore
+convention: multiply-accumulates on a JIT trace; convolutions and fully connected layers
+``in * out`` per output position, matmuls ``m * n * k``, norms a few per element,
+element-wise ops free), of models built with ``attn_impl='reference'``, whose attention
+matmuls ``q @ k^T`` and ``attn @ v`` the tracer sees (2 * N * M * C per block). The instance
+norm of each ResT attention map, written with element-wise ops, is added as
+``nn.InstanceNorm2d`` counts: 4 per map element. The released ResT models then count 1.54,
+2.11, 4.65 and 8.39 GFLOPs at 224x224, ResT V2 4.11, 5.98, 7.90 and 13.86.
 
-* FLOPs are multiply-accumulates counted as mmengine's :class:`~mmengine.analysis.FlopAnalyzer`
-  (the fvcore convention) does on a JIT trace of the model: convolutions and fully
-  connected layers ``in * out`` per output position (biases not counted), matmuls
-  ``m * n * k``, BatchNorm in eval mode 2 per element, LayerNorm 5 per element (4 without
-  affine), adaptive average pooling 1 per input element; element-wise ops (activations,
-  sigmoid, softmax, additions) are free.
-* The backbone is traced with ``attn_impl='reference'``, which writes the EMSA attention as
-  the plain matmuls ``q @ k^T`` and ``attn @ v`` (2 * N * M * C per block for N queries, M
-  keys and C channels; this equals the analytic term ``2*h*w*(h//r)*(w//r)*dim`` that the
-  authors' own get_flops.py adds to mmcv 1.x's count whenever h, w are multiples of r).
-* The instance norm of each attention map, which the authors' code runs as
-  ``nn.InstanceNorm2d`` (counted 4 per element by this convention), is written out in the
-  reference implementation with element-wise ops that the tracer does not see; it is added
-  analytically: ``4 * heads * N * M`` per block with head mixing.
-
-With this convention the released ResT models (3-conv stem) count 1.543, 2.107, 4.646 and
-8.392 GFLOPs at 224x224 (lite, small, base, large), i.e. the 1.54, 2.11, 4.65 and 8.39 that
-the authors' models give with the attention matmuls counted. (mmcv 1.x's per-module rules,
-emulated with hooks while writing this tool, plus the authors' analytic attention term give
-1.540, 2.102, 4.638, 8.377: they count biases, ReLU and norms differently.)
-
-The paper's numbers (1.4, 1.9, 4.3, 7.9 GFLOPs; 13.66 M parameters for small and 51.63 M for
-large as listed with the paper): the same convention without the attention matmuls gives
-1.47, 2.01, 4.51, 8.16 GFLOPs for the released models, which does not round to them, and the
-released models have 13.68 M and 51.68 M parameters. A model whose stem is a 7x7 stride-2
-convolution, BN, ReLU and 3x3 stride-2 max pooling followed by the pixel attention (the
-``Stem`` class that is still in the authors' models/rest.py) reproduces all of them when
-counted without the attention matmuls: 1.404, 1.947, 4.276, 7.934 GFLOPs and 10.49, 13.66,
-30.28, 51.63 M parameters. ``--paper-stem`` builds that variant, for counting only. This
-suggests that the paper's table was computed on models with that stem, without the
-attention matmuls; the released checkpoints have the 3-conv stem.
-
-ResT V2 (``--family ResTV2``; Zhang & Yang, NeurIPS 2022, https://arxiv.org/abs/2204.07366):
-its attention is plain multi-head attention (no instance norm) plus an up-sampling conv
-that the tracer counts as a convolution. The authors' README gives 4.1, 6.0, 7.9 and 13.8
-GFLOPs at 224x224 for tiny, small, base and large, counted by their get_flops.py: mmcv
-1.x's ``get_model_complexity_info`` (per-module rules, :func:`mmcv1_flops` here) plus
-``2*h*w*(h//r)*(w//r)*dim`` per block with ``h = H // 2**(i+2)``
-(:func:`authors_attention_flops`). That "authors' count" column gives 4.10, 5.97, 7.88 and
-13.83, i.e. their numbers; this tool's own convention gives 4.11, 5.98, 7.90 and 13.86
-with the attention matmuls counted (the difference: mmcv 1.x counts conv biases, ReLU and
-2 per element for affine norms, and no LayerNorm statistics). Parameters with the
-1000-class head: 30,434,776, 41,205,976, 55,965,208 and 86,532,520, the authors' models'.
+The ResT paper's 1.4, 1.9, 4.3, 7.9 GFLOPs (13.66 M and 51.63 M parameters for small and
+large) are reproduced, without the attention matmuls, by models whose stem is a 7x7
+stride-2 conv, BN, ReLU and 3x3 stride-2 max-pool before the pixel attention (the ``Stem``
+still in the authors' models/rest.py): ``--paper-stem``, for counting only.
 """
 import argparse
 import copy
@@ -76,22 +42,12 @@ INSTANCE_NORM_FLOPS_PER_ELEMENT = 4
 
 @dataclass
 class Complexity:
-    """Parameters and FLOPs of one model at one input shape.
-
-    Attributes:
-        params (int): Number of parameters.
-        flops (int): FLOPs (multiply-accumulates) with the attention matmuls counted.
-        attn_matmul_flops (int): FLOPs of the attention matmuls ``q @ k^T`` and
-            ``attn @ v``.
-        attn_norm_flops (int): FLOPs assigned to the attention maps' instance norms.
-        authors_flops (int, optional): The count of the authors' get_flops.py (mmcv 1.x
-            rules plus their analytic attention term), where computed. Defaults to None.
-    """
+    """Parameters and FLOPs of one model at one input shape: ``flops`` counts the attention
+    matmuls (``attn_matmul_flops`` of them) and the instance norms (``attn_norm_flops``)."""
     params: int
     flops: int
     attn_matmul_flops: int
     attn_norm_flops: int
-    authors_flops: Optional[int] = None
 
     @property
     def flops_without_matmul(self) -> int:
@@ -133,151 +89,59 @@ class ResTClassifier(nn.Module):
         return self.head(nn.functional.adaptive_avg_pool2d(feat, 1).flatten(1))
 
 
-def _conv_out(size: int, conv: nn.Conv2d, dim: int) -> int:
-    k, s, p = conv.kernel_size[dim], conv.stride[dim], conv.padding[dim]
-    return (size + 2 * p - k) // s + 1
-
-
 def count_complexity(model: nn.Module, inputs: Tuple) -> Complexity:
-    """Count parameters and FLOPs of ``model(*inputs)`` with the convention of this module.
+    """Parameters and FLOPs of ``model(*inputs)`` (eval mode) as the module docstring
+    counts them; its attention modules must use ``attn_impl='reference'``.
 
-    Attention modules (EMSA, EMSAv2) should use ``attn_impl='reference'`` so that their
-    matmuls are traced.
-
-    Args:
-        model (nn.Module): The model, in eval mode.
-        inputs (tuple): Positional inputs of its forward.
-
-    Returns:
-        Complexity: The counts.
+    Raises:
+        ValueError: If an attention module uses another ``attn_impl`` (the tracer would
+            not see its matmuls).
     """
-    from mmengine.analysis import FlopAnalyzer
+    from mmengine.analysis import get_model_complexity_info
 
     from mmrest.models.layers import EMSA, EMSAv2
 
-    emsa_names = [name for name, m in model.named_modules() if isinstance(m, (EMSA, EMSAv2))]
-    bad = [n for n in emsa_names if model.get_submodule(n).attn_impl != 'reference']
+    attns = {n: m for n, m in model.named_modules() if isinstance(m, (EMSA, EMSAv2))}
+    bad = [n for n, m in attns.items() if m.attn_impl != 'reference']
     if bad:
         raise ValueError(f'EMSA modules {bad[:3]} use attn_impl != "reference"; their attention '
                          'matmuls would not be traced. Build the backbone with '
                          'attn_impl="reference".')
-    norm_flops: List[int] = []
+    matmul: Dict[str, int] = {}
+    norm: Dict[str, int] = {}
 
-    def norm_hook(module: nn.Module, args: Tuple, output: torch.Tensor) -> None:
-        if not getattr(module, 'apply_transform', False):  # EMSAv2 has no instance norm
-            return
-        x, (h, w) = args
-        # Under the JIT tracer sizes may be traced values: make them plain ints.
-        batch, h, w = int(x.shape[0]), int(h), int(w)
-        if module.sr_ratio > 1:
-            keys = _conv_out(h, module.sr, 0) * _conv_out(w, module.sr, 1)
-        else:
-            keys = h * w
-        norm_flops.append(INSTANCE_NORM_FLOPS_PER_ELEMENT * batch * module.num_heads * h * w *
-                          keys)
+    def hook(name: str):
+        def record(module: nn.Module, args: Tuple, output: torch.Tensor) -> None:
+            x, (h, w) = args
+            batch, n, channels = (int(s) for s in x.shape)  # traced sizes to ints
+            keys = n
+            if module.sr_ratio > 1:  # the reduction conv's output size
+                (k, _), (r, _), (p, _) = (module.sr.kernel_size, module.sr.stride,
+                                          module.sr.padding)
+                keys = ((int(h) + 2 * p - k) // r + 1) * ((int(w) + 2 * p - k) // r + 1)
+            matmul[name] = 2 * batch * n * keys * channels
+            heads = module.num_heads if getattr(module, 'apply_transform', False) else 0
+            norm[name] = INSTANCE_NORM_FLOPS_PER_ELEMENT * batch * heads * n * keys
+        return record
 
-    handles = [model.get_submodule(n).register_forward_hook(norm_hook) for n in emsa_names]
+    handles = [m.register_forward_hook(hook(n)) for n, m in attns.items()]
     try:
-        analyzer = FlopAnalyzer(model, inputs)
-        analyzer.unsupported_ops_warnings(False)
-        analyzer.uncalled_modules_warnings(False)
-        analyzer.tracer_warnings('none')
-        total = analyzer.total()
-        by_module = analyzer.by_module_and_operator()
+        info = get_model_complexity_info(model, inputs=inputs, show_table=False,
+                                         show_arch=False)
     finally:
         for handle in handles:
             handle.remove()
-    # The tracer runs the forward once; the hooks saw exactly that run.
-    matmul = sum(by_module.get(n, {}).get('matmul', 0) for n in emsa_names)
-    attn_norm = sum(norm_flops)
-    params = sum(p.numel() for p in model.parameters())
-    return Complexity(params=params, flops=int(total) + attn_norm,
-                      attn_matmul_flops=int(matmul), attn_norm_flops=attn_norm)
-
-
-def mmcv1_flops(model: nn.Module, inputs: Tuple) -> int:
-    """Multiply-adds as mmcv 1.x's ``get_model_complexity_info`` counts them.
-
-    Its per-module rules, for the modules of the ResT models: ``Conv2d`` kernel x
-    in / groups x out per output position plus one per output for the bias; ``Linear``
-    input elements x output features; BatchNorm / LayerNorm 2 per input element with an
-    affine (1 without); ``ReLU`` 1 per output element; adaptive average pooling 1 per
-    input element; nothing else (GELU, sigmoid, pixel shuffle, matmuls) is counted.
-
-    Args:
-        model (nn.Module): The model, in eval mode.
-        inputs (tuple): Positional inputs of its forward.
-
-    Returns:
-        int: The count.
-    """
-    total = [0]
-
-    def conv(m: nn.Conv2d, args: Tuple, out: torch.Tensor) -> None:
-        positions = out.numel() // out.shape[1]
-        kernel = m.kernel_size[0] * m.kernel_size[1]
-        total[0] += kernel * m.in_channels * (m.out_channels // m.groups) * positions
-        total[0] += m.out_channels * positions if m.bias is not None else 0
-
-    def linear(m: nn.Linear, args: Tuple, out: torch.Tensor) -> None:
-        total[0] += args[0].numel() * out.shape[-1]
-
-    def norm(m: nn.Module, args: Tuple, out: torch.Tensor) -> None:
-        affine = getattr(m, 'affine', False) or getattr(m, 'elementwise_affine', False)
-        total[0] += args[0].numel() * (2 if affine else 1)
-
-    def relu(m: nn.Module, args: Tuple, out: torch.Tensor) -> None:
-        total[0] += out.numel()
-
-    def pool(m: nn.Module, args: Tuple, out: torch.Tensor) -> None:
-        total[0] += args[0].numel()
-
-    rules = {nn.Conv2d: conv, nn.Linear: linear, nn.BatchNorm2d: norm, nn.LayerNorm: norm,
-             nn.ReLU: relu, nn.AdaptiveAvgPool2d: pool}
-    handles = [m.register_forward_hook(rules[type(m)]) for m in model.modules()
-               if type(m) in rules]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total[0]
-
-
-def authors_attention_flops(backbone: nn.Module, shape: Sequence[int]) -> int:
-    """The attention term the authors' get_flops.py adds: ``2*h*w*(h//r)*(w//r)*dim`` per
-    block, with ``h, w = H // 2**(i+2), W // 2**(i+2)`` at stage i."""
-    total = 0
-    for i, (dims, depth) in enumerate(zip(backbone.embed_dims, backbone.depths)):
-        r = backbone.arch_settings['sr_ratios'][i]
-        h, w = shape[0] // 2**(i + 2), shape[1] // 2**(i + 2)
-        total += 2 * h * w * (h // r) * (w // r) * dims * depth
-    return total
+    return Complexity(params=int(info['params']),
+                      flops=int(info['flops']) + sum(norm.values()),
+                      attn_matmul_flops=sum(matmul.values()),
+                      attn_norm_flops=sum(norm.values()))
 
 
 def classifier_complexity(arch: str, shape: Sequence[int] = (224, 224),
                           paper_stem: bool = False, family: str = 'ResT') -> Complexity:
-    """Complexity of the ImageNet classifier of ``arch`` (1000 classes).
-
-    Args:
-        arch (str): Arch name of the family.
-        shape (Sequence[int]): Input (H, W). Defaults to (224, 224).
-        paper_stem (bool): Count the paper-era stem (see module docstring; ResT only).
-            Defaults to False.
-        family (str): ``'ResT'`` or ``'ResTV2'``; for ResTV2 the authors' count is
-            filled in too. Defaults to 'ResT'.
-
-    Returns:
-        Complexity: The counts.
-    """
+    """Complexity of the ImageNet classifier of ``arch`` (1000 classes) at ``shape``."""
     model = ResTClassifier(arch, paper_stem=paper_stem, family=family).eval()
-    inputs = (torch.zeros(1, 3, *shape), )
-    result = count_complexity(model, inputs)
-    if family == 'ResTV2':
-        result.authors_flops = mmcv1_flops(model, inputs) + authors_attention_flops(
-            model.backbone, shape)
-    return result
+    return count_complexity(model, (torch.zeros(1, 3, *shape), ))
 
 
 def _set_reference_attention(model_cfg: dict) -> None:
@@ -358,31 +222,13 @@ def _gflops(flops: int) -> str:
 
 def format_arch_table(rows: Dict[str, Complexity], shape: Sequence[int],
                       paper_stem: bool = False, family: str = 'ResT') -> str:
-    """Markdown table of :func:`classifier_complexity` results.
-
-    Args:
-        rows (dict): Arch name -> complexity.
-        shape (Sequence[int]): Input (H, W) the counts were made at.
-        paper_stem (bool): Whether the counts are of the paper-era stem.
-            Defaults to False.
-        family (str): ``'ResT'`` or ``'ResTV2'`` (which adds the authors' count).
-            Defaults to 'ResT'.
-
-    Returns:
-        str: The table.
-    """
+    """Markdown table of :func:`classifier_complexity` results."""
     stem = ' (paper-era 7x7 stem)' if paper_stem else ''
-    authors = family == 'ResTV2'
-    lines = [
-        f'| {family}{stem} | params (M) | GFLOPs at {shape[0]}x{shape[1]}, attention matmuls '
-        'counted | GFLOPs, without attention matmuls |' +
-        (" GFLOPs, the authors' count (mmcv 1.x + 2*h*w*(h//r)*(w//r)*C) |" if authors else ''),
-        '|---|---|---|---|' + ('---|' if authors else ''),
-    ]
+    lines = [f'| {family}{stem} | params (M) | GFLOPs at {shape[0]}x{shape[1]}, attention '
+             'matmuls counted | GFLOPs, without attention matmuls |', '|---|---|---|---|']
     for arch, c in rows.items():
         lines.append(f'| {arch} | {c.params / 1e6:.2f} ({c.params:,}) | {_gflops(c.flops)} | '
-                     f'{_gflops(c.flops_without_matmul)} |' +
-                     (f' {_gflops(c.authors_flops)} |' if authors else ''))
+                     f'{_gflops(c.flops_without_matmul)} |')
     return '\n'.join(lines)
 
 
@@ -432,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                                      ('--paper-stem', args.paper_stem)) if used]
     if given:
         parser.error(f'{", ".join(given)}: for the classifiers, without a config (a '
-                     f'config names its own backbone)')
+                     'config names its own backbone)')
     from mmengine.config import DictAction
     cfg_options = None
     if args.cfg_options:
@@ -442,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         cfg_options = ns.cfg_options
     shape = _parse_shape(args.shape or [800, 1333])
     c = config_complexity(args.config, shape, cfg_options)
-    print(f'| config | input | params (M) | GFLOPs, attention matmuls counted | '
+    print('| config | input | params (M) | GFLOPs, attention matmuls counted | '
           'GFLOPs, without attention matmuls |')
     print('|---|---|---|---|---|')
     print(f'| {args.config} | {shape[0]}x{shape[1]} | {c.params / 1e6:.2f} | '

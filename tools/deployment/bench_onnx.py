@@ -96,7 +96,7 @@ class Worker:
 
     def __init__(self, kind: str, arch: str, weights: str, onnx_path: str,
                  threads: int) -> None:
-        from bench_process import worker_env
+        from benchmark import worker_env
         self.proc = subprocess.Popen(
             [sys.executable, osp.abspath(__file__), '--worker', kind, arch, weights,
              onnx_path, str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -126,7 +126,7 @@ def run(arch: str, cases: Sequence[Tuple[int, int, int]], threads: int, rounds: 
     import torch
 
     import export_onnx
-    from bench_process import machine_info
+    from benchmark import machine_info
 
     info = machine_info(threads, 'cpu', ' '.join(sys.argv))
     info.update(onnxruntime=ort.__version__)

@@ -58,15 +58,20 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from mmrest.utils.torch_compat import require_torch  # noqa: E402
+
 #: Example size the graph is traced at when height and width are dynamic. Any size works
 #: whose every feature map has at least 2 rows and columns (torch.export specialises a
 #: dimension that is 1 at trace time); this one does for strides up to 128 (RetinaNet's
 #: P7).
 DEFAULT_TRACE_SHAPE = (256, 320)
 #: Batch of the example input. With 1, torch.export has to prove that no op depends on
-#: the batch being 1 (ResT does not: see ``mmrest.models.layers.emsa_ops.cpu_tuned``);
+#: the batch being 1 (ResT does not: see ``mmrest.models.layers.embed.cpu_channels_last``);
 #: 2 spares the heads of other libraries that question.
 TRACE_BATCH = 2
+#: The oldest torch whose ``torch.onnx.export(dynamo=True)`` takes dynamic shapes as used
+#: here, and the feature's name in the message on an older one.
+ONNX_EXPORT_NEEDS = ('2.6', 'ONNX export (torch.onnx.export with dynamo=True)')
 
 
 class ShapeGenericAdaptiveAvgPool2d(nn.Module):
@@ -359,6 +364,7 @@ def export_onnx(spec: ExportSpec,
     Returns:
         str: ``out``.
     """
+    require_torch(*ONNX_EXPORT_NEEDS)
     import onnx
     from torch.export import Dim
 
@@ -484,11 +490,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from mmrest.utils import CheckpointError
     args = parse_args(argv)
     try:
+        require_torch(*ONNX_EXPORT_NEEDS)
         if args.config is not None:
             spec = config_spec(args.config, args.checkpoint, args.cfg_options)
         else:
             spec = backbone_spec(args.arch, args.checkpoint)
-    except (FileNotFoundError, ValueError, KeyError, CheckpointError,
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, CheckpointError,
             pickle.UnpicklingError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f'export_onnx.py: error: {type(err).__name__}: {message}', file=sys.stderr)

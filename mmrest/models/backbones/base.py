@@ -6,9 +6,12 @@ and ResT V2 (https://arxiv.org/abs/2204.07366), both by Qing-Long Zhang and Yu-B
 embeddings, its block (with its attention) and a few class attributes; the rest is here.
 """
 import re
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+import warnings
+from typing import (Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Type,
+                    Union)
 
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmengine.logging import MMLogger
@@ -19,12 +22,80 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...utils.checkpoint import CheckpointError, fetch_checkpoint, safe_load_checkpoint
 from ..layers import map_to_tokens, tokens_to_map
+from ..layers.emsa_ops import trace_friendly
 from ..utils.ckpt_convert import (check_rest_family, convert_rest_checkpoint, normalize_rest_key,
                                   unwrap_checkpoint)
 
 NUM_STAGES = 4
 #: Keys of the output norms of stages 1-3 (``norm1``-``norm3``).
 _OUT_NORM_KEY = re.compile(r'^norm([123])\.')
+#: mmengine's names of torch.hub downloads (``open-mmlab://resnet50_v1c``, ...): weights of
+#: other networks, which mmengine would also unpickle with ``weights_only=False``.
+_HUB_NAME = re.compile(r'^(open-?mmlab|torchvision|modelzoo|mmcls|mmpretrain)://')
+
+
+def pretrained_to_init_cfg(family: str, pretrained: Optional[str],
+                           init_cfg: Optional[Union[dict, List[dict]]]
+                           ) -> Optional[Union[dict, List[dict]]]:
+    """The ``init_cfg`` of a backbone given the deprecated ``pretrained`` argument.
+
+    mmseg's ``EncoderDecoder`` hands its ``model.pretrained`` to the backbone, so a config
+    built on a stock base (e.g. ``'open-mmlab://resnet50_v1c'`` of the ResNet bases)
+    reaches the ResT backbones with it. As mmdet's and mmseg's own backbones do, a path or
+    ``http(s)://`` address of ResT weights becomes
+    ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)`` with a
+    ``DeprecationWarning``; mmengine's torch.hub names are refused in one line that names
+    the fix (they hold the weights of another network, and mmengine would unpickle them
+    unsafely).
+
+    Args:
+        family (str): The backbone's name in messages (``'ResT'``, ``'ResTV2'``).
+        pretrained (str, optional): The deprecated argument. Defaults to None.
+        init_cfg (dict | list[dict], optional): The ``init_cfg`` argument.
+
+    Returns:
+        dict | list[dict] | None: The ``init_cfg`` to use.
+
+    Raises:
+        TypeError: If ``pretrained`` is not a str or None.
+        ValueError: For an ``open-mmlab://``, ``torchvision://``, ``modelzoo://``,
+            ``mmcls://`` or ``mmpretrain://`` name, or for ``pretrained`` given together
+            with an ``init_cfg``.
+    """
+    if pretrained is None:
+        return init_cfg
+    if not isinstance(pretrained, str):
+        raise TypeError(f'{family} pretrained must be a str (the path of ResT weights) or '
+                        f'None, got {type(pretrained).__name__}')
+    if _HUB_NAME.match(pretrained):
+        raise ValueError(
+            f'{family} got pretrained={pretrained!r} (mmseg passes model.pretrained of a '
+            f'base config to the backbone): those are the weights of another network, and '
+            f'mmrest does not read torch.hub names; set model.pretrained=None and give '
+            f"{family} weights as model.backbone.init_cfg=dict(type='Pretrained', "
+            "checkpoint=PATH)")
+    if init_cfg is not None:
+        raise ValueError(
+            f'{family} got both pretrained={pretrained!r} and init_cfg={init_cfg}; '
+            f"give the weights once, as init_cfg=dict(type='Pretrained', checkpoint=PATH) "
+            '(pretrained is deprecated; in an mmseg config set model.pretrained=None)')
+    message = (f'{family}: pretrained is deprecated, please use "init_cfg" instead: '
+               f"init_cfg=dict(type='Pretrained', checkpoint={pretrained!r}) (in an mmseg "
+               'config, model.pretrained=None and model.backbone.init_cfg)')
+    warnings.warn(message, DeprecationWarning, stacklevel=4)
+    MMLogger.get_current_instance().warning(message)
+    return dict(type='Pretrained', checkpoint=pretrained)
+
+
+def _uses_batch_statistics(norm: _BatchNorm) -> bool:
+    """Whether ``norm`` normalises with the statistics of its input (as PyTorch decides:
+    in training mode, or without running statistics), computed on this process alone."""
+    if not (norm.training or (norm.running_mean is None and norm.running_var is None)):
+        return False
+    # a SyncBatchNorm in training gathers the statistics of every process
+    return not (isinstance(norm, nn.SyncBatchNorm) and norm.training
+                and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(norm.process_group or dist.group.WORLD) > 1)
 
 
 class ResTBase(BaseModule):
@@ -58,7 +129,9 @@ class ResTBase(BaseModule):
             training.
         out_norm_in_main_path (bool): Whether the next stage consumes the output norm's
             result (True) or the un-normalised tokens (False).
-        init_cfg (dict | list[dict], optional): Initialization config.
+        init_cfg (dict | list[dict], optional): Initialization config. Defaults to None.
+        pretrained (str, optional): Deprecated, use ``init_cfg``; see
+            :func:`pretrained_to_init_cfg`. Defaults to None.
     """
     arch_zoo: Dict[str, Dict[str, List[int]]] = {}
     arch_keys = ('embed_dims', 'depths', 'num_heads', 'mlp_ratios', 'sr_ratios')
@@ -74,8 +147,10 @@ class ResTBase(BaseModule):
                  norm_eval: bool,
                  with_cp: bool,
                  out_norm_in_main_path: bool,
-                 init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
+                 init_cfg: Optional[Union[dict, List[dict]]] = None,
+                 pretrained: Optional[str] = None) -> None:
+        super().__init__(
+            init_cfg=pretrained_to_init_cfg(self.family_name, pretrained, init_cfg))
         self.arch_settings = self._parse_arch(arch)
         self.embed_dims = list(self.arch_settings['embed_dims'])
         self.depths = list(self.arch_settings['depths'])
@@ -254,7 +329,9 @@ class ResTBase(BaseModule):
         ``norm1``-``norm3`` (and BN ``num_batches_tracked``) may be missing, and only
         output norms of unselected stages may be extra, and only where they are not in
         the main path (``out_norm_in_main_path=False``); any other difference means
-        another architecture or another function and raises.
+        another architecture or another function and raises. The warning of missing
+        output norms says what they are, that the downstream model trains them, and
+        whether they change the pretrained function (:meth:`_new_out_norms_note`).
 
         Args:
             checkpoint (str): Path of the checkpoint file, or an ``http(s)://`` address
@@ -263,8 +340,8 @@ class ResTBase(BaseModule):
             prefix (str, optional): Take only the weights under this prefix (stripped),
                 as mmengine's ``Pretrained`` init does, e.g. ``'backbone'`` or
                 ``'backbone.'`` of a detector (a missing final dot is added, as
-                mmengine does). Defaults to None: the layouts of README "Pretrained
-                weights and checkpoint conversion" are recognised without it.
+                mmengine does). Defaults to None: the layouts listed in
+                docs/checkpoints.md are recognised without it.
 
         Raises:
             CheckpointError: If the file is unsafe, unreadable, holds no ResT weights,
@@ -317,9 +394,33 @@ class ResTBase(BaseModule):
         logger.info(f'Loaded {len(matched)} {name} tensors from {checkpoint}')
         if missing:
             logger.warning(f'Keys missing from {checkpoint} (left at their '
-                           f'initialisation): {missing}')
+                           f'initialisation): {missing}' + self._new_out_norms_note(missing))
         if unexpected:
             logger.warning(f'Unexpected keys in {checkpoint} (ignored): {unexpected}')
+
+    def _new_out_norms_note(self, missing: Sequence[str]) -> str:
+        """What the output norms among the ``missing`` keys of a load are, and what they
+        do to the pretrained function; empty if none is missing.
+
+        Weights of a classifier (the ImageNet files) have no ``norm1``-``norm3``: the
+        backbone's are new LayerNorms, left at their initialisation for the downstream
+        model to train. In the main path they change what the pretrained layers after
+        them compute until then; applied to the returned maps only, they do not.
+        """
+        norms = sorted({m.group(0)[:-1] for m in map(_OUT_NORM_KEY.match, missing) if m})
+        if not norms:
+            return ''
+        note = (f'. {", ".join(norms)} are new output norms (LayerNorms of the authors\' '
+                'detection design, one for each returned map of stride 4, 8 or 16) that '
+                'weights of a classifier lack; the detector or segmentor trains them. ')
+        if self.out_norm_in_main_path:
+            return note + (
+                'With out_norm_in_main_path=True they also feed the next layers, so until '
+                'trained they change the pretrained function (the stride-32 map differs '
+                "from the classifier's); out_norm_in_main_path=False applies them to the "
+                'returned maps only')
+        return note + ('With out_norm_in_main_path=False they normalise the returned maps '
+                       'only: the pretrained function is unchanged')
 
     def _convert_old_layout(self, state_dict: dict, prefix: str, *args) -> None:
         """Load-state-dict pre-hook: rename keys of other layouts under ``prefix``, and
@@ -368,6 +469,16 @@ class ResTBase(BaseModule):
 
     # ---------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
+        """Refuse an input the backbone cannot run on, in one line naming the problem.
+
+        Args:
+            x (Tensor): The images given to :meth:`forward`.
+
+        Raises:
+            ValueError: If ``x`` is not a 4-D tensor, has other than ``in_channels``
+                channels or an empty batch, or is one image too small for a BatchNorm
+                that normalises with batch statistics (see :meth:`_check_batch_norm_maps`).
+        """
         name = self.family_name
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -377,6 +488,57 @@ class ResTBase(BaseModule):
                              f'(in_channels), got an input of shape {tuple(x.shape)}')
         if x.shape[0] == 0:
             raise ValueError(f'{name} got an empty batch: input shape {tuple(x.shape)}')
+        self._check_batch_norm_maps(x)
+
+    def _embedding_batch_norms(self) -> Iterator[Tuple[str, _BatchNorm, int, int]]:
+        """The BatchNorms of the stem and patch embeddings, in forward order, with the
+        strides (vertical, horizontal) of the maps they normalise.
+
+        The strides are the products of the strides of the convolutions before them
+        (every strided convolution here has kernel 3 and padding 1, so a map of stride s
+        is ``ceil(H / s) x ceil(W / s)``).
+        """
+        sh = sw = 1
+        for i in range(NUM_STAGES):
+            prefix = 'stem' if i == 0 else f'{self.patch_embed_prefix}{i + 1}'
+            for sub, module in self._embedding(i).named_modules():
+                if isinstance(module, nn.Conv2d):
+                    sh, sw = sh * module.stride[0], sw * module.stride[1]
+                elif isinstance(module, _BatchNorm):
+                    yield f'{prefix}.{sub}', module, sh, sw
+
+    def _check_batch_norm_maps(self, x: Tensor) -> None:
+        """Refuse one image on which a BatchNorm would see one value per channel.
+
+        In training mode a BatchNorm normalises with the mean and variance over the batch
+        and the map; for a single image whose map at the norm's stride is 1x1 that is one
+        value per channel, and PyTorch stops with "Expected more than 1 value per channel
+        when training", naming no layer. ResT's last patch embedding has a BatchNorm at
+        stride 32, so ResT trains at batch 1 on inputs larger than 32x32 (at least 33 px
+        on one side); ResT V2's BatchNorms are in its stem (stride 4): at least 5 px.
+
+        Args:
+            x (Tensor): The (N, C, H, W) input.
+
+        Raises:
+            ValueError: Naming the deepest such norm and the smallest input it accepts.
+        """
+        if trace_friendly():  # a recorded graph must not depend on the check
+            return
+        norms = [(n, sh, sw) for n, m, sh, sw in self._embedding_batch_norms()
+                 if _uses_batch_statistics(m)]
+        if not norms or x.shape[0] != 1:
+            return
+        layer, sh, sw = max(norms, key=lambda n: n[1] * n[2])
+        height, width = x.shape[2], x.shape[3]
+        if -(-height // sh) * -(-width // sw) > 1:
+            return
+        raise ValueError(
+            f'{self.family_name} got one {height}x{width} image, but its BatchNorm {layer} '
+            f'(stride {sh}) then sees a 1x1 map, one value per channel, which it cannot '
+            f'normalise with batch statistics (training mode): at batch 1 give inputs larger '
+            f'than {sh}x{sw} (at least {sh + 1} px high or {sw + 1} px wide), or a batch of '
+            '2 or more, or keep the BatchNorms in eval mode (norm_eval=True)')
 
     def _embed(self, i: int, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Stage i's embedding of ``x`` (images or the previous stage's map): tokens

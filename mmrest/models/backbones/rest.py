@@ -11,7 +11,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from torch import nn
 
 from ...registry import MODELS
-from ..layers import ConvStem, PatchEmbed, ResTBlock, set_cpu_fusions
+from ..layers import ConvStem, PatchEmbed, ResTBlock
 from .base import ResTBase
 
 
@@ -23,7 +23,15 @@ class ResT(ResTBase):
     pixel-attention position encoding and efficient multi-head self-attention (EMSA);
     paper: https://arxiv.org/abs/2105.13677, authors' code:
     https://github.com/wofmanaf/ResT. Works on any input size: the maps of stage i are
-    ``ceil(H / 2**(i+2)) x ceil(W / 2**(i+2))``.
+    ``ceil(H / 2**(i+2)) x ceil(W / 2**(i+2))``. Training at batch 1 needs inputs larger
+    than 32x32 (at least 33 px on one side): the BatchNorm of the last patch embedding
+    normalises the stride-32 map with batch statistics (a smaller input raises a
+    ``ValueError`` naming it).
+
+    It was pretrained on ImageNet with RGB inputs normalised by mean (123.675, 116.28,
+    103.53) and std (58.395, 57.12, 57.375), the data preprocessor of mmdet's and mmseg's
+    stock ImageNet-backbone bases (``bgr_to_rgb=True``); caffe-style bases (BGR, std 1)
+    need that preprocessor set.
 
     Args:
         arch (str | dict): A name in :attr:`arch_zoo` (``'lite'``, ``'small'``,
@@ -32,7 +40,11 @@ class ResT(ResTBase):
             (four values each). Defaults to 'small'.
         in_channels (int): Channels of the input images. Defaults to 3.
         out_indices (Sequence[int] | int): Stages (0-3) whose maps are returned, at
-            strides 4, 8, 16, 32. Defaults to (0, 1, 2, 3).
+            strides 4, 8, 16, 32. Every selected stage but the last gets a new output
+            norm (``norm1``-``norm3``), which, with ``out_norm_in_main_path=True``, the
+            next stage consumes: selecting stages 0-2 changes the function of the
+            pretrained stages after them until the norms are trained.
+            Defaults to (0, 1, 2, 3).
         qkv_bias (bool): Bias in the q and kv projections. Defaults to True.
         qk_scale (float, optional): Override of ``head_dim ** -0.5``. Defaults to None.
         drop_rate (float): Dropout after the attention projection and MLP fcs.
@@ -51,8 +63,8 @@ class ResT(ResTBase):
             LayerNorm (``norm1``-``norm3``); stage 4 uses the pretrained ``norm``. If True,
             as in the authors' detection code that produced the paper's COCO numbers, the
             normalised map is also what the next stage consumes; if False it is applied to
-            the returned map only and the next stage sees the un-normalised tokens.
-            Defaults to True.
+            the returned map only and the next stage sees the un-normalised tokens, so
+            ImageNet weights keep their function. Defaults to True.
         frozen_stages (int): -1 freezes nothing, 0 the stem, k (1-4) also the patch
             embedding, the blocks and the output norm of stages 1..k (requires_grad off,
             norms and dropout in eval mode, re-applied on every ``train()``).
@@ -61,13 +73,29 @@ class ResT(ResTBase):
             Defaults to False.
         with_cp (bool): Gradient checkpointing (non-reentrant) of every block while
             training: less memory, more time. Defaults to False.
-        attn_impl (str): EMSA implementation: ``'fused'`` (fast and memory-lean) or
-            ``'reference'`` (the equations as written). Both compute the same function.
-            Defaults to 'fused'.
+        attn_impl (str): How the attention core runs: ``'lean'`` (memory-lean kernels),
+            ``'dense'`` (materialised scores) or ``'reference'`` (the equations as
+            written); the same function (see :func:`mmrest.models.layers.attend`).
+            Defaults to 'lean'.
+        pretrained (str, optional): Deprecated, use ``init_cfg``. A path or
+            ``http(s)://`` address of ResT weights becomes
+            ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)`` with a
+            ``DeprecationWarning``; mmengine's ``open-mmlab://`` and other torch.hub
+            names (mmseg hands a base config's ``model.pretrained`` to the backbone) raise
+            a ``ValueError`` naming the fix. Defaults to None.
         init_cfg (dict | list[dict], optional): Initialization config. With
             ``dict(type='Pretrained', checkpoint=PATH)`` any ResT checkpoint layout is
             loaded (see :func:`mmrest.models.utils.convert_rest_checkpoint`), safely.
             Defaults to None.
+
+    Raises:
+        KeyError: For an unknown ``arch`` name, or an arch dict with missing or unknown
+            keys.
+        TypeError: For an ``arch`` that is neither a str nor a dict.
+        ValueError: For arch entries that are not four positive numbers, bad
+            ``out_indices`` or ``frozen_stages``, a torch.hub name or a second set of
+            weights in ``pretrained``; in :meth:`forward`, for an input of the wrong
+            shape or too small to train on (see above).
     """
     arch_zoo: Dict[str, Dict[str, List[int]]] = {
         # aliases mean what they mean in mmpretrain: 's' small, 'b' base, 'l' large
@@ -117,10 +145,11 @@ class ResT(ResTBase):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
-                 attn_impl: str = 'fused',
+                 attn_impl: str = 'lean',
+                 pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(arch, in_channels, out_indices, frozen_stages, norm_eval, with_cp,
-                         out_norm_in_main_path, init_cfg)
+                         out_norm_in_main_path, init_cfg, pretrained)
         norm_cfg = dict(type='LN') if norm_cfg is None else norm_cfg
         embed_norm_cfg = dict(type='BN') if embed_norm_cfg is None else embed_norm_cfg
         dims, settings = self.embed_dims, self.arch_settings
@@ -139,7 +168,6 @@ class ResT(ResTBase):
                 apply_transform=apply_transform, norm_cfg=norm_cfg, attn_impl=attn_impl)
 
         self._build_stages(embedding, block, drop_path_rate, norm_cfg)
-        set_cpu_fusions(self, attn_impl == 'fused')
 
 
 # A scope's registry searches itself and its parents, never its siblings: for ``type='ResT'``

@@ -12,7 +12,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from torch import Tensor, nn
 
 from ...registry import MODELS
-from ..layers import ConvStemV2, EMSAv2, PatchEmbedV2, PreNormBlock, set_cpu_fusions
+from ..layers import ConvStemV2, EMSAv2, PatchEmbedV2, PreNormBlock
 from .base import ResTBase
 
 
@@ -29,10 +29,17 @@ class ResTV2(ResTBase):
     LayerNorms, and EMSAv2 (:class:`mmrest.models.layers.EMSAv2`): plain multi-head
     attention on spatially reduced keys and values plus an up-sampling branch of the
     values. Paper: https://arxiv.org/abs/2204.07366, authors' code:
-    https://github.com/wofmanaf/ResT. Works on any input size from 32 up (odd or not):
-    the maps of stage i are ``ceil(H / 2**(i+2)) x ceil(W / 2**(i+2))``; the up-sampled
-    values are cropped to the query map where they exceed it (see
-    :mod:`mmrest.models.layers.emsa_v2`).
+    https://github.com/wofmanaf/ResT. Works on any input size (odd or not): the maps of
+    stage i are ``ceil(H / 2**(i+2)) x ceil(W / 2**(i+2))``; the up-sampled values are
+    cropped to the query map where they exceed it (see
+    :mod:`mmrest.models.layers.emsa_v2`). Its only BatchNorms are in the stem (strides 2
+    and 4), so it trains at batch 1 on inputs larger than 4x4 (a smaller input raises a
+    ``ValueError`` naming the norm).
+
+    It was pretrained on ImageNet with RGB inputs normalised by mean (123.675, 116.28,
+    103.53) and std (58.395, 57.12, 57.375), the data preprocessor of mmdet's and mmseg's
+    stock ImageNet-backbone bases (``bgr_to_rgb=True``); caffe-style bases (BGR, std 1)
+    need that preprocessor set.
 
     Args:
         arch (str | dict): A name in :attr:`arch_zoo` (``'tiny'``, ``'small'``,
@@ -42,14 +49,16 @@ class ResTV2(ResTBase):
             even). Defaults to 'tiny'.
         in_channels (int): Channels of the input images. Defaults to 3.
         out_indices (Sequence[int] | int): Stages (0-3) whose maps are returned, at
-            strides 4, 8, 16, 32. Defaults to (0, 1, 2, 3).
+            strides 4, 8, 16, 32. Every selected stage but the last gets a new output
+            norm (``norm1``-``norm3``); see ``out_norm_in_main_path``.
+            Defaults to (0, 1, 2, 3).
         drop_path_rate (float): Stochastic depth rate, rising linearly from 0 over all
             blocks to this value. Defaults to 0.1 (the authors' value for tiny; they
             train small, base and large downstream with 0.2, 0.3 and 0.5).
-        attn_impl (str): ``'fused'`` (``scaled_dot_product_attention`` and a
-            lean up-sampling) or ``'reference'`` (the equations as the authors
-            wrote them, with materialised scores). Both compute the same function.
-            Defaults to 'fused'.
+        attn_impl (str): How the attention core runs: ``'lean'`` and ``'dense'``
+            (PyTorch's ``scaled_dot_product_attention``) or ``'reference'`` (the
+            equations as the authors wrote them, with materialised scores); the same
+            function. Defaults to 'lean'.
         norm_cfg (dict, optional): Config of the LayerNorms (embeddings, blocks,
             reductions, up-sampling, output norms). Defaults to
             ``dict(type='LN', eps=1e-6)``.
@@ -68,10 +77,25 @@ class ResTV2(ResTBase):
             Defaults to False.
         with_cp (bool): Gradient checkpointing (non-reentrant) of every block while
             training: less memory, more time. Defaults to False.
+        pretrained (str, optional): Deprecated, use ``init_cfg``. A path or
+            ``http(s)://`` address of ResT V2 weights becomes
+            ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)`` with a
+            ``DeprecationWarning``; mmengine's ``open-mmlab://`` and other torch.hub
+            names (mmseg hands a base config's ``model.pretrained`` to the backbone) raise
+            a ``ValueError`` naming the fix. Defaults to None.
         init_cfg (dict | list[dict], optional): Initialization config. With
             ``dict(type='Pretrained', checkpoint=PATH)`` any ResT V2 checkpoint layout is
             loaded (see :func:`mmrest.models.utils.convert_rest_checkpoint`), safely;
             ResT (v1) weights are refused by name. Defaults to None.
+
+    Raises:
+        KeyError: For an unknown ``arch`` name, or an arch dict with missing or unknown
+            keys.
+        TypeError: For an ``arch`` that is neither a str nor a dict.
+        ValueError: For arch entries that are not four positive numbers, bad
+            ``out_indices`` or ``frozen_stages``, a torch.hub name or a second set of
+            weights in ``pretrained``; in :meth:`forward`, for an input of the wrong
+            shape or too small to train on (see above).
 
     Note:
         The authors' detection "large" uses depths 2, 3, 16, 3 and heads 1, 2, 4, 8,
@@ -99,16 +123,17 @@ class ResTV2(ResTBase):
                  in_channels: int = 3,
                  out_indices: Union[Sequence[int], int] = (0, 1, 2, 3),
                  drop_path_rate: float = 0.1,
-                 attn_impl: str = 'fused',
+                 attn_impl: str = 'lean',
                  norm_cfg: Optional[dict] = None,
                  embed_norm_cfg: Optional[dict] = None,
                  out_norm_in_main_path: bool = False,
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, List[dict]]] = None) -> None:
         super().__init__(arch, in_channels, out_indices, frozen_stages, norm_eval, with_cp,
-                         out_norm_in_main_path, init_cfg)
+                         out_norm_in_main_path, init_cfg, pretrained)
         norm_cfg = dict(type='LN', eps=1e-6) if norm_cfg is None else norm_cfg
         dims, settings = self.embed_dims, self.arch_settings
 
@@ -123,11 +148,9 @@ class ResTV2(ResTBase):
                           sr_ratio=settings['sr_ratios'][i], norm_cfg=norm_cfg,
                           attn_impl=attn_impl)
             return PreNormBlock(dims[i], attn, mlp_ratio=settings['mlp_ratios'][i],
-                                drop_path=drop_path, norm_cfg=norm_cfg,
-                                attn_impl=attn_impl)
+                                drop_path=drop_path, norm_cfg=norm_cfg)
 
         self._build_stages(embedding, block, drop_path_rate, norm_cfg)
-        set_cpu_fusions(self, attn_impl == 'fused')
 
     def _embed(self, i: int, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """ResT V2's embeddings return normalised tokens and their map's (H, W)."""

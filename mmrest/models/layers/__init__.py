@@ -1,12 +1,13 @@
 """Building blocks of ResT and ResT V2."""
-from .block import Mlp, PreNormBlock, ResTBlock, add_residual
-from .embed import (ConvStem, ConvStemV2, PatchEmbed, PatchEmbedV2, PixelAttention,
-                    map_to_tokens, set_cpu_fusions, tokens_to_map)
-from .emsa import EMSA, ReducedKVAttention, emsa_reference
+from .block import Mlp, PreNormBlock, ResTBlock
+from .dispatch import ATTN_IMPLS, attend, map_to_tokens, tokens_to_map
+from .embed import ConvStem, ConvStemV2, PatchEmbed, PatchEmbedV2, PixelAttention
+from .emsa import EMSA, ReducedKVAttention
+from .emsa_ops import emsa_reference
 from .emsa_v2 import EMSAv2
 
 __all__ = [
-    'EMSA', 'EMSAv2', 'emsa_reference', 'Mlp', 'PreNormBlock', 'ResTBlock', 'add_residual',
-    'ConvStem', 'ConvStemV2', 'PatchEmbed', 'PatchEmbedV2', 'PixelAttention',
-    'ReducedKVAttention', 'map_to_tokens', 'set_cpu_fusions', 'tokens_to_map'
+    'ATTN_IMPLS', 'EMSA', 'EMSAv2', 'attend', 'emsa_reference', 'Mlp', 'PreNormBlock',
+    'ResTBlock', 'ConvStem', 'ConvStemV2', 'PatchEmbed', 'PatchEmbedV2', 'PixelAttention',
+    'ReducedKVAttention', 'map_to_tokens', 'tokens_to_map'
 ]

@@ -1,16 +1,14 @@
 """The transformer blocks of ResT and ResT V2: pre-norm attention and MLP with stochastic
 depth."""
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
-import torch
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
-from .embed import has_hooks
+from .dispatch import blocked_norm_mlp
 from .emsa import EMSA
-from .emsa_ops import cpu_tuned
-from .norm_mlp import norm_mlp, norm_mlp_applies
+from .norm_mlp import norm_mlp
 
 
 class Mlp(nn.Module):
@@ -30,23 +28,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = self.fc1(x)
-        if self._gelu_in_place(hidden):
-            # CPU inference: in place, since the fresh hidden-sized buffer GELU would
-            # allocate costs as much as the GELU itself at detection resolution (page
-            # faults)
-            hidden = torch.ops.aten.gelu.out(hidden, out=hidden)
-        else:
-            hidden = self.act(hidden)
-        return self.drop(self.fc2(self.drop(hidden)))
-
-    def _gelu_in_place(self, hidden: Tensor) -> bool:
-        """Whether ``act(hidden)`` may be written over ``hidden``: CPU inference, exact
-        ``nn.GELU``, and no forward hook on ``fc1`` (which may hold its output) or
-        ``act``."""
-        return (not torch.is_grad_enabled() and cpu_tuned(hidden)
-                and type(self.act) is nn.GELU and self.act.approximate == 'none'
-                and not has_hooks(self.fc1, self.act))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class PreNormBlock(nn.Module):
@@ -61,9 +43,6 @@ class PreNormBlock(nn.Module):
         drop_path (float): Stochastic depth probability. Defaults to 0.
         norm_cfg (dict, optional): Config of the LayerNorms. Defaults to
             ``dict(type='LN')``.
-        attn_impl (str): ``'fused'``: on the CPU the LayerNorm + MLP in blocks of tokens
-            (:mod:`mmrest.models.layers.norm_mlp`); ``'reference'``: plain modules.
-            Defaults to 'fused'.
     """
 
     def __init__(self,
@@ -72,8 +51,7 @@ class PreNormBlock(nn.Module):
                  mlp_ratio: float = 4.,
                  drop: float = 0.,
                  drop_path: float = 0.,
-                 norm_cfg: Optional[dict] = None,
-                 attn_impl: str = 'fused') -> None:
+                 norm_cfg: Optional[dict] = None) -> None:
         super().__init__()
         norm_cfg = dict(type='LN') if norm_cfg is None else norm_cfg
         self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
@@ -81,16 +59,12 @@ class PreNormBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
         self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio), drop=drop)
-        self.attn_impl = attn_impl
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        x = add_residual(x, self.drop_path(self.attn(self.norm1(x), hw_shape)),
-                         (self.attn, self.drop_path))
-        if self.attn_impl == 'fused' and norm_mlp_applies(x, self.norm2, self.mlp):
-            mlp_out = norm_mlp(x, self.norm2, self.mlp)
-        else:
-            mlp_out = self.mlp(self.norm2(x))
-        return add_residual(x, self.drop_path(mlp_out), (self.mlp, self.drop_path))
+        x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
+        if blocked_norm_mlp(x, self.norm2, self.mlp):
+            return x + self.drop_path(norm_mlp(x, self.norm2, self.mlp))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class ResTBlock(PreNormBlock):
@@ -109,10 +83,8 @@ class ResTBlock(PreNormBlock):
         apply_transform (bool): EMSA head mixing and instance norm. Defaults to True.
         norm_cfg (dict, optional): Config of the LayerNorms. Defaults to
             ``dict(type='LN')``.
-        attn_impl (str): ``'fused'``: the fused EMSA core, and on the CPU the LayerNorm
-            + MLP in blocks of tokens (:mod:`mmrest.models.layers.norm_mlp`);
-            ``'reference'``: the equations as written, with plain modules.
-            Defaults to 'fused'.
+        attn_impl (str): How EMSA's attention core runs
+            (:data:`mmrest.models.layers.emsa.ATTN_IMPLS`). Defaults to 'lean'.
     """
 
     def __init__(self,
@@ -127,7 +99,7 @@ class ResTBlock(PreNormBlock):
                  drop_path: float = 0.,
                  apply_transform: bool = True,
                  norm_cfg: Optional[dict] = None,
-                 attn_impl: str = 'fused') -> None:
+                 attn_impl: str = 'lean') -> None:
         attn = EMSA(
             embed_dims,
             num_heads=num_heads,
@@ -140,26 +112,4 @@ class ResTBlock(PreNormBlock):
             norm_cfg=norm_cfg,
             attn_impl=attn_impl)
         super().__init__(embed_dims, attn, mlp_ratio=mlp_ratio, drop=drop,
-                         drop_path=drop_path, norm_cfg=norm_cfg, attn_impl=attn_impl)
-
-
-def add_residual(x: Tensor, branch: Tensor,
-                 producers: Sequence[nn.Module] = ()) -> Tensor:
-    """``x + branch``; for CPU inference, added into ``branch`` (a fresh tensor of the
-    caller's) instead of allocating a third one, where that gives the same result.
-
-    Args:
-        x (Tensor): The residual.
-        branch (Tensor): The branch's output, e.g. ``attn(norm(x))``.
-        producers (Sequence[nn.Module]): The modules whose outputs ``branch`` may be (with
-            their submodules): with a forward hook on any of them, which may keep that
-            output, ``branch`` is not written over. Defaults to ().
-
-    Returns:
-        Tensor: ``x + branch``.
-    """
-    if (torch.is_grad_enabled() or not cpu_tuned(x) or branch.dtype != x.dtype
-            or branch.shape != x.shape
-            or has_hooks(*(m for p in producers for m in p.modules()))):
-        return x + branch
-    return branch.add_(x)
+                         drop_path=drop_path, norm_cfg=norm_cfg)

@@ -4,21 +4,15 @@ ResT: An Efficient Transformer for Visual Recognition (Zhang & Yang, NeurIPS 202
 https://arxiv.org/abs/2105.13677); authors' code: https://github.com/wofmanaf/ResT.
 
 Parameter names (``q``, ``kv``, ``sr``, ``sr_norm``, ``transform_conv``, ``proj``) follow the
-authors' models so that their checkpoints load without renaming.
+authors' models so that their checkpoints load without renaming. How the attention core runs
+(``attn_impl``) is decided in :mod:`mmrest.models.layers.dispatch`.
 """
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
-import torch
-import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from torch import Tensor, nn
 
-from .embed import runs_as_written
-# INSTANCE_NORM_EPS: ``eps`` of the InstanceNorm2d applied to the attention map (1e-5,
-# PyTorch's default).
-from .emsa_ops import INSTANCE_NORM_EPS, cpu_tuned, emsa_fused
-
-ATTN_IMPLS = ('fused', 'reference')
+from .dispatch import ATTN_IMPLS, attend, tokens_to_map
 
 
 def build_reduction(embed_dims: int, sr_ratio: int,
@@ -35,53 +29,6 @@ def build_reduction(embed_dims: int, sr_ratio: int,
     return conv, build_norm_layer(norm_cfg, embed_dims)[1]
 
 
-def emsa_reference(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                   transform_weight: Optional[Tensor] = None,
-                   transform_bias: Optional[Tensor] = None,
-                   attn_drop: float = 0.,
-                   training: bool = False,
-                   eps: float = INSTANCE_NORM_EPS,
-                   transform: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """The straightforward EMSA attention core, as the equations are written.
-
-    Args:
-        q (Tensor): Queries of shape (B, heads, N, head_dim).
-        k (Tensor): Keys of shape (B, heads, M, head_dim).
-        v (Tensor): Values of shape (B, heads, M, head_dim).
-        scale (float): Multiplier of the scores ``q @ k^T``.
-        transform_weight (Tensor, optional): Weight (heads, heads, 1, 1) of the 1x1 conv
-            that mixes the heads of the score tensor. ``None`` means plain softmax
-            attention. Defaults to None.
-        transform_bias (Tensor, optional): Bias (heads,) of that conv. Defaults to None.
-        attn_drop (float): Dropout probability on the attention map. Defaults to 0.
-        training (bool): Whether dropout is active. Defaults to False.
-        eps (float): ``eps`` of the instance norm. Defaults to 1e-5.
-        transform (Callable, optional): The head-mixing conv itself (a module, whose
-            hooks then run), called on the scores in place of ``transform_weight`` and
-            ``transform_bias``. Defaults to None.
-
-    Returns:
-        Tensor: Output of shape (B, heads, N, head_dim).
-
-    Note:
-        Where a head's score map has a single element (one query and one key), the
-        instance norm of it is 0/sqrt(0 + eps) = 0, the limit of the formula; PyTorch's
-        ``InstanceNorm2d`` refuses such a map, so the normalisation is written out here.
-    """
-    attn = (q @ k.transpose(-2, -1)) * scale
-    if transform is not None or transform_weight is not None:
-        attn = (transform(attn) if transform is not None
-                else F.conv2d(attn, transform_weight, transform_bias))
-        attn = attn.softmax(dim=-1)
-        mean = attn.mean(dim=(-2, -1), keepdim=True)
-        var = attn.var(dim=(-2, -1), keepdim=True, unbiased=False)
-        attn = (attn - mean) / torch.sqrt(var + eps)
-    else:
-        attn = attn.softmax(dim=-1)
-    attn = F.dropout(attn, attn_drop, training)
-    return attn @ v
-
-
 class ReducedKVAttention(nn.Module):
     """What the attentions of ResT (:class:`EMSA`) and ResT V2
     (:class:`~mmrest.models.layers.EMSAv2`) share: the head settings, queries from the
@@ -95,7 +42,8 @@ class ReducedKVAttention(nn.Module):
         num_heads (int): Number of attention heads.
         sr_ratio (int): Spatial reduction ratio of keys and values.
         qk_scale (float, optional): Override of ``head_dim ** -0.5``.
-        attn_impl (str): One of :data:`ATTN_IMPLS`.
+        attn_impl (str): One of :data:`ATTN_IMPLS` (or ``'fused'``, the former name of
+            ``'lean'``).
     """
 
     def __init__(self, embed_dims: int, num_heads: int, sr_ratio: int,
@@ -104,6 +52,7 @@ class ReducedKVAttention(nn.Module):
         if embed_dims % num_heads != 0:
             raise ValueError(f'embed_dims ({embed_dims}) must be divisible by '
                              f'num_heads ({num_heads})')
+        attn_impl = 'lean' if attn_impl == 'fused' else attn_impl
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
         self.embed_dims = embed_dims
@@ -127,29 +76,17 @@ class ReducedKVAttention(nn.Module):
         """
         if self.sr_ratio == 1:
             return x, hw_shape
-        B, N, C = x.shape
-        if cpu_tuned(x):
-            # A channels-last view of the token map (no copy). Built this way its
-            # strides are unambiguous even for B = 1, so the depthwise conv takes
-            # oneDNN's channels-last kernel (an order of magnitude faster here than the
-            # NCHW fallback that ``x.transpose(1, 2).reshape(B, C, H, W)`` triggers for
-            # B = 1), and its channels-last output flattens back to tokens without a
-            # copy.
-            x_map = x.reshape(B, *hw_shape, C).permute(0, 3, 1, 2)
-        else:
-            x_map = x.transpose(1, 2).reshape(B, C, *hw_shape).contiguous()
-        x_map = self.sr(x_map)
+        x_map = self.sr(tokens_to_map(x, hw_shape))
         return self.sr_norm(x_map.flatten(2).transpose(1, 2)), (x_map.shape[2], x_map.shape[3])
 
     def project(self, x: Tensor, hw_shape: Tuple[int, int]
-                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tuple[int, int]]:
+                ) -> Tuple[Tensor, Tensor, Tensor, Tuple[int, int]]:
         """Queries, keys and values of tokens (B, N, C) of an (H, W) map.
 
         Returns:
             tuple: ``q`` (B, heads, N, head_dim), ``k`` and ``v`` (B, heads, M, head_dim)
-            (views of the projections, no copies), the ``kv`` projection (B, M, 2 C)
-            (``k`` is its first C channels, ``v`` its last C, channel ``head * head_dim +
-            j`` in each) and the (h, w) of the reduced map (M = h * w).
+            (views of the projections, no copies; channel ``head * head_dim + j`` of the
+            ``kv`` projection's halves) and the (h, w) of the reduced map (M = h * w).
         """
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dims
@@ -157,7 +94,7 @@ class ReducedKVAttention(nn.Module):
         kv_in, kv_hw = self.reduce_tokens(x, hw_shape)
         kv = self.kv(kv_in)
         k, v = kv.reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v, kv, kv_hw
+        return q, k, v, kv_hw
 
 
 class EMSA(ReducedKVAttention):
@@ -180,11 +117,8 @@ class EMSA(ReducedKVAttention):
             (used only where ``num_heads > 1``). Defaults to True.
         norm_cfg (dict, optional): Config of the norm after the reduction conv.
             Defaults to ``dict(type='LN')``.
-        attn_impl (str): ``'fused'`` (default, query-blocked and memory-lean, see
-            :func:`mmrest.models.layers.emsa_ops.emsa_fused`) or ``'reference'`` (the
-            equations as written; kept for tests and benchmarks). Both compute the same
-            function; ``'fused'`` falls back to the reference while training with
-            attention dropout. Defaults to 'fused'.
+        attn_impl (str): One of :data:`ATTN_IMPLS`, the same function (see
+            :func:`attend`). Defaults to 'lean'.
     """
 
     def __init__(self,
@@ -197,7 +131,7 @@ class EMSA(ReducedKVAttention):
                  proj_drop: float = 0.,
                  apply_transform: bool = True,
                  norm_cfg: Optional[dict] = None,
-                 attn_impl: str = 'fused') -> None:
+                 attn_impl: str = 'lean') -> None:
         super().__init__(embed_dims, num_heads, sr_ratio, qk_scale, attn_impl)
         norm_cfg = dict(type='LN') if norm_cfg is None else norm_cfg
 
@@ -224,18 +158,7 @@ class EMSA(ReducedKVAttention):
         """
         B, N, C = x.shape
         q, k, v = self.project(x, hw_shape)[:3]
-        transform = self.transform_conv if self.apply_transform else None
-        if (self.attn_impl == 'reference' or (self.training and self.attn_drop.p > 0)
-                or not (transform is None or runs_as_written(transform, nn.Conv2d))):
-            # the conv called as a module: hooks on it run, another module type is used
-            out = emsa_reference(q, k, v, self.scale, attn_drop=self.attn_drop.p,
-                                 training=self.training, transform=transform)
-        else:
-            # a transposed view of a (B, N, heads, head_dim) tensor: the reshape below
-            # is free
-            out = emsa_fused(q, k, v, self.scale,
-                             None if transform is None else transform.weight,
-                             None if transform is None else transform.bias,
-                             INSTANCE_NORM_EPS)
-        out = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(out))
+        out = attend(q, k, v, self.scale, self.attn_impl,
+                     self.transform_conv if self.apply_transform else None,
+                     self.attn_drop.p, self.training)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))

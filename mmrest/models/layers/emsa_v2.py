@@ -30,14 +30,12 @@ those it keeps are exactly the authors' function of the values there
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from mmcv.cnn import build_norm_layer
 from torch import Tensor, nn
 
-from .block import add_residual
-from .embed import runs_as_written
-from .emsa import ReducedKVAttention, build_reduction, emsa_reference
-from .emsa_ops import emsa_fused, trace_friendly
+from .dispatch import attend
+from .emsa import ReducedKVAttention, build_reduction
+from .emsa_ops import trace_friendly
 
 
 class EMSAv2(ReducedKVAttention):
@@ -51,13 +49,10 @@ class EMSAv2(ReducedKVAttention):
             Defaults to 1.
         norm_cfg (dict, optional): Config of the norms after the reduction and the
             up-sampling. Defaults to ``dict(type='LN', eps=1e-6)``.
-        attn_impl (str): ``'fused'`` (default: the attention through PyTorch's
-            ``scaled_dot_product_attention``, see
-            :func:`mmrest.models.layers.emsa_ops.emsa_fused`; the pixel shuffle, crop and
-            change to tokens in one copy; in place where that is safe on the CPU) or
-            ``'reference'`` (the equations as the authors wrote them: materialised
-            scores, ``nn.PixelShuffle``). Both compute the same function.
-            Defaults to 'fused'.
+        attn_impl (str): How the attention core runs, one of
+            :data:`mmrest.models.layers.emsa.ATTN_IMPLS` (``'lean'`` and ``'dense'`` are
+            PyTorch's ``scaled_dot_product_attention`` here, ``'reference'`` the
+            materialised scores); the same function. Defaults to 'lean'.
     """
 
     def __init__(self,
@@ -65,7 +60,7 @@ class EMSAv2(ReducedKVAttention):
                  num_heads: int = 1,
                  sr_ratio: int = 1,
                  norm_cfg: Optional[dict] = None,
-                 attn_impl: str = 'fused') -> None:
+                 attn_impl: str = 'lean') -> None:
         if sr_ratio < 1 or (sr_ratio > 1 and sr_ratio % 2):
             raise ValueError(f'sr_ratio must be 1 or even, got {sr_ratio} (with an odd '
                              'ratio the up-sampled values may not cover the query map)')
@@ -90,57 +85,20 @@ class EMSAv2(ReducedKVAttention):
         """Tokens (B, N, C) of an (H, W) map -> tokens (B, N, C), as
         :meth:`mmrest.models.layers.EMSA.forward`."""
         B, N, C = x.shape
-        q, k, v, kv, kv_hw = self.project(x, hw_shape)
-        if self.attn_impl == 'reference':
-            out = emsa_reference(q, k, v, self.scale).transpose(1, 2).reshape(B, N, C)
-            return self.proj(out + self._upsample_reference(v, kv_hw, hw_shape))
-        # (B, heads, N, head_dim) -> (B, N, C): free where SDPA returns, as its CPU
-        # kernels do, a transposed view of a (B, N, heads, head_dim) tensor
-        out = emsa_fused(q, k, v, self.scale).transpose(1, 2).reshape(B, N, C)
-        del q  # not needed any more: its memory serves the up-sampling
-        if not (runs_as_written(self.up, nn.Sequential)
-                and runs_as_written(self.up[0], nn.Conv2d)
-                and self.up[0].padding_mode == 'zeros'
-                and runs_as_written(self.up[1], nn.PixelShuffle)):
-            # hooks or other modules there: called as they are
-            up = self._upsample_reference(v, kv_hw, hw_shape)
-            return self.proj(out + up)
-        # on the CPU without autograd ``out`` is added into the fresh ``up``
-        return self.proj(
-            add_residual(out, self._upsample(kv[..., C:], kv_hw, hw_shape), (self.up_norm, )))
-
-    def _upsample_reference(self, v: Tensor, kv_hw: Tuple[int, int],
-                            hw_shape: Tuple[int, int]) -> Tensor:
-        """U as the authors compute it, from the values (B, heads, M, head_dim)."""
-        B, _, M, _ = v.shape
-        v_map = v.transpose(-1, -2).reshape(B, self.embed_dims, *kv_hw)
-        up = self.up(v_map)[:, :, :hw_shape[0], :hw_shape[1]]
-        return self.up_norm(up.flatten(2).transpose(1, 2))
+        q, k, v, kv_hw = self.project(x, hw_shape)
+        out = attend(q, k, v, self.scale, self.attn_impl).transpose(1, 2).reshape(B, N, C)
+        return self.proj(out + self._upsample(v, kv_hw, hw_shape))
 
     def _upsample(self, v: Tensor, kv_hw: Tuple[int, int],
                   hw_shape: Tuple[int, int]) -> Tensor:
-        """U from the value tokens (B, M, C) (any strides); returns (B, N, C) tokens.
-
-        The pixel shuffle and the change to tokens are one permuted copy of the conv
-        output, (B, C, r, r, h, w) -> (B, h, r, w, r, C); the crop is a view of it.
-        """
-        B, M, C = v.shape
-        r = self.sr_ratio
-        h, w = kv_hw
-        H, W = hw_shape
-        # NCHW on every device: a channels-last view of the tokens was no faster on the
-        # CPU here (ResTV2-tiny stage 1 at 800x1344, 2 threads: 99-148 vs 111-121 ms)
-        v_map = v.transpose(1, 2).reshape(B, C, h, w)
-        conv = self.up[0]
-        y = F.conv2d(v_map, conv.weight, conv.bias, padding=1, groups=C)
-        if r == 1:  # no shuffle, nothing to crop
-            return self.up_norm(y.flatten(2).transpose(1, 2))
-        y = y.reshape(B, C, r, r, h, w).permute(0, 4, 2, 5, 3, 1).reshape(B, h * r, w * r, C)
+        """U, tokens (B, N, C), from the values (B, heads, M, head_dim)."""
+        B, (H, W) = v.shape[0], hw_shape
+        up = self.up(v.transpose(-1, -2).reshape(B, self.embed_dims, *kv_hw))
         if trace_friendly():
             # torch.export cannot prove r * h >= H for symbolic sizes (a slice would need
             # it): take the rows and columns by index instead
-            y = y.index_select(1, torch.arange(H, device=y.device))
-            y = y.index_select(2, torch.arange(W, device=y.device))
+            up = up.index_select(2, torch.arange(H, device=up.device))
+            up = up.index_select(3, torch.arange(W, device=up.device))
         else:
-            y = y[:, :H, :W]
-        return self.up_norm(y).reshape(B, H * W, C)
+            up = up[:, :, :H, :W]
+        return self.up_norm(up.flatten(2).transpose(1, 2))

@@ -1,39 +1,27 @@
 r"""The block's second half, ``fc2(GELU(fc1(LN(x))))``, over blocks of tokens on the CPU:
-memory-lean training and inference without hidden-sized tensors.
+training and inference without hidden-sized tensors.
 
 Autograd keeps four tensors of that chain for the backward pass: the LayerNorm's input
 :math:`x` (C channels per token), its output :math:`b` (C), the hidden pre-activation
-:math:`h` (4C) and the activation :math:`g = \mathrm{GELU}(h)` (4C), i.e. 10C per token,
-more than half of what a ResT block keeps. :class:`NormMlpFunction` computes the same
-function and keeps only :math:`x`, the LayerNorm's per-token mean and inverse std, and
-:math:`h` (5C per token); up to :data:`RECOMPUTE_MAX_CHANNELS` channels, where the
-product is cheaper than streaming :math:`h` through memory, not even :math:`h` (C per
-token). In the backward pass it recomputes :math:`b` from them (one element-wise pass),
-:math:`h` from :math:`b` where it was not kept (the forward's product again) and
-:math:`g` from :math:`h`, then applies the chain rule with the same ATen kernels
-autograd would use::
+:math:`h` (4C) and the activation :math:`g = \mathrm{GELU}(h)` (4C), i.e. 10C per token.
+:class:`NormMlpFunction` computes the same function and keeps only :math:`x`, the
+LayerNorm's per-token mean and inverse std, and :math:`h` (5C per token); up to
+:data:`RECOMPUTE_MAX_CHANNELS` channels not even :math:`h` (C per token). The backward pass
+recomputes :math:`b`, :math:`h` where it was not kept and :math:`g`, then applies the chain
+rule with the ATen kernels autograd would use::
 
     dW2 = dm^T g,            db2 = sum(dm),
     dh  = GELU'(h) * (dm W2),
     dW1 = dh^T b,            db1 = sum(dh),
     dx, dgamma, dbeta = LayerNorm backward of (dh W1).
 
-Both passes run over blocks of :data:`BLOCK_ROWS` tokens: the normalised tokens, the
-activation and the hidden-sized gradients of a block live in small buffers that are
-reused from block to block and stay in the CPU's caches, and the weight gradients are
-accumulated block by block; the LayerNorm backward runs block by block into the rows
-of dx. The whole-size tensors are only x, h (where kept), the output and dx; inference
-(:func:`norm_mlp` without autograd) has no h either. Without blocks every step
-allocated and faulted in four fresh hidden-sized tensors per block (4C floats per token
-each) and streamed them through memory; with them the LayerNorm + MLP of ResTV2-tiny's
-stage 1 at 800x1344, batch 2, took 0.52 s instead of 0.79-0.88 s forward and backward
-here (2 threads; stages 2 and 3 0.39 vs 0.52 s and 0.33 vs 0.39 s), and ResT-small's
-inference ran 8% faster at 224x224 batch 16 and at 800x1344 (README "Speed and
-memory").
+Both passes run over blocks of :data:`BLOCK_ROWS` tokens, whose hidden-sized buffers are
+reused from block to block; the weight gradients are accumulated block by block. Inference
+(:func:`norm_mlp` without autograd) keeps no hidden-sized tensor at all. Where it runs is
+decided by :func:`mmrest.models.layers.dispatch.blocked_norm_mlp`.
 
 Values: every op is the module's own op over a block of rows; forward values agree with
-the modules' to rounding (bitwise within one block), gradients to rounding (the weight
-gradients are summed block by block; ``tests/test_norm_mlp.py``).
+the modules' to rounding, gradients too (the weight gradients are summed block by block).
 """
 from typing import Optional, Tuple
 
@@ -41,21 +29,13 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-#: Tokens per block of :class:`NormMlpFunction`. Measured here (2 threads, AVX2, 1 MB L2
-#: per core) on the LayerNorm + MLP of ResTV2-tiny's stages at 800x1344, batch 2, forward
-#: and backward: 682 to 2730 rows ran within 3% of the best at every width (C = 96 to
-#: 768); 170 rows or fewer (many small matmuls) ran up to 2x slower, whole-size tensors
-#: (one block) 15-40% slower.
+#: Tokens per block: enough rows for efficient products, few enough for the caches;
+#: measure a change with ``python tools/analysis/benchmark.py --ab``.
 BLOCK_ROWS = 1024
 
-#: Up to this many channels (C) :class:`NormMlpFunction` keeps no hidden pre-activation
-#: for the backward pass and recomputes it block by block (one more ``fc1`` product
-#: over a block that is in the caches anyway), which saves 4C floats per token. Measured
-#: here (2 threads) on the LayerNorm + MLP forward and backward, recomputing against
-#: keeping, at the token counts of ResT's stages at 224x224 batch 32 and 800x1344
-#: batch 2: C = 64 and 96 0.90-0.92x the time, C = 128 0.99-1.02x, C = 192 1.05x,
-#: C = 256 and 512 1.11-1.16x (there the product costs more than streaming h through
-#: memory). For ResT-small at 224x224 batch 32 this drops 0.3 GB of 1.5 GB kept.
+#: Up to this many channels the pre-activation is recomputed in the backward pass (one
+#: more ``fc1`` product per block) instead of kept, which is cheaper than streaming it
+#: through memory at these widths; measure with ``python tools/analysis/benchmark.py --ab``.
 RECOMPUTE_MAX_CHANNELS = 128
 
 
@@ -215,33 +195,10 @@ class NormMlpFunction(torch.autograd.Function):
                 None, None)
 
 
-def norm_mlp_applies(x: Tensor, norm: nn.Module, mlp: nn.Module) -> bool:
-    """Whether :func:`norm_mlp` computes ``mlp(norm(x))`` for this call.
-
-    Only where it is the same function and measured to help: the tokens are
-    float32/float64 CPU tensors outside autocast (and outside graph recording), the norm
-    is an affine ``nn.LayerNorm`` over the last dim, the MLP is ``fc1``, exact ``nn.GELU``,
-    ``fc2``, all plain modules (e.g. not the quantized linears of
-    ``torch.ao.quantization.quantize_dynamic``) with biases, no dropout is active, and
-    no hook would be skipped (:func:`mmrest.models.layers.embed.has_hooks`).
-    """
-    from .embed import has_hooks
-    from .emsa_ops import autocast_dtype, cpu_tuned
-    fc1, act, fc2 = (getattr(mlp, name, None) for name in ('fc1', 'act', 'fc2'))
-    return (cpu_tuned(x) and x.dtype in (torch.float32, torch.float64)
-            and autocast_dtype(x.device.type) is None
-            and type(norm) is nn.LayerNorm and norm.elementwise_affine
-            and norm.bias is not None and len(norm.normalized_shape) == 1
-            and type(act) is nn.GELU and act.approximate == 'none'
-            and type(fc1) is nn.Linear and type(fc2) is nn.Linear
-            and fc1.bias is not None and fc2.bias is not None
-            and (not mlp.training or mlp.drop.p == 0)
-            and not has_hooks(norm, *mlp.modules()))
-
-
 def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> Tensor:
-    """``mlp(norm(x))`` over blocks of :data:`BLOCK_ROWS` tokens (see
-    :func:`norm_mlp_applies`): through :class:`NormMlpFunction` where autograd records,
+    """``mlp(norm(x))`` over blocks of :data:`BLOCK_ROWS` tokens (where
+    :func:`mmrest.models.layers.dispatch.blocked_norm_mlp` says so): through
+    :class:`NormMlpFunction` where autograd records,
     else the same blocked forward keeping nothing (inference: no hidden-sized tensor at
     all, the activation of a block computed in place in a reused buffer).
 
@@ -263,4 +220,4 @@ def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> Tensor:
     return out
 
 
-__all__: Tuple[str, ...] = ('NormMlpFunction', 'norm_mlp', 'norm_mlp_applies')
+__all__: Tuple[str, ...] = ('NormMlpFunction', 'norm_mlp')

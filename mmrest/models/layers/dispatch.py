@@ -1,0 +1,131 @@
+"""Where the code paths part: the one place that decides how the attention runs
+(``attn_impl``, :func:`attend`), in which layout the convolutions run
+(:func:`cpu_channels_last`) and where the LayerNorm + MLP runs in blocks of tokens
+(:func:`blocked_norm_mlp`), and what each path checks before it is taken.
+
+Every other module computes one way. The paths kept are those that measured worth their
+code (docs/benchmarks.md, "CPU shortcuts: kept and removed"; ``python
+tools/analysis/benchmark.py --ab`` measures them again).
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .emsa_ops import (INSTANCE_NORM_EPS, autocast_dtype, emsa_dense, emsa_lean, emsa_reference,
+                       trace_friendly)
+
+#: The values of ``attn_impl``: ``'lean'`` (the default, :func:`~.emsa_ops.emsa_lean`:
+#: PyTorch's ``scaled_dot_product_attention`` without head mixing, with it a query-blocked
+#: kernel that never holds the whole score tensor), ``'dense'``
+#: (:func:`~.emsa_ops.emsa_dense`: the same function with materialised scores and
+#: shape-generic ops, what ``'lean'`` runs while a graph is recorded) and ``'reference'``
+#: (:func:`~.emsa_ops.emsa_reference`, the equations as the authors wrote them). ``'fused'``,
+#: the former name of ``'lean'``, is accepted for it.
+ATTN_IMPLS = ('lean', 'dense', 'reference')
+
+
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run hooks, their own or global ones: forward,
+    forward-pre, backward and backward-pre hooks (a path that bypasses a module must not
+    skip them)."""
+    from torch.nn.modules import module as module_globals
+    tables = [module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks,
+              module_globals._global_backward_hooks, module_globals._global_backward_pre_hooks]
+    for m in modules:
+        tables += (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                   m._backward_pre_hooks)
+    return any(tables)
+
+
+def runs_as_written(module: nn.Module, cls: type) -> bool:
+    """Whether ``module``'s parameters may stand in for calling it: a plain ``cls`` (not
+    a subclass, e.g. a quantization-aware variant) whose call would run no hook."""
+    return type(module) is cls and not has_hooks(module)
+
+
+def cpu_channels_last(x: Tensor) -> bool:
+    """Whether the convolutions on ``x`` run on channels-last maps: CPU tensors in eager
+    mode (oneDNN's convolutions, depthwise ones above all, are fastest in that layout, and
+    token maps convert to it without a copy; while a graph is recorded the plain layout
+    keeps a dynamic batch dimension generic). Measured by
+    ``python tools/analysis/benchmark.py --ab``."""
+    return x.device.type == 'cpu' and not trace_friendly()
+
+
+def map_to_tokens(x: Tensor) -> Tensor:
+    """(B, C, H, W) map -> contiguous (B, H * W, C) tokens (free for a channels-last map)."""
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+def tokens_to_map(tokens: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+    """(B, H * W, C) tokens -> (B, C, H, W) map for a convolution: a free channels-last
+    view where :func:`cpu_channels_last` (its strides unambiguous even for B = 1), else a
+    contiguous NCHW copy."""
+    B, _, C = tokens.shape
+    if cpu_channels_last(tokens):
+        return tokens.reshape(B, *hw_shape, C).permute(0, 3, 1, 2)
+    return tokens.transpose(1, 2).reshape(B, C, *hw_shape).contiguous()
+
+
+def stem_layout(x: Tensor) -> Tensor:
+    """Images in the layout the stem's convolutions run in (:func:`cpu_channels_last`)."""
+    if cpu_channels_last(x):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, impl: str = 'lean',
+           transform: Optional[nn.Module] = None, attn_drop: float = 0.,
+           training: bool = False) -> Tensor:
+    """The attention core of EMSA and EMSAv2, as ``impl`` names it: the one place that
+    decides how it runs.
+
+    The reference also runs wherever the others would compute another function or bypass
+    what a user's code expects: attention dropout while training, and a head-mixing module
+    that is not a plain ``nn.Conv2d`` or has hooks (it is then called as a module). While
+    a graph is recorded (:func:`trace_friendly`), ``'lean'`` runs as ``'dense'``.
+
+    Args:
+        q (Tensor): Queries (B, heads, N, head_dim).
+        k (Tensor): Keys (B, heads, M, head_dim).
+        v (Tensor): Values (B, heads, M, head_dim).
+        scale (float): Multiplier of the scores ``q @ k^T``.
+        impl (str): One of :data:`ATTN_IMPLS`. Defaults to 'lean'.
+        transform (nn.Module, optional): The head-mixing 1x1 conv (heads -> heads), after
+            which the attention map is instance-normalised; None for plain softmax
+            attention. Defaults to None.
+        attn_drop (float): Dropout on the attention map. Defaults to 0.
+        training (bool): Whether dropout is active. Defaults to False.
+
+    Returns:
+        Tensor: Output (B, heads, N, head_dim).
+    """
+    if (impl == 'reference' or (training and attn_drop > 0)
+            or (transform is not None and not runs_as_written(transform, nn.Conv2d))):
+        return emsa_reference(q, k, v, scale, attn_drop=attn_drop, training=training,
+                              transform=transform)
+    weight = None if transform is None else transform.weight
+    bias = None if transform is None else transform.bias
+    if impl == 'dense' or trace_friendly():
+        return emsa_dense(q, k, v, scale, weight, INSTANCE_NORM_EPS, bias)
+    return emsa_lean(q, k, v, scale, weight, bias)
+
+
+def blocked_norm_mlp(x: Tensor, norm: nn.Module, mlp: nn.Module) -> bool:
+    """Whether ``mlp(norm(x))`` runs as :func:`~.norm_mlp.norm_mlp`, over blocks of tokens
+    without hidden-sized tensors: for float32/float64 CPU tensors in eager mode outside
+    autocast, where that is the same function and bypasses nothing a user's code expects
+    (an affine ``nn.LayerNorm`` over the last dim; ``fc1``, exact ``nn.GELU``, ``fc2``,
+    plain modules with biases, e.g. not dynamically quantized linears; no active dropout;
+    no hooks)."""
+    fc1, act, fc2 = (getattr(mlp, name, None) for name in ('fc1', 'act', 'fc2'))
+    return (x.device.type == 'cpu' and not trace_friendly()
+            and x.dtype in (torch.float32, torch.float64) and autocast_dtype('cpu') is None
+            and type(norm) is nn.LayerNorm and norm.elementwise_affine
+            and norm.bias is not None and len(norm.normalized_shape) == 1
+            and type(act) is nn.GELU and act.approximate == 'none'
+            and type(fc1) is nn.Linear and type(fc2) is nn.Linear
+            and fc1.bias is not None and fc2.bias is not None
+            and (not mlp.training or mlp.drop.p == 0)
+            and not has_hooks(norm, *mlp.modules()))

@@ -1,0 +1,95 @@
+"""The check of the installed stack that ``import mmrest`` runs first.
+
+mmrest installs into an OpenMMLab environment as it is (``pip install .`` installs none of
+torch, mmcv or mmengine, as mmdet's ``setup.py`` does; ``requirements/mminstall.txt``
+lists them for ``mim``). So what it needs is checked here, at import, with one line naming
+what was found and what is needed, instead of an ``AttributeError`` from deep inside.
+"""
+import importlib
+from typing import Dict, Optional, Tuple
+
+#: Import name -> (lowest version, first version not supported, how to get it). The
+#: OneDL fork's distributions (onedl-mmengine, onedl-mmcv) keep these import names.
+REQUIREMENTS: Dict[str, Tuple[str, str, str]] = {
+    'torch': ('2.1.0', '3.0.0', 'https://pytorch.org/get-started/locally/'),
+    'mmengine': ('0.10.4', '1.0.0', 'pip install mmengine (or onedl-mmengine)'),
+    'mmcv': ('2.1.0', '2.4.0', 'mim install mmcv, or pip install mmcv-lite for the '
+             'backbones alone'),
+}
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    """(2, 1, 2) for '2.1.2+cu121' or '2.1.2rc1'; pre-releases count as the release."""
+    parts = []
+    for piece in version.split('+')[0].split('.')[:3]:
+        digits = ''
+        for char in piece:
+            if not char.isdigit():
+                break
+            digits += char
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def stack_problem(name: str, version: Optional[str]) -> Optional[str]:
+    """The one-line problem with ``name`` at ``version`` (None: not installed), if any.
+
+    Args:
+        name (str): A key of :data:`REQUIREMENTS`.
+        version (str, optional): The installed version, None if it is not installed.
+
+    Returns:
+        str | None: The message, or None where the version is supported.
+    """
+    low, high, how = REQUIREMENTS[name]
+    needed = f'{name}>={low},<{high}'
+    if version is None:
+        return f'mmrest needs {needed}, which is not installed ({how})'
+    if not _version_tuple(low) <= _version_tuple(version) < _version_tuple(high):
+        return f'mmrest needs {needed}, found {name} {version} ({how})'
+    return None
+
+
+def check_stack() -> None:
+    """Check that torch, mmengine and mmcv are installed in supported versions.
+
+    Raises:
+        ImportError: One line naming what was found and what is needed.
+    """
+    for name in REQUIREMENTS:
+        try:
+            version: Optional[str] = importlib.import_module(name).__version__
+        except ImportError:
+            version = None
+        problem = stack_problem(name, version)
+        if problem is not None:
+            raise ImportError(problem)
+
+
+def resolve_renamed_toolboxes() -> None:
+    """Let mmengine find the configs of toolboxes installed under other distribution
+    names, e.g. ``mmseg::`` bases with the OneDL fork's ``onedl-mmsegmentation``.
+
+    mmengine maps a config scope to a distribution name (``mmseg`` -> ``mmsegmentation``,
+    in ``mmengine.config.utils.MODULE2PACKAGE``) and raises ``mmsegmentation is not
+    installed`` where no distribution has that name. Where the distribution is missing
+    but the module itself is importable, the scope is mapped to the module instead, which
+    mmengine then finds by its import path. Scopes that resolve already are left as they
+    are.
+    """
+    from importlib import metadata
+    from importlib.util import find_spec
+
+    from mmengine.config import utils as config_utils
+
+    mapping = config_utils.MODULE2PACKAGE
+    for module, package in list(mapping.items()):
+        if package == module:
+            continue
+        try:
+            metadata.distribution(package)
+            continue
+        except metadata.PackageNotFoundError:
+            pass
+        if find_spec(module) is not None:
+            mapping[module] = module
