@@ -17,8 +17,9 @@ test: install  ## the whole test suite, slow end-to-end tests included
 test-fast: install  ## the suite without the tests marked slow
 	$(PY) -m pytest tests -m "not slow"
 
-test-stacks:  ## the stack matrix: Python 3.9 + torch 2.1, and Python 3.12 + torch 2.10 with the OneDL fork
+test-stacks:  ## the stack matrix: Python 3.9 + torch 2.1, Python 3.10 + torch 2.4, Python 3.12 + torch 2.10 with the OneDL fork
 	bash tools/stacks.sh test classic
+	bash tools/stacks.sh test upstream
 	bash tools/stacks.sh test onedl
 
 test-stacks-ops:  ## detectors and segmentors on Python 3.9 + torch 2.1 (builds mmcv's ops once, ~20 min)

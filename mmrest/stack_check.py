@@ -18,7 +18,7 @@ REQUIREMENTS: Dict[str, Tuple[str, str, str]] = {
 }
 
 
-def _version_tuple(version: str) -> Tuple[int, ...]:
+def version_tuple(version: str) -> Tuple[int, ...]:
     """(2, 1, 2) for '2.1.2+cu121' or '2.1.2rc1'; pre-releases count as the release."""
     parts = []
     for piece in version.split('+')[0].split('.')[:3]:
@@ -45,7 +45,7 @@ def stack_problem(name: str, version: Optional[str]) -> Optional[str]:
     needed = f'{name}>={low},<{high}'
     if version is None:
         return f'mmrest needs {needed}, which is not installed ({how})'
-    if not _version_tuple(low) <= _version_tuple(version) < _version_tuple(high):
+    if not version_tuple(low) <= version_tuple(version) < version_tuple(high):
         return f'mmrest needs {needed}, found {name} {version} ({how})'
     return None
 

@@ -9,15 +9,18 @@
 #                mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain 1.2.0
 #   onedl        Python 3.12, torch 2.10.0, numpy 2, the OneDL fork (onedl-mmengine
 #                0.10.12, onedl-mmdetection 3.5.1, onedl-mmsegmentation 1.4.2,
-#                onedl-mmpretrain 1.3.6) with mmcv-lite 2.2.0
-#   upstream     Python 3.11, torch 2.4.1 (the newest with upstream prebuilt mmcv), numpy
+#                onedl-mmpretrain 1.3.6) and onedl-mmcv 2.3.6 (its Python code: pip's
+#                isolated build has no torch, so it compiles no ops)
+#   upstream     Python 3.10, torch 2.4.1 (the newest with upstream prebuilt mmcv), numpy
 #                1.26, mmengine 0.10.7, mmcv-lite 2.1.0, the upstream toolboxes
+#   onedl-lite   onedl with mmcv-lite 2.2.0 instead of onedl-mmcv
 #   classic-ops  classic with mmcv 2.1.0 built with its ops for torch 2.1.2 (about 20 min
 #                on 2 cores the first time, then cached): the detector and segmentor steps
 #
-# mmcv-lite has no compiled ops, so `test classic` and `test onedl` run the tests marked
-# `stack` (backbones, exactness, checkpoints, safe loading, configs, classifier, plain
-# `pip install .` leaving the stack unchanged); `test classic-ops` adds those marked `ops`.
+# None of these has compiled ops, so `test classic`, `test upstream`, `test onedl` and
+# `test onedl-lite` run the tests marked `stack` (backbones, exactness, checkpoints, safe
+# loading, configs, classifier, plain `pip install .` leaving the stack unchanged);
+# `test classic-ops` adds those marked `ops`.
 # Environments live in MMREST_STACKS (default ~/.cache/mmrest/stacks), apart from the
 # repository and from the pinned .venv of `make install`.
 set -euo pipefail
@@ -34,22 +37,26 @@ case "$name" in
     python="$HOME/.pyenv/versions/3.9.18/bin/python"
     stack=(torch==2.1.2 torchvision==0.16.2 numpy==1.26.4 mmengine==0.10.4 "setuptools<70")
     toolboxes=(mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0)
+    mmcv=mmcv-lite==2.1.0
     extra=(scikit-image==0.22.0)
     ;;
   upstream)
-    python="$HOME/.pyenv/versions/3.11.7/bin/python"
+    python="$HOME/.pyenv/versions/3.10.13/bin/python"
     stack=(torch==2.4.1 torchvision==0.19.1 numpy==1.26.4 mmengine==0.10.7 "setuptools<70")
     toolboxes=(mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0)
+    mmcv=mmcv-lite==2.1.0
     extra=(scikit-image==0.24.0)
     ;;
-  onedl)
+  onedl|onedl-lite)
     python="$HOME/.pyenv/versions/3.12.1/bin/python"
     stack=(torch==2.10.0 torchvision==0.25.0 "numpy>=2,<3" onedl-mmengine==0.10.12 "setuptools<70")
     toolboxes=(onedl-mmdetection==3.5.1 onedl-mmsegmentation==1.4.2 onedl-mmpretrain==1.3.6)
+    mmcv=onedl-mmcv==2.3.6
+    if [[ "$name" == onedl-lite ]]; then mmcv=mmcv-lite==2.2.0; fi
     extra=(scikit-image==0.24.0)
     ;;
   *)
-    echo "usage: bash tools/stacks.sh env|test classic|upstream|onedl|classic-ops" >&2
+    echo "usage: bash tools/stacks.sh env|test classic|upstream|onedl|onedl-lite|classic-ops" >&2
     exit 2
     ;;
 esac
@@ -63,7 +70,7 @@ toolbox_needs=(pycocotools scipy shapely terminaltables matplotlib ftfy regex pr
 venv="$root/$name"
 py="$venv/bin/python"
 pip=("$py" -m pip --disable-pip-version-check -q)
-spec="${stack[*]} | ${toolboxes[*]} | ${toolbox_needs[*]} | ${extra[*]} | $name"
+spec="${stack[*]} | $mmcv | ${toolboxes[*]} | ${toolbox_needs[*]} | ${extra[*]} | $name"
 stamp="$venv/.stack"
 
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$spec" ]]; then
@@ -85,10 +92,8 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$spec" ]]; then
       whl="$(ls "$wheel_dir"/mmcv-2.1.0-*.whl | head -n 1)"
     fi
     "${pip[@]}" install --no-deps "$whl"
-  elif [[ "$name" == classic || "$name" == upstream ]]; then
-    "${pip[@]}" install --no-deps mmcv-lite==2.1.0
   else
-    "${pip[@]}" install --no-deps mmcv-lite==2.2.0
+    "${pip[@]}" install --no-deps "$mmcv"
   fi
   # mmcv's own plain needs (mmcv-lite is installed without its requirements)
   "${pip[@]}" install addict packaging Pillow pyyaml yapf "opencv-python-headless<4.11"

@@ -8,6 +8,8 @@ from typing import ContextManager, Optional, Tuple
 
 import torch
 
+from ..stack_check import version_tuple
+
 
 def _flag(*names: str) -> bool:
     """The first of ``torch`` attributes ``names`` (dotted) that exists, called."""
@@ -68,8 +70,8 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 def torch_version() -> Tuple[int, int]:
     """(major, minor) of the installed torch, e.g. (2, 1) for '2.1.2+cu121'."""
-    major, minor = torch.__version__.split('+')[0].split('.')[:2]
-    return int(major), int(''.join(c for c in minor if c.isdigit()) or 0)
+    major, minor = version_tuple(torch.__version__)[:2]
+    return major, minor
 
 
 def require_torch(version: str, feature: str) -> None:
@@ -82,7 +84,6 @@ def require_torch(version: str, feature: str) -> None:
     Raises:
         RuntimeError: If torch is older.
     """
-    needed = tuple(int(v) for v in version.split('.')[:2])
-    if torch_version() < needed:
+    if torch_version() < version_tuple(version)[:2]:
         raise RuntimeError(f'{feature} needs torch >= {version}, found torch '
                            f'{torch.__version__}')
