@@ -294,7 +294,7 @@ def test_rng_states_loaded_onto_a_gpu_are_restored():
     generator states arrive as CUDA tensors, which torch's setters refuse; they are
     restored through the CPU. A stand-in plays the CUDA tensor: only its ``cpu()`` gives
     the bytes."""
-    from mmrest.engine.checkpointing import _rng_state, _set_rng_state
+    from mmrest.engine.rng_state import _rng_state, _set_rng_state
 
     class OnTheGpu:
         def __init__(self, state: torch.Tensor) -> None:
@@ -319,7 +319,7 @@ def test_epoch_resume_with_persistent_workers_says_what_is_not_restored(
     from types import SimpleNamespace
 
     from mmrest.engine import RNGStateHook
-    from mmrest.engine.checkpointing import _rng_state
+    from mmrest.engine.rng_state import _rng_state
     logs = []
     runner = SimpleNamespace(
         world_size=1, rank=0, iter=8, train_loop=object(),
@@ -450,7 +450,7 @@ def _states(seeds):
 
     import numpy as np
 
-    from mmrest.engine.checkpointing import _rng_state
+    from mmrest.engine.rng_state import _rng_state
     out = []
     for seed in seeds:
         torch.manual_seed(seed)
@@ -476,13 +476,13 @@ def keep_generators():
 def test_rng_hook_gathers_only_when_a_checkpoint_is_due(monkeypatch):
     from mmengine.hooks import CheckpointHook
 
-    import mmrest.engine.checkpointing as checkpointing
+    import mmrest.engine.rng_state as rng_state
     calls = []
-    monkeypatch.setattr(checkpointing, 'all_gather_object',
+    monkeypatch.setattr(rng_state, 'all_gather_object',
                         lambda obj: calls.append(runner.iter) or [obj])
     ckpt_hook = CheckpointHook(interval=3, by_epoch=False)  # save_last=True
     runner = _Runner(hooks=[ckpt_hook], max_iters=8)
-    hook = checkpointing.RNGStateHook()
+    hook = rng_state.RNGStateHook()
     for it in range(8):
         runner.iter = it
         hook.after_train_iter(runner, it)
@@ -503,11 +503,11 @@ def test_rng_hook_gathers_only_when_a_checkpoint_is_due(monkeypatch):
 
 
 def test_rng_hook_saves_every_rank_and_restores_its_own(monkeypatch, keep_generators):
-    import mmrest.engine.checkpointing as checkpointing
+    import mmrest.engine.rng_state as rng_state
     state0, state1 = _states([11, 22])
-    monkeypatch.setattr(checkpointing, 'all_gather_object', lambda obj: [state0, state1])
-    saver = checkpointing.RNGStateHook()
-    rank0 = _Runner(rank=0, world_size=2, hooks=[checkpointing.CheckpointHook(interval=1)])
+    monkeypatch.setattr(rng_state, 'all_gather_object', lambda obj: [state0, state1])
+    saver = rng_state.RNGStateHook()
+    rank0 = _Runner(rank=0, world_size=2, hooks=[rng_state.CheckpointHook(interval=1)])
     rank0.iter = 4
     saver.after_train_epoch(rank0)
     checkpoint = dict(meta=dict(iter=5))
@@ -520,7 +520,7 @@ def test_rng_hook_saves_every_rank_and_restores_its_own(monkeypatch, keep_genera
     torch.manual_seed(0)  # the re-seeding of a resumed run
     rank1 = _Runner(rank=1, world_size=2)
     rank1.iter = 5
-    loader = checkpointing.RNGStateHook()
+    loader = rng_state.RNGStateHook()
     loader.after_load_checkpoint(rank1, checkpoint)
     loader.before_train_epoch(rank1)
     import random
@@ -531,7 +531,7 @@ def test_rng_hook_saves_every_rank_and_restores_its_own(monkeypatch, keep_genera
 
 
 def test_rng_hook_with_another_world_size_warns_and_keeps_the_seeding(keep_generators):
-    from mmrest.engine.checkpointing import RNGStateHook
+    from mmrest.engine.rng_state import RNGStateHook
     states = _states([1, 2])
     checkpoint = dict(meta=dict(iter=3), rng_state=dict(world_size=2, ranks=states))
     runner = _Runner(rank=0, world_size=1)
@@ -548,7 +548,7 @@ def test_rng_hook_with_another_world_size_warns_and_keeps_the_seeding(keep_gener
 
 
 def test_rng_hook_reads_single_process_checkpoints_of_older_versions(keep_generators):
-    from mmrest.engine.checkpointing import RNGStateHook
+    from mmrest.engine.rng_state import RNGStateHook
     (state, ) = _states([7])
     expected = _draw_after(state)
     torch.manual_seed(0)

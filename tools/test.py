@@ -24,14 +24,7 @@ if REPO not in sys.path:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Command line of the test tool.
-
-    Args:
-        argv (list[str], optional): Arguments. Defaults to None (``sys.argv``).
-
-    Returns:
-        argparse.Namespace: The parsed arguments.
-    """
+    """Command line of the test tool (``argv`` defaults to ``sys.argv``)."""
     from mmrest.engine import add_common_tool_arguments, parse_tool_arguments
     parser = argparse.ArgumentParser(description='Evaluate a checkpoint')
     parser.add_argument('config', help='test config file path')

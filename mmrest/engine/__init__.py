@@ -7,29 +7,22 @@ Used by ``tools/train.py`` and ``tools/test.py``; with a runner of your own::
     apply_reliability_hooks(cfg)    # atomic checkpoints + RNG state (before building)
     runner = Runner.from_cfg(cfg)
 
-One module per job: :mod:`.checkpointing` (the checkpoint and RNG hooks, putting them
-into a config, choosing the checkpoint to resume from), :mod:`.amp` (``--amp``, ``--no-amp``
-and the CPU autocast wrapper), :mod:`.dist` (gloo on machines without CUDA), :mod:`.cli` (the
-tools' shared arguments and error exit), :mod:`.config` (loading a tool's config,
-building its runner) and :mod:`.preflight` (data checks before training).
-
 Importing this module registers ``mmrest.AtomicCheckpointHook``, ``mmrest.RNGStateHook``,
-``mmrest.PlainParamGroupsHook`` (:mod:`.compile`, for ``compile=True``)
-and ``mmrest.CPUAmpOptimWrapper`` in the registries of :mod:`mmrest.registry` (which
-import it lazily: a config that names them needs nothing else), and the atomic file
-backend ``'mmrest_atomic_local'`` among mmengine's file backends. Nothing else.
+``mmrest.PlainParamGroupsHook`` and ``mmrest.CPUAmpOptimWrapper`` in the registries of
+:mod:`mmrest.registry` (which import it lazily), and the atomic file backend
+``'mmrest_atomic_local'`` among mmengine's file backends. Nothing else.
 """
 from ..utils.checkpoint import setup_safe_loading
 from .amp import CPUAmpOptimWrapper, configure_amp, cpu_amp_config_fix, disable_amp
-from .checkpointing import (ATOMIC_BACKEND, AtomicCheckpointHook, RNGStateHook,
-                            apply_reliability_hooks, check_resume_path, checked_load_from,
-                            checkpoint_candidates, checkpoint_templates, find_resume_checkpoint,
-                            inspect_checkpoint)
+from .checkpointing import (ATOMIC_BACKEND, AtomicCheckpointHook, apply_reliability_hooks,
+                            check_resume_path, checked_load_from, checkpoint_candidates,
+                            checkpoint_templates, find_resume_checkpoint, inspect_checkpoint)
 from .cli import add_common_tool_arguments, parse_tool_arguments, run_tool_cli
 from .compile import PlainParamGroupsHook, prepare_compile
 from .config import ToolConfigError, build_runner, default_work_dir, load_tool_config
 from .dist import init_cpu_distributed
 from .preflight import DatasetCheckError, check_data_config, check_dataset
+from .rng_state import RNGStateHook
 
 __all__ = [
     'ATOMIC_BACKEND', 'AtomicCheckpointHook', 'CPUAmpOptimWrapper', 'DatasetCheckError',

@@ -1,53 +1,20 @@
-"""Checkpoint files: reading them safely and writing them atomically.
+"""Reading checkpoint files safely.
 
-**Reading.** :func:`safe_load_checkpoint` loads with ``torch.load(weights_only=True)``:
-only tensors, plain containers and allowlisted types are unpickled, nothing in the file
-can run code. It tells two kinds of refusal apart: a file that is not a torch checkpoint,
-or is truncated or corrupted (:class:`CheckpointError`), and a file that contains objects
-whose loading could run code (:class:`UnsafeCheckpointError`). :func:`verify_checkpoint_file`
-recomputes the CRC-32 of every record of a zip-format checkpoint without unpickling it.
+:func:`safe_load_checkpoint` loads with ``torch.load(weights_only=True)``: nothing in the
+file can run code. It tells a file that is not a torch checkpoint, or is truncated or
+corrupted (:class:`CheckpointError`), from one holding objects whose loading could run
+code (:class:`UnsafeCheckpointError`).
 
-**The allowlist of mmengine's types.** mmengine 0.10.7 calls ``torch.load`` without
-``weights_only``; since torch 2.6 that means ``weights_only=True``, which refuses the few
-types mmengine itself writes into training checkpoints (``Runner.resume``, ``load_from``,
-``load_checkpoint`` and the inferencers of mmdet, mmseg and mmpretrain all fail with
-``Weights only load failed``). :func:`setup_safe_loading` adds exactly those types to
-torch's allowlist (:func:`mmengine_safe_globals`, reasons in :data:`SAFE_GLOBAL_REASONS`,
-found by saving real mmdet, mmseg and mmpretrain checkpoints). ``import mmrest`` calls it,
-so ``custom_imports=dict(imports=['mmrest'])`` is enough for all of those APIs.
-
-What this changes in the process, and nothing else: ``torch.serialization.add_safe_globals``
-is called once with
-
-* ``mmengine.logging.history_buffer.HistoryBuffer``;
-* a restricted stand-in registered under the name ``builtins.getattr``: it returns the
-  four statistics methods of ``HistoryBuffer`` and refuses every other object or name
-  (any weights-only load in the process that meets ``builtins.getattr`` gets it);
-* ``numpy.ndarray``, ``numpy.dtype``, numpy's array and scalar reconstructors (under the
-  names of numpy 2 and numpy 1) and numpy's boolean, integer, floating and complex dtype
-  classes (no object, string or structured dtypes).
-
-The entries are added to what is registered already; nothing is removed and
-``weights_only`` keeps torch's default.
-
-**mmengine's loader of local files.** :func:`setup_safe_loading` also registers
-:func:`safe_load_checkpoint` as the loader of local files in mmengine's
-``CheckpointLoader`` (its registry of loaders by path scheme), so ``load_checkpoint``,
-``Runner.resume`` and ``load_from`` refuse a code-running file whatever the stack does by
-itself: torch < 2.6 defaults to ``weights_only=False``, and the OneDL fork's mmengine
-retries a refused file with ``weights_only=False``.
-
-**Older torch.** Before torch 2.6, ``add_safe_globals`` does not take the
-``(object, 'module.name')`` entries above and ``torch.load`` does not default to
-``weights_only=True``. There :func:`safe_load_checkpoint` reads files with
-:class:`RestrictedUnpickler`, which allows the same types and refuses any other global
-before looking it up; torch's allowlist is left alone.
-
-**Writing.** A checkpoint is written to a temporary file ``.<name>.<pid>.tmp`` in the
-destination folder, flushed to disk (``fsync``) and renamed over the destination
-(``os.replace``, atomic on POSIX): the destination is always either the previous complete
-file or the new complete file, never a partial one (:func:`atomic_write`,
-:func:`atomic_torch_save`, and :class:`AtomicLocalBackend` for mmengine's file I/O).
+mmengine 0.10.7 calls ``torch.load`` without ``weights_only``, which since torch 2.6 refuses
+the few types mmengine writes into training checkpoints. :func:`setup_safe_loading`
+(called by ``import mmrest``) adds exactly those types to torch's allowlist
+(:func:`mmengine_safe_globals`, reasons in :data:`SAFE_GLOBAL_REASONS`), among them a
+restricted stand-in for ``builtins.getattr`` that returns only ``HistoryBuffer``'s
+statistics methods; nothing is removed and ``weights_only`` keeps torch's default. It also
+registers :func:`safe_load_checkpoint` as mmengine's loader of local files, so
+``load_checkpoint``, ``Runner.resume`` and ``load_from`` refuse code-running files on every
+stack. Before torch 2.6 files are read with :class:`RestrictedUnpickler`, which allows
+the same types.
 """
 import _compat_pickle
 import builtins
@@ -55,14 +22,12 @@ import codecs
 import os
 import os.path as osp
 import pickle
-import re
 import urllib.parse
 import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from mmengine.fileio.backends import LocalBackend
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.utils import digit_version
 
@@ -73,9 +38,6 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 PathLike = Union[str, os.PathLike]
 SafeGlobal = Union[Callable, type, Tuple[Any, str]]
-
-#: Names of the temporary files of :func:`atomic_write`: ``.<final name>.<pid>.tmp``.
-TEMP_FILE_RE = re.compile(r'^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$')
 
 
 class CheckpointError(RuntimeError):
@@ -134,18 +96,8 @@ class RefusedGlobalError(pickle.UnpicklingError):
 
 
 def history_buffer_getattr(obj: Any, name: str) -> Callable:
-    """Stand-in for ``getattr`` while unpickling: HistoryBuffer statistics methods only.
-
-    Args:
-        obj (Any): The object of the pickled ``getattr(obj, name)`` call.
-        name (str): The attribute name.
-
-    Returns:
-        Callable: ``HistoryBuffer.<name>``.
-
-    Raises:
-        RefusedGlobalError: For any other object or attribute.
-    """
+    """Stand-in for ``getattr`` while unpickling: ``HistoryBuffer.<name>`` for its
+    statistics methods; :class:`RefusedGlobalError` for anything else."""
     if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
         return builtins.getattr(HistoryBuffer, name)
     raise RefusedGlobalError(
@@ -166,12 +118,8 @@ def _numpy_dtype_classes() -> List[type]:
 
 
 def mmengine_safe_globals() -> List[SafeGlobal]:
-    """The types :func:`setup_safe_loading` allows, in ``add_safe_globals`` form.
-
-    Returns:
-        list: Classes, functions, and ``(object, 'module.name')`` pairs for objects that
-        a checkpoint refers to under another name.
-    """
+    """The types :func:`setup_safe_loading` allows, in ``add_safe_globals`` form
+    (classes, functions, and ``(object, 'module.name')`` pairs)."""
     entries: List[SafeGlobal] = [
         HistoryBuffer,
         (history_buffer_getattr, 'builtins.getattr'),
@@ -187,26 +135,17 @@ def mmengine_safe_globals() -> List[SafeGlobal]:
 
 
 def torch_allowlist_usable() -> bool:
-    """Whether torch's own weights-only unpickler can read mmengine checkpoints here.
-
-    It needs ``torch.serialization.add_safe_globals`` with ``(object, 'module.name')``
-    entries (torch >= 2.6, which also made ``weights_only=True`` the default of
-    ``torch.load``). On older torch :func:`safe_load_checkpoint` uses
-    :class:`RestrictedUnpickler`, which allows the same types.
-    """
+    """Whether torch's weights-only unpickler can read mmengine checkpoints here: it
+    needs ``add_safe_globals`` with ``(object, 'module.name')`` entries (torch >= 2.6)."""
     return digit_version(torch.__version__) >= digit_version('2.6.0')
 
 
 def setup_safe_loading() -> None:
     """Let ``torch.load(weights_only=True)`` read mmengine checkpoints, and only those.
 
-    Adds :func:`mmengine_safe_globals` to torch's allowlist
-    (``torch.serialization.add_safe_globals``); that is all it changes (see the module
-    docstring), on torch >= 2.6 (see :func:`torch_allowlist_usable`), and registers
-    :func:`safe_load_checkpoint` as mmengine's loader of local checkpoint files, so that
-    mmengine's ``load_checkpoint``, ``Runner.resume`` and ``load_from`` refuse code on
-    every stack. ``import mmrest`` calls it; call it again only if something cleared
-    torch's allowlist since. Idempotent.
+    Adds :func:`mmengine_safe_globals` to torch's allowlist (torch >= 2.6) and registers
+    :func:`safe_load_checkpoint` as mmengine's loader of local checkpoint files.
+    ``import mmrest`` calls it. Idempotent.
     """
     if torch_allowlist_usable():
         torch.serialization.add_safe_globals(mmengine_safe_globals())
@@ -264,11 +203,7 @@ def _restricted_globals() -> Dict[Tuple[str, str], Any]:
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that builds only tensors, plain containers and the types of
     :func:`mmengine_safe_globals`; any other global is refused before it is looked up.
-
-    :func:`safe_load_checkpoint` reads checkpoints with it on torch < 2.6, through
-    ``torch.load(pickle_module=...)`` (torch still restores the tensor storages); it is
-    the same allowlist as torch's weights-only unpickler with :func:`setup_safe_loading`.
-    """
+    :func:`safe_load_checkpoint` uses it on torch < 2.6."""
 
     _allowed: Optional[Dict[Tuple[str, str], Any]] = None
 
@@ -302,20 +237,8 @@ class _RestrictedPickleModule:
 
 
 def restricted_torch_load(path: PathLike, map_location: Any = 'cpu') -> Any:
-    """``torch.load`` with :class:`RestrictedUnpickler` (any torch version).
-
-    Args:
-        path (str | PathLike): Local checkpoint file.
-        map_location (str | torch.device | callable): As in ``torch.load``.
-            Defaults to 'cpu'.
-
-    Returns:
-        Any: The loaded object.
-
-    Raises:
-        RefusedGlobalError: If the file names a global that is not allowed (nothing it
-            names is looked up, so nothing in it runs).
-    """
+    """``torch.load`` with :class:`RestrictedUnpickler` (any torch version); raises
+    :class:`RefusedGlobalError` for a global that is not allowed."""
     return torch.load(os.fspath(path), map_location=map_location,
                       pickle_module=_RestrictedPickleModule, weights_only=False)
 
@@ -344,11 +267,8 @@ def _not_a_checkpoint(path: str, detail: str) -> CheckpointError:
 
 
 def _check_container(path: str) -> bool:
-    """Refuse files that are neither a zip archive nor a pickle (torch's two formats).
-
-    Returns:
-        bool: Whether the file is a zip archive (else a legacy pickle-format file).
-    """
+    """Refuse files that are neither a zip archive nor a pickle (torch's two formats);
+    return whether the file is a zip archive."""
     if osp.getsize(path) == 0:
         raise _not_a_checkpoint(path, 'the file is empty')
     with open(path, 'rb') as f:
@@ -362,12 +282,8 @@ def _check_container(path: str) -> bool:
 def safe_load_checkpoint(path: PathLike,
                          map_location: Any = 'cpu',
                          mmap: bool = False) -> Any:
-    """Load a checkpoint file with ``torch.load(weights_only=True)``.
-
-    Only tensors, plain containers and the types registered with
-    ``torch.serialization.add_safe_globals`` (see :func:`setup_safe_loading`) are
-    unpickled; nothing in the file can run code. On torch < 2.6 the same types are read
-    with :class:`RestrictedUnpickler` instead.
+    """Load a checkpoint file with ``torch.load(weights_only=True)`` (on torch < 2.6
+    with :class:`RestrictedUnpickler`): nothing in the file can run code.
 
     Args:
         path (str | PathLike): Local checkpoint file.
@@ -422,13 +338,9 @@ _HUB_SCHEMES = ('modelzoo://', 'torchvision://', 'open-mmlab://', 'openmmlab://'
 def fetch_checkpoint(path: str, model_dir: Optional[str] = None) -> str:
     """The local file to read a checkpoint from, downloading ``http(s)://`` addresses.
 
-    mmengine reads such addresses with ``torch.hub.load_state_dict_from_url``, which
-    unpickles them with ``weights_only=False``: a downloaded file could run code. Here the
-    file is only downloaded, into torch hub's ``checkpoints`` folder as mmengine and
-    torchvision do (once; an existing file of the same name is reused), and the local
-    path is returned, for :func:`safe_load_checkpoint` or ``inspect_checkpoint``. Local
-    paths and other storage schemes (``s3://``, read by mmengine with
-    ``torch.load``'s weights-only default) are returned as they are.
+    mmengine would unpickle a downloaded file with ``weights_only=False``; here it is only
+    downloaded (once) into torch hub's ``checkpoints`` folder and its path returned. Local
+    paths and other storage schemes are returned as they are.
 
     Args:
         path (str): A local path or an address.
@@ -466,12 +378,9 @@ def fetch_checkpoint(path: str, model_dir: Optional[str] = None) -> str:
 
 
 def verify_checkpoint_file(path: PathLike) -> None:
-    """Check that a checkpoint file is complete and undamaged, without unpickling it.
-
-    A zip-format checkpoint (``torch.save`` since torch 1.6) stores a CRC-32 of every
-    record; all of them are recomputed, which catches truncation and flipped bytes that
-    ``torch.load`` itself does not notice. Legacy (pickle-format) files only get the
-    check of their first bytes.
+    """Check that a checkpoint file is complete and undamaged, without unpickling it:
+    the CRC-32 of every record of a zip-format file (legacy pickle-format files only get
+    the check of their first bytes).
 
     Args:
         path (str | PathLike): Local checkpoint file.
@@ -500,187 +409,3 @@ def verify_checkpoint_file(path: PathLike) -> None:
     if bad is not None:
         raise CheckpointError(
             f'checkpoint {path} is corrupted: record {bad!r} fails its CRC-32 check')
-
-
-# ---------------------------------------------------------------- atomic writing
-
-def temp_path_for(path: PathLike) -> str:
-    """The temporary file :func:`atomic_write` uses for ``path`` (same folder).
-
-    Args:
-        path (str | PathLike): The final file.
-
-    Returns:
-        str: ``<folder>/.<name>.<pid>.tmp``.
-    """
-    path = os.fspath(path)
-    folder, name = osp.split(path)
-    return osp.join(folder, f'.{name}.{os.getpid()}.tmp')
-
-
-def fsync_file(path: PathLike) -> None:
-    """Flush a file's data to disk.
-
-    Args:
-        path (str | PathLike): The file.
-    """
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: PathLike) -> None:
-    """Flush a folder's entries (e.g. a rename) to disk, where the platform allows it.
-
-    Args:
-        path (str | PathLike): The folder.
-    """
-    try:
-        fd = os.open(os.fspath(path) or '.', os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on folders
-        pass
-    finally:
-        os.close(fd)
-
-
-def commit_file(tmp_path: PathLike, final_path: PathLike) -> None:
-    """Make a fully written temporary file the final file, atomically and durably.
-
-    ``fsync`` of the data, ``os.replace`` (atomic within one file system), ``fsync`` of
-    the folder.
-
-    Args:
-        tmp_path (str | PathLike): The complete temporary file (same folder).
-        final_path (str | PathLike): The destination; replaced if it exists.
-    """
-    fsync_file(tmp_path)
-    os.replace(tmp_path, final_path)
-    fsync_dir(osp.dirname(os.fspath(final_path)))
-
-
-def _write_then_commit(path: str, write_temp: Callable[[str], None]) -> None:
-    """Write ``path``'s temporary file with ``write_temp``, then :func:`commit_file` it.
-
-    Args:
-        path (str): The destination.
-        write_temp (Callable): Called with the temporary file's path; writes it whole.
-
-    Raises:
-        BaseException: Whatever ``write_temp`` or the commit raise; the destination is
-            untouched and the temporary file is removed.
-    """
-    tmp = temp_path_for(path)
-    try:
-        write_temp(tmp)
-        commit_file(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = 'wb') -> None:
-    """Write a file so that a crash or a full disk never leaves it partial.
-
-    Args:
-        path (str | PathLike): The destination.
-        write (Callable): Called with the open temporary file object.
-        mode (str): ``'wb'`` or ``'w'``. Defaults to 'wb'.
-
-    Raises:
-        OSError: If writing fails; the destination is untouched and the temporary file
-            is removed.
-    """
-
-    def write_temp(tmp: str) -> None:
-        with open(tmp, mode) as f:
-            write(f)
-
-    _write_then_commit(os.fspath(path), write_temp)
-
-
-def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` through :func:`atomic_write`.
-
-    Args:
-        obj (Any): What to save.
-        path (str | PathLike): The destination file.
-    """
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def remove_stale_temp_files(folder: PathLike) -> List[str]:
-    """Delete temporary files of :func:`atomic_write` left by processes that died.
-
-    Files of processes that are still running are kept.
-
-    Args:
-        folder (str | PathLike): The folder to clean.
-
-    Returns:
-        list[str]: The removed files.
-    """
-    folder = os.fspath(folder)
-    removed: List[str] = []
-    if not osp.isdir(folder):
-        return removed
-    for name in os.listdir(folder):
-        match = TEMP_FILE_RE.match(name)
-        if match is None:
-            continue
-        pid = int(match.group('pid'))
-        if pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-                continue  # that process is alive: maybe it is writing right now
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-        try:
-            os.remove(osp.join(folder, name))
-            removed.append(osp.join(folder, name))
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-class AtomicLocalBackend(LocalBackend):
-    """mmengine's local file backend with atomic writes.
-
-    ``put`` and ``put_text`` write to a temporary file in the destination folder
-    (through :class:`~mmengine.fileio.backends.LocalBackend`), then
-    :func:`commit_file` it, as :func:`atomic_write` does: a crash or a full disk never
-    leaves a partial destination, and a failed write removes its temporary file.
-    Everything else is mmengine's.
-    :mod:`mmrest.engine` registers it with mmengine's file backends as
-    ``'mmrest_atomic_local'``, so ``backend_args=dict(backend='mmrest_atomic_local')``
-    selects it wherever mmengine takes ``backend_args`` (``mmrest.AtomicCheckpointHook``
-    does so for local folders).
-    """
-
-    def put(self, obj: bytes, filepath: PathLike) -> None:
-        """Write bytes to ``filepath`` atomically.
-
-        Args:
-            obj (bytes): Data to be written.
-            filepath (str | PathLike): The destination (its folder is created).
-        """
-        write_temp = super().put
-        _write_then_commit(os.fspath(filepath), lambda tmp: write_temp(obj, tmp))
-
-    def put_text(self, obj: str, filepath: PathLike, encoding: str = 'utf-8') -> None:
-        """Write text to ``filepath`` atomically.
-
-        Args:
-            obj (str): Text to be written.
-            filepath (str | PathLike): The destination (its folder is created).
-            encoding (str): The encoding. Defaults to 'utf-8'.
-        """
-        self.put(obj.encode(encoding), filepath)

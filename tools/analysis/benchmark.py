@@ -3,20 +3,15 @@ mmdet's peers, and the A/B of the CPU shortcuts (GPUs: ``tools/analysis/gpu_chec
 
 Peers (the default): every (model, case) of :data:`MODELS` x :data:`CASES` in a fresh
 process with fixed threads, random weights, fp32, eager, timed by ``Timer.blocked_autorange``
-(inference under ``torch.inference_mode``; a training step is the forward in train mode,
-``sum(out.mean())`` and the backward), in ``--rounds`` rounds of rotated order, the median
-reported. Memory: the model memory, the peak RSS minus the RSS after the imports (what the
-model, its input and its runs add). Ratios to the reference and to Swin-T per case.
+in ``--rounds`` rounds of rotated order, the median reported, with the memory the model and
+its runs add to the process's peak RSS, and ratios to the reference and to Swin-T.
 
-A/B (``--ab``): in one process per (case, model), the model with every switch of
-:data:`SWITCHES` off ("plain"), with each one on, and with all on, alternating in rotated
-order for ``--rounds`` rounds: median wall and process CPU times (the CPU time is less
-sensitive to other jobs on a shared host) and the peak memory of one step's tensors, as
-ratios to plain. This is how a CPU shortcut earns its place (docs/benchmarks.md, "CPU
-shortcuts: kept and removed").
+A/B (``--ab``): each model with every switch of :data:`SWITCHES` off ("plain"), each one on
+and all on, alternating for ``--rounds`` rounds: median wall and CPU times and the peak
+memory of one step's tensors, as ratios to plain.
 
-Every run (machine, load average, date, command, results) is appended as one JSON line to
-``docs/results/benchmark-cpu.jsonl`` (``--results``; not with ``--quick``).
+Every run is appended as one JSON line to ``docs/results/benchmark-cpu.jsonl``
+(``--results``; not with ``--quick``).
 
 Examples::
 
@@ -193,13 +188,10 @@ def machine_info(threads: int, device: str, command: str) -> Dict[str, Any]:
 # ------------------------------------------------------------------------ models
 def mmdet_backbone_cfg(source: str) -> Dict[str, Any]:
     """``model.backbone`` of an mmdet config (``'mmdet::<path>'``), four stages, no weights."""
-    from mmengine.config import Config
-    from mmengine.utils import get_installed_path
+    from mmengine.hub import get_config
     if importlib.util.find_spec('mmdet') is None:
         raise ImportError(f'mmdet is not installed; it is needed for {source}')
-    cfg = Config.fromfile(osp.join(get_installed_path('mmdet'), '.mim', 'configs',
-                                   source.split('::', 1)[1]))
-    backbone = cfg.model.backbone.to_dict()
+    backbone = get_config(source).model.backbone.to_dict()
     backbone.pop('pretrained', None)
     backbone.update(init_cfg=None, out_indices=(0, 1, 2, 3))
     return backbone

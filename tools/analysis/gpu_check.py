@@ -1,46 +1,26 @@
 """GPU check of the ResT backbones: fused vs reference agreement, speed and memory.
 
-Needs only torch, mmengine and mmcv (mmcv without its C++ ops is enough): it imports
-:mod:`mmrest.models` and nothing of mmdet, except to build Swin-T for the speed table when
-mmdet is importable. ResT: Zhang and Yang, NeurIPS 2021, https://arxiv.org/abs/2105.13677;
-authors' code: https://github.com/wofmanaf/ResT.
+Needs torch, mmengine and mmcv (mmdet only for the Swin-T row of the speed table).
 
-**Agreement.** For every ResT and every ResTV2 arch, a model with the default fused attention
-(``attn_impl='fused'``) is compared with one with the reference (``attn_impl='reference'``,
-the paper's equations as written). Both hold one state dict of non-trivial random weights
-(:func:`randomize_weights`), at 224x224 and 800x1344:
+**Agreement.** For every ResT and ResTV2 arch, the fused attention (``attn_impl='fused'``)
+against the reference, with one state dict of non-trivial random weights
+(:func:`randomize_weights`), at 224x224 and 800x1344: eval-mode outputs (batch 2) and
+train-mode parameter gradients (batch 2, 1 above 512x512) of ``sum((out * r).sum())``.
+Errors are max |a - b| relative to the reference's scale (per stage map, or per part of
+the model for gradients: :func:`gradient_error`). float32 runs with TF32 off and must agree
+to < 1e-4; under fp16/bf16 autocast the fused model is compared with the float32 reference
+(:data:`TOLERANCES`), the reference's own autocast error shown beside it, not judged.
 
-* outputs: eval mode, ``torch.no_grad``, all four stage maps, batch 2;
-* parameter gradients: train mode, ``drop_path_rate=0``, batch 2 (1 above 512x512
-  pixels, so 800x1344 runs at batch 1), loss ``sum((out * r).sum())`` with fixed random
-  ``r`` (with a mean loss the gradients behind the output LayerNorms vanish).
+**Speed and memory.** Median inference and training-step time
+(``torch.utils.benchmark.Timer.blocked_autorange``) and ``max_memory_allocated`` of
+ResT-small and ResTV2-tiny (fused and reference) and mmdet's Swin-T backbone, at 224x224
+batch 64 and 800x1344 batch 2.
 
-Errors are max |a - b| relative to a scale, as in ``tests/test_emsa_module.py``: for a stage
-map ``max(1, max |reference|)``; for gradients the largest reference gradient of the part
-of the model (stem, a patch embedding, a stage, an output norm) the parameter belongs to
-(:func:`gradient_error`). float32 runs with TF32 off (``torch.backends.cuda.matmul.
-allow_tf32`` and ``torch.backends.cudnn.allow_tf32`` are False during all checks) and must
-agree to < 1e-4, the CPU tests' standard. Under fp16 and bf16 autocast the fused model is
-compared with the float32 reference (tolerances: :data:`TOLERANCES`); the reference's own
-error under the same autocast is reported beside it, for scale, and not judged.
+Prints markdown tables, writes JSON (``--out``). Exit status 0 if every check passes, 1 if
+any fails or raised, 2 without CUDA (``--device cpu --smoke`` runs the flow on the CPU)::
 
-**Speed and memory.** Inference and training-step time and ``torch.cuda.max_memory_allocated``
-(reset before each case; weights, input and gradients included) of ResT-small fused and
-reference, ResTV2-tiny fused and reference and mmdet's Swin-T (``model.backbone`` of
-``mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``, no weights) at 224x224 batch 64 and
-800x1344 batch 2. Training step: forward in train mode, loss ``sum(out.float().mean())``,
-backward (no optimizer step). Timed with ``torch.utils.benchmark.Timer.blocked_autorange``
-(it synchronises the GPU) after warm-up runs, median reported; float32 with PyTorch's TF32
-defaults as found, optionally also bf16 autocast (``--speed-dtypes fp32 bf16``).
-
-Prints markdown tables to stdout and progress to stderr; writes JSON (``--out``) with the
-environment. Exit status 0 if every check passes, 1 if any fails or any case raised, 2
-without CUDA (``--device cpu`` runs the whole flow on the CPU, for testing; use
-``--smoke`` for tiny sizes). Examples::
-
-    python tools/analysis/gpu_check.py --out work_dirs/gpu_check.json   # whole check
-    python tools/analysis/gpu_check.py --archs small --sizes 800x1344 --no-speed
-    python tools/analysis/gpu_check.py --device cpu --smoke --archs lite  # seconds, CPU
+    python tools/analysis/gpu_check.py --out work_dirs/gpu_check.json
+    python tools/analysis/gpu_check.py --device cpu --smoke --archs lite
 """
 import argparse
 import contextlib
@@ -66,20 +46,9 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 REST_ARCHS = ('lite', 'small', 'base', 'large')
 V2_ARCHS = ('tiny', 'small', 'base', 'large')
 DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
-#: Max relative error (see the module docstring) of the fused model against the float32
-#: reference, per quantity and dtype. float32: the CPU tests' standard. Under autocast,
-#: matmuls and convs round their inputs and outputs to fp16 (unit roundoff 2**-11 = 4.9e-4)
-#: or bf16 (2**-8 = 3.9e-3) while norms, softmax and the fused attention core stay in
-#: float32. Through up to 24 blocks that gave, measured on the CPU (every ResT arch at
-#: 224x224, ResT-lite at 800x1344): outputs 1.8-2.7e-3 (fp16) and 1.5-2.0e-2 (bf16);
-#: gradients 1.7-2.5e-2 (fp16; up to 4.4e-2 on the tiny --smoke sizes) and 4.8-6.0e-2 at
-#: 224x224, 0.115 at 800x1344 (bf16; the worst are the stem's first conv, at the end of
-#: the longest backward path, and the output norm of stage 1, whose gradients sum rounded
-#: terms over every position). The tolerances leave a margin of 2x or more over those and
-#: still fail real defects: a wrong op, a lost gradient, an overflow or a core run in low
-#: precision gives errors of order 1 or more (the reference, whose attention core runs in
-#: the autocast dtype: outputs 0.05-0.19 in fp16 and 0.30-0.47 in bf16, gradients
-#: 0.18-0.34 in bf16 at 224x224 and not finite in fp16).
+#: Max relative error of the fused model against the float32 reference, per quantity and
+#: dtype: 2x or more over the errors measured with autocast, far below those of real
+#: defects (a wrong op, a lost gradient or a core run in low precision give order 1).
 TOLERANCES = {'outputs': {'fp32': 1e-4, 'fp16': 2e-2, 'bf16': 5e-2},
               'gradients': {'fp32': 1e-4, 'fp16': 1e-1, 'bf16': 2.5e-1}}
 #: Gradient checks above this many pixels per image run at batch 1.
@@ -110,15 +79,7 @@ DEFAULT_SIZES, SMOKE_SIZES = ((224, 224), (800, 1344)), ((64, 64), (48, 80))
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A backbone to check or time.
-
-    Attributes:
-        name (str): Name in ``--archs`` (``'small'``, ``'v2-tiny'``) or ``'swin-t'``.
-        label (str): Name in the tables.
-        build (callable): ``build(attn_impl, drop_path_rate)`` returns the model; for
-            models without an ``attn_impl`` switch it is called with None.
-        has_attn_impl (bool): Whether the model has the fused/reference switch.
-    """
+    """A backbone to check or time: ``build(attn_impl, drop_path_rate)`` returns it."""
     name: str
     label: str
     build: Callable[[Optional[str], Optional[float]], torch.nn.Module]
@@ -218,11 +179,7 @@ def _rest_spec(cls: type, name: str, label: str, arch: str) -> ModelSpec:
 
 
 def available_specs() -> Dict[str, ModelSpec]:
-    """Every ResT and every ResTV2 arch.
-
-    Returns:
-        dict[str, ModelSpec]: Models by ``--archs`` name (``'small'``, ``'v2-tiny'``).
-    """
+    """Every ResT and ResTV2 arch by ``--archs`` name (``'small'``, ``'v2-tiny'``)."""
     import mmrest.models as models
     specs = {a: _rest_spec(models.ResT, a, f'ResT-{a}', a) for a in REST_ARCHS}
     specs.update({f'v2-{a}': _rest_spec(models.ResTV2, f'v2-{a}', f'ResTV2-{a}', a)
@@ -231,11 +188,7 @@ def available_specs() -> Dict[str, ModelSpec]:
 
 
 def swin_backbone_cfg() -> dict:
-    """``model.backbone`` of :data:`SWIN_CONFIG`, without weights, four outputs.
-
-    Raises:
-        Exception: If mmdet or its config is not installed (mmengine's error).
-    """
+    """``model.backbone`` of :data:`SWIN_CONFIG`, without weights, four outputs."""
     from mmengine.hub import get_config
     cfg = get_config(SWIN_CONFIG).model.backbone.to_dict()
     cfg.update(init_cfg=None, out_indices=(0, 1, 2, 3))
@@ -244,11 +197,7 @@ def swin_backbone_cfg() -> dict:
 
 
 def swin_spec() -> ModelSpec:
-    """mmdet's Swin-T backbone (:func:`swin_backbone_cfg`), randomly initialised.
-
-    Raises:
-        Exception: If mmdet is not importable (e.g. mmcv without its C++ ops).
-    """
+    """mmdet's Swin-T backbone (:func:`swin_backbone_cfg`), randomly initialised."""
     cfg = swin_backbone_cfg()
     import mmdet.models  # noqa: F401  (registers the backbones)
     from mmdet.registry import MODELS
@@ -256,20 +205,10 @@ def swin_spec() -> ModelSpec:
 
 
 def randomize_weights(model: torch.nn.Module, seed: int) -> None:
-    """The model's own initialisation with non-trivial 1-D tensors, drawn from ``seed``.
-
-    ``model.init_weights()`` (for ResT the authors' initialisation: truncated normal
-    std 0.02 weights, unit norms, zero linear biases), then, drawn on the CPU: norm scales
-    (1-D ``weight``) 1 + N(0, 0.1^2), biases N(0, 0.1^2), BatchNorm running means
-    N(0, 0.1^2) and variances U(1, 2), so that no norm is the identity and no bias zero.
-    (Weights of a trained network's scale, N(0, 1/fan_in), make the random network
-    chaotic: a float32 input perturbation of bf16's rounding size changes its outputs by
-    6% and its gradients by 30%, so the low-precision checks would measure that.)
-
-    Args:
-        model (nn.Module): Model to modify in place.
-        seed (int): Seed of the draws.
-    """
+    """``model.init_weights()``, then 1-D tensors drawn from ``seed``: norm scales
+    1 + N(0, 0.1^2), biases and running means N(0, 0.1^2), running variances U(1, 2), so
+    that no norm is the identity and no bias zero (a trained network's scale of weights
+    would make the random network chaotic)."""
     torch.manual_seed(seed)
     model.init_weights()
     gen = torch.Generator().manual_seed(seed)
@@ -311,15 +250,9 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 def run_pass(model: torch.nn.Module, state: Dict[str, torch.Tensor], x: torch.Tensor,
              x_train: torch.Tensor, dtype: str,
              seed: int) -> Tuple[List[torch.Tensor], Dict[str, torch.Tensor]]:
-    """Eval-mode outputs on ``x`` and parameter gradients of a train-mode step on ``x_train``.
-
-    ``state`` is loaded first (the train step updates BatchNorm statistics). The loss is
-    ``sum((out.float() * r).sum())`` with ``r ~ N(0, 1)`` drawn from ``seed`` on the
-    input's device, so two models with the same outputs get the same ``r``.
-
-    Returns:
-        tuple[list[Tensor], dict[str, Tensor]]: float32 outputs, gradients by name.
-    """
+    """float32 eval-mode outputs on ``x`` and parameter gradients (by name) of a train
+    step on ``x_train`` (loss ``sum((out * r).sum())``, ``r`` drawn from ``seed``), after
+    loading ``state``."""
     model.load_state_dict(state)
     model.eval()
     with torch.no_grad(), autocast(x.device, dtype):
@@ -343,14 +276,8 @@ def _finite(value: float) -> float:
 
 def output_error(outs: Sequence[torch.Tensor],
                  refs: Sequence[torch.Tensor]) -> Tuple[float, str]:
-    """Largest ``max |out - ref| / max(1, max |ref|)`` over the stage maps, and where.
-
-    Returns:
-        tuple[float, str]: The error (inf if not finite) and ``'stage i'``.
-
-    Raises:
-        ValueError: If the number or the shapes of the maps differ.
-    """
+    """Largest ``max |out - ref| / max(1, max |ref|)`` over the stage maps (inf if not
+    finite), and ``'stage i'``; ``ValueError`` if the maps differ in number or shape."""
     if len(outs) != len(refs):
         raise ValueError(f'{len(outs)} outputs vs {len(refs)} of the reference')
     worst, where = 0.0, ''
@@ -375,27 +302,9 @@ def _stage_of(name: str) -> str:
 
 def gradient_error(grads: Dict[str, torch.Tensor],
                    refs: Dict[str, torch.Tensor]) -> Tuple[float, str]:
-    """Largest gradient error, relative to the scale of its stage, and where.
-
-    The parameters are grouped by stage (:func:`_stage_of`: a stage's patch embedding,
-    blocks and output norm; the stem and the final norm on their own). A parameter's error
-    is ``max |g - g_ref|`` divided by its group's largest ``max |g_ref|``: the max-abs
-    error of one stage's gradients relative to their scale, as for a stage map. Some
-    gradients vanish analytically (a conv bias before a BatchNorm; biases and shifts that
-    cancel in the softmax or the instance norm of EMSA) and are rounding noise in both
-    implementations, so no per-parameter scale is meaningful; ``tests/test_emsa_module.py``
-    judges those at the module's scale too.
-
-    Args:
-        grads (dict[str, Tensor]): Gradients by parameter name.
-        refs (dict[str, Tensor]): Reference gradients by parameter name.
-
-    Returns:
-        tuple[float, str]: The error (inf if not finite) and the parameter name.
-
-    Raises:
-        ValueError: If the parameters with a gradient differ.
-    """
+    """Largest ``max |g - g_ref|`` relative to the largest reference gradient of the
+    parameter's stage (:func:`_stage_of`; some gradients vanish analytically, so no
+    per-parameter scale is meaningful), and the parameter; inf if not finite."""
     if set(grads) != set(refs):
         diff = sorted(set(grads) ^ set(refs))
         raise ValueError(f'gradients of different parameters: {diff[:5]}')
@@ -418,12 +327,8 @@ def _error_text(err: Exception) -> str:
 
 def build_pair(spec: ModelSpec, seed: int, device: torch.device
                ) -> Tuple[torch.nn.Module, torch.nn.Module, Dict[str, torch.Tensor]]:
-    """Reference and fused model of ``spec`` (``drop_path_rate=0``) with one state dict.
-
-    Returns:
-        tuple: ``(reference, fused, state)``, on ``device``; ``state`` is a copy of the
-        weights and buffers, for :func:`run_pass` to load before each pass.
-    """
+    """``(reference, fused, state)`` of ``spec`` (``drop_path_rate=0``) on ``device``,
+    ``state`` a copy of the shared weights for :func:`run_pass`."""
     ref = spec.build('reference', 0.)
     randomize_weights(ref, seed)
     fused = spec.build('fused', 0.)
@@ -435,17 +340,8 @@ def build_pair(spec: ModelSpec, seed: int, device: torch.device
 def check_model(spec: ModelSpec, sizes: Sequence[Tuple[int, int]], dtypes: Sequence[str],
                 device: torch.device, seed: int,
                 log: Callable[[str], None]) -> List[Dict[str, Any]]:
-    """Agreement rows of one model at every size and dtype (see the module docstring).
-
-    An exception fails the rows it prevents, with its message; the run goes on. One of
-    the reference under autocast (not judged) is shown in ``reference_error``.
-
-    Returns:
-        list[dict]: One row per (size, dtype, quantity): ``model``, ``size``, ``batch``,
-        ``dtype``, ``quantity`` (``'outputs'`` or ``'gradients'``), ``error``, ``worst``
-        (stage or parameter), ``tolerance``, ``passed``, ``reference_error`` (autocast
-        only: a number, or the exception's message) and ``exception``.
-    """
+    """Agreement rows of one model, one per (size, dtype, quantity); an exception fails
+    the rows it prevents, with its message."""
     rows: List[Dict[str, Any]] = []
     pair = None
     for h, w in sizes:
@@ -489,11 +385,8 @@ def check_model(spec: ModelSpec, sizes: Sequence[Tuple[int, int]], dtypes: Seque
 
 def _agreement_rows(model: str, size: str, grad_batch: int, dtype: str, ref32: Any,
                     got: Any, own: Any) -> List[Dict[str, Any]]:
-    """The outputs and gradients rows of one (model, size, dtype).
-
-    ``got`` and ``own`` are :func:`run_pass` results of the fused model and of the
-    reference under autocast (None for float32), or an exception's message.
-    """
+    """The outputs and gradients rows of one (model, size, dtype); ``got`` and ``own``
+    are :func:`run_pass` results (fused; reference under autocast) or error messages."""
     rows = []
     for i, quantity in enumerate(('outputs', 'gradients')):
         row = dict(model=model, size=size, batch=2 if quantity == 'outputs' else grad_batch,
@@ -518,11 +411,8 @@ def _agreement_rows(model: str, size: str, grad_batch: int, dtype: str, ref32: A
 # ----------------------------------------------------------------------------- speed
 def time_case(model: torch.nn.Module, case: SpeedCase, dtype: str, device: torch.device,
               warmup: int, min_run_time: float) -> Tuple[float, Optional[int], int]:
-    """Median seconds of one run, peak CUDA memory and the number of timed runs.
-
-    The peak is ``torch.cuda.max_memory_allocated`` from a reset just before the warm-up
-    (the model, its input and gradients included); None on the CPU.
-    """
+    """Median seconds of one run, peak CUDA memory (None on the CPU) and the number of
+    timed runs."""
     from torch.utils import benchmark
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(case.batch, 3, *case.size, generator=gen).to(device)
@@ -560,15 +450,8 @@ def speed_rows(specs: Sequence[Tuple[ModelSpec, Optional[str]]],
                cases: Sequence[SpeedCase], dtypes: Sequence[str], device: torch.device,
                warmup: int, min_run_time: float,
                log: Callable[[str], None]) -> List[Dict[str, Any]]:
-    """Speed rows of every (model, case, dtype), one model on the device at a time.
-
-    Args:
-        specs (Sequence[tuple[ModelSpec, str | None]]): Models with their ``attn_impl``.
-
-    Returns:
-        list[dict]: ``model``, ``case``, ``dtype``, ``ms``, ``img_per_s``, ``peak_mib``,
-        ``runs``, ``exception`` and the ratios of :func:`add_ratios`.
-    """
+    """Speed rows of every (model with its ``attn_impl``, case, dtype), one model on the
+    device at a time."""
     rows = []
     for spec, impl in specs:
         label = spec.label + (' reference' if impl == 'reference' else '')
@@ -694,11 +577,7 @@ def _json_safe(value: Any) -> Any:
 
 # ----------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the checks and the speed table; see the module docstring.
-
-    Returns:
-        int: 0 if every check passed, 1 if any failed or any case raised, 2 without CUDA.
-    """
+    """Run the checks and the speed table; the exit status of the module docstring."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.device != 'cpu' and not torch.cuda.is_available():

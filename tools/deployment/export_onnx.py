@@ -1,9 +1,5 @@
 """Export a ResT backbone, or a whole OpenMMLab model with a ResT backbone, to ONNX.
 
-ResT: An Efficient Transformer for Visual Recognition (Qing-Long Zhang and Yu-Bin Yang,
-NeurIPS 2021, https://arxiv.org/abs/2105.13677); authors' code:
-https://github.com/wofmanaf/ResT.
-
 Two modes::
 
     # the backbone alone: maps of the four stages (strides 4, 8, 16, 32)
@@ -27,19 +23,11 @@ What a whole model exports (the model's ``tensor`` mode: raw outputs, no post-pr
 Beside ``OUT.onnx`` it writes ``OUT.json``: what the numpy pre- and post-processing need
 (normalisation, test-time resize, anchors, box coder, test settings, class names).
 
-The input is ``input`` (N, 3, H, W), float32, normalised as the model's data preprocessor
-does. Batch, height and width are dynamic by default (``--static-shape H W`` fixes height
-and width). The export traces the model at one example size (``--trace-shape``); under
-export the ResT attention switches by itself to a shape-generic formulation, and
-``nn.AdaptiveAvgPool2d`` modules (the pyramid pooling of UperNet) are replaced by a
-shape-generic equivalent, so the graph is right at every size (``tests/test_onnx_export.py``
-compares ONNX Runtime with PyTorch at sizes other than the traced one). The file is checked
-with ``onnx.checker`` and its inputs, outputs and dynamic axes are printed.
-
-Checkpoints are read safely (``torch.load(weights_only=True)`` with exactly the types
-mmengine writes allowed by ``import mmrest``). A backbone checkpoint may be in any layout
-the backbone loads (the authors' files, detectron2 detectors, OpenMMLab checkpoints, DDP
-files, plain state dicts); a whole-model checkpoint must fit the config exactly.
+The input is ``input`` (N, 3, H, W), float32, normalised; batch, height and width are
+dynamic unless ``--static-shape H W``. Under export the ResT attention and
+``nn.AdaptiveAvgPool2d`` run shape-generic formulations, so the graph traced at
+``--trace-shape`` is right at every size. Checkpoints are read safely; a backbone
+checkpoint may be in any layout the backbone loads, a whole-model one must fit the config.
 
 Needs ``pip install -e .[deploy]`` (onnx, onnxruntime, onnxscript).
 """

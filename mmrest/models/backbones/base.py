@@ -1,10 +1,4 @@
-"""What the ResT backbones share: arch parsing, stages, output norms, freezing, loading.
-
-:class:`ResTBase` is the four-stage skeleton of ResT (https://arxiv.org/abs/2105.13677)
-and ResT V2 (https://arxiv.org/abs/2204.07366), both by Qing-Long Zhang and Yu-Bin Yang
-(authors' code: https://github.com/wofmanaf/ResT). A version supplies its stem and patch
-embeddings, its block (with its attention) and a few class attributes; the rest is here.
-"""
+"""What ResT and ResT V2 share: arch parsing, stages, output norms, freezing, loading."""
 import re
 import warnings
 from typing import (Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Type,
@@ -34,33 +28,23 @@ _OUT_NORM_KEY = re.compile(r'^norm([123])\.')
 _HUB_NAME = re.compile(r'^(open-?mmlab|torchvision|modelzoo|mmcls|mmpretrain)://')
 
 
+def make_arch(embed_dims: List[int], depths: List[int],
+              num_heads: Sequence[int] = (1, 2, 4, 8)) -> Dict[str, List[int]]:
+    """An ``arch_zoo`` entry with the authors' MLP ratios (4) and reduction ratios."""
+    return dict(embed_dims=embed_dims, depths=depths, num_heads=list(num_heads),
+                mlp_ratios=[4, 4, 4, 4], sr_ratios=[8, 4, 2, 1])
+
+
 def pretrained_to_init_cfg(family: str, pretrained: Optional[str],
                            init_cfg: Optional[Union[dict, List[dict]]]
                            ) -> Optional[Union[dict, List[dict]]]:
-    """The ``init_cfg`` of a backbone given the deprecated ``pretrained`` argument.
+    """The ``init_cfg`` given the deprecated ``pretrained`` argument (which mmseg's
+    ``EncoderDecoder`` hands to the backbone).
 
-    mmseg's ``EncoderDecoder`` hands its ``model.pretrained`` to the backbone, so a config
-    built on a stock base (e.g. ``'open-mmlab://resnet50_v1c'`` of the ResNet bases)
-    reaches the ResT backbones with it. As mmdet's and mmseg's own backbones do, a path or
-    ``http(s)://`` address of ResT weights becomes
-    ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)`` with a
-    ``DeprecationWarning``; mmengine's torch.hub names are refused in one line that names
-    the fix (they hold the weights of another network, and mmengine would unpickle them
-    unsafely).
-
-    Args:
-        family (str): The backbone's name in messages (``'ResT'``, ``'ResTV2'``).
-        pretrained (str, optional): The deprecated argument. Defaults to None.
-        init_cfg (dict | list[dict], optional): The ``init_cfg`` argument.
-
-    Returns:
-        dict | list[dict] | None: The ``init_cfg`` to use.
-
-    Raises:
-        TypeError: If ``pretrained`` is not a str or None.
-        ValueError: For an ``open-mmlab://``, ``torchvision://``, ``modelzoo://``,
-            ``mmcls://`` or ``mmpretrain://`` name, or for ``pretrained`` given together
-            with an ``init_cfg``.
+    A path or ``http(s)://`` address becomes ``dict(type='Pretrained', checkpoint=...)``
+    with a ``DeprecationWarning``, as in mmdet's and mmseg's backbones; torch.hub names
+    (weights of another network, unpickled unsafely by mmengine) raise ``ValueError``, as
+    does ``pretrained`` given with an ``init_cfg``.
     """
     if pretrained is None:
         return init_cfg
@@ -88,8 +72,8 @@ def pretrained_to_init_cfg(family: str, pretrained: Optional[str],
 
 
 def _uses_batch_statistics(norm: _BatchNorm) -> bool:
-    """Whether ``norm`` normalises with the statistics of its input (as PyTorch decides:
-    in training mode, or without running statistics), computed on this process alone."""
+    """Whether ``norm`` normalises with the statistics of its input computed on this
+    process alone."""
     if not (norm.training or (norm.running_mean is None and norm.running_var is None)):
         return False
     # a SyncBatchNorm in training gathers the statistics of every process
@@ -101,37 +85,12 @@ def _uses_batch_statistics(norm: _BatchNorm) -> bool:
 class ResTBase(BaseModule):
     """The four-stage backbone that ResT and ResT V2 share.
 
-    Stage i (0-3) embeds its input (the stem for i = 0, a patch embedding
-    ``{patch_embed_prefix}{i + 1}`` otherwise) into tokens, runs the blocks ``stage{i + 1}``
-    and, if selected in ``out_indices``, returns its map through an output norm: the
-    pretrained final ``norm`` for stage 4 and new LayerNorms ``norm1``-``norm3`` for the
-    others. Subclasses build the modules in their ``__init__`` with
-    :meth:`_build_stages` and may override :meth:`_embed`.
-
-    Class attributes of a version:
-
-    - ``arch_zoo``: arch name -> settings with the keys ``arch_keys``;
-    - ``family_name``: the name in messages (``'ResT'``, ``'ResTV2'``), which is also
-      the family :func:`mmrest.models.utils.rest_checkpoint_family` finds in its
-      weights;
-    - ``patch_embed_prefix``: name of the patch embeddings without the stage number;
-    - ``zero_bias_types``: module types whose biases the default initialisation zeroes.
-
-    Args:
-        arch (str | dict): A name in ``arch_zoo`` or a dict with the keys ``arch_keys``
-            (four values each).
-        in_channels (int): Channels of the input images.
-        out_indices (Sequence[int] | int): Stages (0-3) whose maps are returned.
-        frozen_stages (int): -1 freezes nothing, 0 the stem, k (1-4) also the patch
-            embedding, blocks and output norm of stages 1..k.
-        norm_eval (bool): Keep the BatchNorms in eval mode while training.
-        with_cp (bool): Gradient checkpointing (non-reentrant) of every block while
-            training.
-        out_norm_in_main_path (bool): Whether the next stage consumes the output norm's
-            result (True) or the un-normalised tokens (False).
-        init_cfg (dict | list[dict], optional): Initialization config. Defaults to None.
-        pretrained (str, optional): Deprecated, use ``init_cfg``; see
-            :func:`pretrained_to_init_cfg`. Defaults to None.
+    Stage i (0-3) embeds its input (the stem, or the patch embedding
+    ``{patch_embed_prefix}{i + 1}``), runs the blocks ``stage{i + 1}`` and returns its map
+    through an output norm (the pretrained ``norm`` for stage 4, new ``norm1``-``norm3``
+    otherwise). A version sets ``arch_zoo``, ``family_name``, ``patch_embed_prefix`` and
+    ``zero_bias_types``, builds its modules with :meth:`_build_stages` and may override
+    :meth:`_embed`. The arguments are those of :class:`mmrest.models.ResT`.
     """
     arch_zoo: Dict[str, Dict[str, List[int]]] = {}
     arch_keys = ('embed_dims', 'depths', 'num_heads', 'mlp_ratios', 'sr_ratios')
@@ -168,16 +127,9 @@ class ResTBase(BaseModule):
     def _build_stages(self, embedding: Callable[[int], nn.Module],
                       block: Callable[[int, float], nn.Module], drop_path_rate: float,
                       norm_cfg: dict) -> None:
-        """Add the modules: the embeddings, the blocks, the output norms; then register
-        the checkpoint-layout hook and apply ``frozen_stages``.
-
-        Args:
-            embedding (Callable): Stage index (0-3) -> its stem / patch embedding.
-            block (Callable): (stage index, drop-path rate) -> one block of the stage.
-            drop_path_rate (float): Stochastic depth rate, rising linearly from 0 over
-                all blocks to this value.
-            norm_cfg (dict): Config of the output norms.
-        """
+        """Add the embeddings (``embedding(stage)``), the blocks
+        (``block(stage, drop_path)``) and the output norms; register the checkpoint-layout
+        hook and apply ``frozen_stages``."""
         self.stem = embedding(0)
         for i in range(1, NUM_STAGES):
             self.add_module(f'{self.patch_embed_prefix}{i + 1}', embedding(i))
@@ -284,13 +236,8 @@ class ResTBase(BaseModule):
         return self
 
     def init_weights(self) -> None:
-        """Initialise: from ``init_cfg=dict(type='Pretrained', checkpoint=...)`` through
-        :meth:`load_pretrained`, by mmengine for other ``init_cfg``, else as the authors.
-
-        Raises:
-            ValueError: If a ``Pretrained`` config is one of several, or has keys other
-                than ``type``, ``checkpoint``, ``prefix`` and ``map_location``.
-        """
+        """Initialise: a ``Pretrained`` ``init_cfg`` through :meth:`load_pretrained`,
+        other ``init_cfg`` by mmengine, else as the authors."""
         cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
         pretrained = [c for c in cfgs if isinstance(c, dict) and c.get('type') == 'Pretrained']
         if pretrained:
@@ -325,28 +272,15 @@ class ResTBase(BaseModule):
     def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
         """Load weights of any supported layout from a file, safely.
 
-        Missing and unexpected keys are logged by name. Only the new output norms
-        ``norm1``-``norm3`` (and BN ``num_batches_tracked``) may be missing, and only
-        output norms of unselected stages may be extra, and only where they are not in
-        the main path (``out_norm_in_main_path=False``); any other difference means
-        another architecture or another function and raises. The warning of missing
-        output norms says what they are, that the downstream model trains them, and
-        whether they change the pretrained function (:meth:`_new_out_norms_note`).
+        Only the new output norms ``norm1``-``norm3`` (and BN counters) may be missing,
+        and only output norms of unselected stages may be extra (not in the main path);
+        any other difference raises :class:`CheckpointError`, as do unsafe, unreadable
+        or other-version files.
 
         Args:
-            checkpoint (str): Path of the checkpoint file, or an ``http(s)://`` address
-                (downloaded once into torch hub's ``checkpoints`` folder, then read like
-                a local file).
-            prefix (str, optional): Take only the weights under this prefix (stripped),
-                as mmengine's ``Pretrained`` init does, e.g. ``'backbone'`` or
-                ``'backbone.'`` of a detector (a missing final dot is added, as
-                mmengine does). Defaults to None: the layouts listed in
-                docs/checkpoints.md are recognised without it.
-
-        Raises:
-            CheckpointError: If the file is unsafe, unreadable, holds no ResT weights,
-                holds the weights of the other ResT version, its weights do not fit
-                this architecture, or it has main-path output norms this backbone lacks.
+            checkpoint (str): Path or ``http(s)://`` address of the checkpoint.
+            prefix (str, optional): Take only the weights under this prefix (e.g.
+                ``'backbone'``), as mmengine's ``Pretrained`` init does. Defaults to None.
         """
         logger = MMLogger.get_current_instance()
         name = self.family_name
@@ -377,9 +311,7 @@ class ResTBase(BaseModule):
         matched = [k for k in state_dict if k in own]
         if not matched:
             raise CheckpointError(f'{checkpoint}: none of its keys match this {name}')
-        # Only the new output norms (and BN counters) may be absent, and only output
-        # norms of unselected stages may be extra; anything else is another arch (e.g.
-        # small weights into large would leave 12 blocks at their random init).
+        # anything but output norms (and BN counters) missing or extra is another arch
         absent = [k for k in own if k not in state_dict and
                   not re.match(r'^norm[123]\.|.*\.num_batches_tracked$', k)]
         extra = [k for k in state_dict if k not in own and not re.match(r'^norm[123]\.', k)]
@@ -399,14 +331,8 @@ class ResTBase(BaseModule):
             logger.warning(f'Unexpected keys in {checkpoint} (ignored): {unexpected}')
 
     def _new_out_norms_note(self, missing: Sequence[str]) -> str:
-        """What the output norms among the ``missing`` keys of a load are, and what they
-        do to the pretrained function; empty if none is missing.
-
-        Weights of a classifier (the ImageNet files) have no ``norm1``-``norm3``: the
-        backbone's are new LayerNorms, left at their initialisation for the downstream
-        model to train. In the main path they change what the pretrained layers after
-        them compute until then; applied to the returned maps only, they do not.
-        """
+        """What the output norms among the ``missing`` keys of a load are, and whether
+        they change the pretrained function; empty if none is missing."""
         norms = sorted({m.group(0)[:-1] for m in map(_OUT_NORM_KEY.match, missing) if m})
         if not norms:
             return ''
@@ -423,14 +349,9 @@ class ResTBase(BaseModule):
                        'only: the pretrained function is unchanged')
 
     def _convert_old_layout(self, state_dict: dict, prefix: str, *args) -> None:
-        """Load-state-dict pre-hook: rename keys of other layouts under ``prefix``, and
-        refuse main-path output norms this backbone lacks (:meth:`_check_dropped_out_norms`).
-
-        E.g. an authors' detectron2 detector loaded into an mmdet detector has
-        ``backbone.bottom_up.stem.conv1.weight`` where ``backbone.stem.conv1.weight`` is
-        expected; the classification head ``head.*`` of the authors' ImageNet models is
-        left in place (reported as unexpected by a non-strict load).
-        """
+        """Load-state-dict pre-hook: rename keys of other layouts under ``prefix`` (e.g.
+        detectron2's ``bottom_up.``), and refuse main-path output norms this backbone
+        lacks."""
         for key in [k for k in state_dict if k.startswith(prefix)]:
             new = normalize_rest_key(key[len(prefix):])
             if new is not None and prefix + new != key and prefix + new not in state_dict:
@@ -440,20 +361,8 @@ class ResTBase(BaseModule):
             'the state dict being loaded')
 
     def _check_dropped_out_norms(self, keys: Iterable[str], source: str) -> None:
-        """Refuse weights whose output norms this backbone would drop from its main path.
-
-        With ``out_norm_in_main_path`` the output norm of stage i is part of the network
-        (stage i + 1 consumes its output): a checkpoint that has ``norm{i}`` was trained
-        with it, and a backbone without it (stage i not in ``out_indices``) would compute
-        another function in every later stage.
-
-        Args:
-            keys (Iterable[str]): The backbone's keys in the weights (no prefix).
-            source (str): What to name in the error.
-
-        Raises:
-            CheckpointError: If such a norm would be dropped.
-        """
+        """Refuse weights (backbone ``keys``, from ``source``) whose output norms this
+        backbone would drop from its main path (stage not in ``out_indices``)."""
         if not self.out_norm_in_main_path:
             return
         dropped = sorted({int(m.group(1)) for m in map(_OUT_NORM_KEY.match, keys)
@@ -469,16 +378,7 @@ class ResTBase(BaseModule):
 
     # ---------------------------------------------------------------- forward
     def _check_input(self, x: Tensor) -> None:
-        """Refuse an input the backbone cannot run on, in one line naming the problem.
-
-        Args:
-            x (Tensor): The images given to :meth:`forward`.
-
-        Raises:
-            ValueError: If ``x`` is not a 4-D tensor, has other than ``in_channels``
-                channels or an empty batch, or is one image too small for a BatchNorm
-                that normalises with batch statistics (see :meth:`_check_batch_norm_maps`).
-        """
+        """Refuse an input the backbone cannot run on (``ValueError`` naming it)."""
         name = self.family_name
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -492,12 +392,7 @@ class ResTBase(BaseModule):
 
     def _embedding_batch_norms(self) -> Iterator[Tuple[str, _BatchNorm, int, int]]:
         """The BatchNorms of the stem and patch embeddings, in forward order, with the
-        strides (vertical, horizontal) of the maps they normalise.
-
-        The strides are the products of the strides of the convolutions before them
-        (every strided convolution here has kernel 3 and padding 1, so a map of stride s
-        is ``ceil(H / s) x ceil(W / s)``).
-        """
+        (vertical, horizontal) strides of the maps they normalise."""
         sh = sw = 1
         for i in range(NUM_STAGES):
             prefix = 'stem' if i == 0 else f'{self.patch_embed_prefix}{i + 1}'
@@ -508,21 +403,8 @@ class ResTBase(BaseModule):
                     yield f'{prefix}.{sub}', module, sh, sw
 
     def _check_batch_norm_maps(self, x: Tensor) -> None:
-        """Refuse one image on which a BatchNorm would see one value per channel.
-
-        In training mode a BatchNorm normalises with the mean and variance over the batch
-        and the map; for a single image whose map at the norm's stride is 1x1 that is one
-        value per channel, and PyTorch stops with "Expected more than 1 value per channel
-        when training", naming no layer. ResT's last patch embedding has a BatchNorm at
-        stride 32, so ResT trains at batch 1 on inputs larger than 32x32 (at least 33 px
-        on one side); ResT V2's BatchNorms are in its stem (stride 4): at least 5 px.
-
-        Args:
-            x (Tensor): The (N, C, H, W) input.
-
-        Raises:
-            ValueError: Naming the deepest such norm and the smallest input it accepts.
-        """
+        """Refuse one image on which a BatchNorm with batch statistics would see a 1x1
+        map (PyTorch's own error names no layer)."""
         if trace_friendly():  # a recorded graph must not depend on the check
             return
         norms = [(n, sh, sw) for n, m, sh, sw in self._embedding_batch_norms()
@@ -541,8 +423,7 @@ class ResTBase(BaseModule):
             '2 or more, or keep the BatchNorms in eval mode (norm_eval=True)')
 
     def _embed(self, i: int, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        """Stage i's embedding of ``x`` (images or the previous stage's map): tokens
-        (B, H * W, C) and (H, W). For embeddings that return a map."""
+        """Stage i's embedding of ``x``: tokens (B, H * W, C) and (H, W)."""
         x = self._embedding(i)(x)
         return map_to_tokens(x), (x.shape[2], x.shape[3])
 
@@ -575,9 +456,7 @@ class ResTBase(BaseModule):
                 if self.out_norm_in_main_path or i == NUM_STAGES - 1:
                     tokens = out
             if i in self.out_indices:
-                # plain contiguous NCHW, as mmdet's backbones return (a channels-last
-                # view would be misread by ops that index data_ptr as NCHW, such as
-                # mmcv's RoIAlign)
+                # contiguous NCHW: mmcv's RoIAlign misreads channels-last views
                 outs.append(out.transpose(1, 2).reshape(B, C, H, W).contiguous())
             if i < NUM_STAGES - 1:
                 x = tokens_to_map(tokens, (H, W))

@@ -32,12 +32,12 @@ class Mlp(nn.Module):
 
 
 class PreNormBlock(nn.Module):
-    """``x + DropPath(attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``: the block of every
-    ResT version, with the version's attention module.
+    """``x + DropPath(attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``, with the version's
+    ``attn`` (called as ``attn(tokens, hw_shape)``).
 
     Args:
         embed_dims (int): Channels of the tokens.
-        attn (nn.Module): The attention, called as ``attn(tokens, hw_shape)``.
+        attn (nn.Module): The attention.
         mlp_ratio (float): Hidden / input channels of the MLP. Defaults to 4.
         drop (float): Dropout after the MLP fcs. Defaults to 0.
         drop_path (float): Stochastic depth probability. Defaults to 0.
@@ -68,24 +68,8 @@ class PreNormBlock(nn.Module):
 
 
 class ResTBlock(PreNormBlock):
-    """The ResT block: :class:`PreNormBlock` with EMSA.
-
-    Args:
-        embed_dims (int): Channels of the tokens.
-        num_heads (int): Attention heads.
-        mlp_ratio (float): Hidden / input channels of the MLP. Defaults to 4.
-        sr_ratio (int): Spatial reduction ratio of EMSA. Defaults to 1.
-        qkv_bias (bool): Bias in the q and kv projections. Defaults to True.
-        qk_scale (float, optional): Override of ``head_dim ** -0.5``. Defaults to None.
-        drop (float): Dropout after the projections and fcs. Defaults to 0.
-        attn_drop (float): Dropout on the attention map. Defaults to 0.
-        drop_path (float): Stochastic depth probability. Defaults to 0.
-        apply_transform (bool): EMSA head mixing and instance norm. Defaults to True.
-        norm_cfg (dict, optional): Config of the LayerNorms. Defaults to
-            ``dict(type='LN')``.
-        attn_impl (str): How EMSA's attention core runs
-            (:data:`mmrest.models.layers.emsa.ATTN_IMPLS`). Defaults to 'lean'.
-    """
+    """The ResT block: :class:`PreNormBlock` with :class:`EMSA` (same arguments; ``drop``
+    also after EMSA's projection)."""
 
     def __init__(self,
                  embed_dims: int,
@@ -100,16 +84,8 @@ class ResTBlock(PreNormBlock):
                  apply_transform: bool = True,
                  norm_cfg: Optional[dict] = None,
                  attn_impl: str = 'lean') -> None:
-        attn = EMSA(
-            embed_dims,
-            num_heads=num_heads,
-            sr_ratio=sr_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            attn_drop=attn_drop,
-            proj_drop=drop,
-            apply_transform=apply_transform,
-            norm_cfg=norm_cfg,
-            attn_impl=attn_impl)
+        attn = EMSA(embed_dims, num_heads=num_heads, sr_ratio=sr_ratio, qkv_bias=qkv_bias,
+                    qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop,
+                    apply_transform=apply_transform, norm_cfg=norm_cfg, attn_impl=attn_impl)
         super().__init__(embed_dims, attn, mlp_ratio=mlp_ratio, drop=drop,
                          drop_path=drop_path, norm_cfg=norm_cfg)

@@ -1,12 +1,6 @@
-"""Where the code paths part: the one place that decides how the attention runs
-(``attn_impl``, :func:`attend`), in which layout the convolutions run
-(:func:`cpu_channels_last`) and where the LayerNorm + MLP runs in blocks of tokens
-(:func:`blocked_norm_mlp`), and what each path checks before it is taken.
-
-Every other module computes one way. The paths kept are those that measured worth their
-code (docs/benchmarks.md, "CPU shortcuts: kept and removed"; ``python
-tools/analysis/benchmark.py --ab`` measures them again).
-"""
+"""Where the code paths part: how the attention runs (:func:`attend`), in which layout the
+convolutions run (:func:`cpu_channels_last`) and where the LayerNorm + MLP runs in blocks
+of tokens (:func:`blocked_norm_mlp`). Every other module computes one way."""
 from typing import Optional, Tuple
 
 import torch
@@ -15,20 +9,15 @@ from torch import Tensor, nn
 from .emsa_ops import (INSTANCE_NORM_EPS, autocast_dtype, emsa_dense, emsa_lean, emsa_reference,
                        trace_friendly)
 
-#: The values of ``attn_impl``: ``'lean'`` (the default, :func:`~.emsa_ops.emsa_lean`:
-#: PyTorch's ``scaled_dot_product_attention`` without head mixing, with it a query-blocked
-#: kernel that never holds the whole score tensor), ``'dense'``
-#: (:func:`~.emsa_ops.emsa_dense`: the same function with materialised scores and
-#: shape-generic ops, what ``'lean'`` runs while a graph is recorded) and ``'reference'``
-#: (:func:`~.emsa_ops.emsa_reference`, the equations as the authors wrote them). ``'fused'``,
-#: the former name of ``'lean'``, is accepted for it.
+#: The values of ``attn_impl``: ``'lean'`` (:func:`~.emsa_ops.emsa_lean`, memory-lean),
+#: ``'dense'`` (:func:`~.emsa_ops.emsa_dense`, materialised scores, what ``'lean'`` runs
+#: while a graph is recorded) and ``'reference'`` (:func:`~.emsa_ops.emsa_reference`).
+#: ``'fused'``, the former name of ``'lean'``, is accepted for it.
 ATTN_IMPLS = ('lean', 'dense', 'reference')
 
 
 def has_hooks(*modules: nn.Module) -> bool:
-    """Whether calling these modules would run hooks, their own or global ones: forward,
-    forward-pre, backward and backward-pre hooks (a path that bypasses a module must not
-    skip them)."""
+    """Whether calling these modules would run hooks, their own or global ones."""
     from torch.nn.modules import module as module_globals
     tables = [module_globals._global_forward_hooks, module_globals._global_forward_pre_hooks,
               module_globals._global_backward_hooks, module_globals._global_backward_pre_hooks]
@@ -46,10 +35,7 @@ def runs_as_written(module: nn.Module, cls: type) -> bool:
 
 def cpu_channels_last(x: Tensor) -> bool:
     """Whether the convolutions on ``x`` run on channels-last maps: CPU tensors in eager
-    mode (oneDNN's convolutions, depthwise ones above all, are fastest in that layout, and
-    token maps convert to it without a copy; while a graph is recorded the plain layout
-    keeps a dynamic batch dimension generic). Measured by
-    ``python tools/analysis/benchmark.py --ab``."""
+    mode (oneDNN is fastest in that layout, and token maps convert to it for free)."""
     return x.device.type == 'cpu' and not trace_friendly()
 
 
@@ -59,9 +45,8 @@ def map_to_tokens(x: Tensor) -> Tensor:
 
 
 def tokens_to_map(tokens: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-    """(B, H * W, C) tokens -> (B, C, H, W) map for a convolution: a free channels-last
-    view where :func:`cpu_channels_last` (its strides unambiguous even for B = 1), else a
-    contiguous NCHW copy."""
+    """(B, H * W, C) tokens -> (B, C, H, W) map: a channels-last view where
+    :func:`cpu_channels_last`, else a contiguous NCHW copy."""
     B, _, C = tokens.shape
     if cpu_channels_last(tokens):
         return tokens.reshape(B, *hw_shape, C).permute(0, 3, 1, 2)
@@ -78,13 +63,11 @@ def stem_layout(x: Tensor) -> Tensor:
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, impl: str = 'lean',
            transform: Optional[nn.Module] = None, attn_drop: float = 0.,
            training: bool = False) -> Tensor:
-    """The attention core of EMSA and EMSAv2, as ``impl`` names it: the one place that
-    decides how it runs.
+    """The attention core of EMSA and EMSAv2, as ``impl`` names it.
 
-    The reference also runs wherever the others would compute another function or bypass
-    what a user's code expects: attention dropout while training, and a head-mixing module
-    that is not a plain ``nn.Conv2d`` or has hooks (it is then called as a module). While
-    a graph is recorded (:func:`trace_friendly`), ``'lean'`` runs as ``'dense'``.
+    The reference also runs for attention dropout while training and for a head-mixing
+    module that is not a plain hook-free ``nn.Conv2d``. While a graph is recorded,
+    ``'lean'`` runs as ``'dense'``.
 
     Args:
         q (Tensor): Queries (B, heads, N, head_dim).
@@ -113,12 +96,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, impl: str = 'lean',
 
 
 def blocked_norm_mlp(x: Tensor, norm: nn.Module, mlp: nn.Module) -> bool:
-    """Whether ``mlp(norm(x))`` runs as :func:`~.norm_mlp.norm_mlp`, over blocks of tokens
-    without hidden-sized tensors: for float32/float64 CPU tensors in eager mode outside
-    autocast, where that is the same function and bypasses nothing a user's code expects
-    (an affine ``nn.LayerNorm`` over the last dim; ``fc1``, exact ``nn.GELU``, ``fc2``,
-    plain modules with biases, e.g. not dynamically quantized linears; no active dropout;
-    no hooks)."""
+    """Whether ``mlp(norm(x))`` runs as :func:`~.norm_mlp.norm_mlp`: float32/float64 CPU
+    tensors in eager mode outside autocast, plain affine LayerNorm, linears with biases
+    and exact GELU, no active dropout, no hooks."""
     fc1, act, fc2 = (getattr(mlp, name, None) for name in ('fc1', 'act', 'fc2'))
     return (x.device.type == 'cpu' and not trace_friendly()
             and x.dtype in (torch.float32, torch.float64) and autocast_dtype('cpu') is None

@@ -1,12 +1,5 @@
 """Convolutional embeddings of ResT and ResT V2: pixel-attention position encoding, stems,
-patch embeddings.
-
-ResT: An Efficient Transformer for Visual Recognition (Zhang & Yang, NeurIPS 2021,
-https://arxiv.org/abs/2105.13677); ResT V2: Simpler, Faster and Stronger (Zhang & Yang,
-NeurIPS 2022, https://arxiv.org/abs/2204.07366); authors' code:
-https://github.com/wofmanaf/ResT. Module names (``conv1``, ``norm1``, ``pos.pa_conv``,
-``proj.0``, ...) follow the authors' models.
-"""
+patch embeddings. Module names follow the authors' models."""
 from typing import Optional, Tuple
 
 from mmcv.cnn import build_norm_layer
@@ -24,30 +17,19 @@ def _ln_cfg(norm_cfg: Optional[dict]) -> dict:
 
 
 class PixelAttention(nn.Module):
-    """Pixel-attention (PA) position encoding: ``x * sigmoid(dwconv3x3(x))``.
-
-    Args:
-        channels (int): Channels of the input map.
-    """
+    """Pixel-attention (PA) position encoding: ``x * sigmoid(dwconv3x3(x))``."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.pa_conv = nn.Conv2d(
-            channels, channels, kernel_size=3, padding=1, groups=channels)
+        self.pa_conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1, groups=channels)
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.pa_conv(x).sigmoid()
 
 
 class ConvStem(nn.Module):
-    """The stem: conv3x3/2 + BN + ReLU, conv3x3 + BN + ReLU, conv3x3/2, then PA.
-
-    Args:
-        in_channels (int): Input channels. Defaults to 3.
-        out_channels (int): Output channels. Defaults to 64.
-        norm_cfg (dict, optional): Config of the two norms. Defaults to
-            ``dict(type='BN')``.
-    """
+    """The stem: conv3x3/2 + BN + ReLU, conv3x3 + BN + ReLU, conv3x3/2, then PA
+    (``norm_cfg`` defaults to ``dict(type='BN')``)."""
 
     def __init__(self,
                  in_channels: int = 3,
@@ -56,14 +38,11 @@ class ConvStem(nn.Module):
         super().__init__()
         hidden = out_channels // 2
         norm_cfg = _bn_cfg(norm_cfg)
-        self.conv1 = nn.Conv2d(
-            in_channels, hidden, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1, bias=False)
         self.norm1 = build_norm_layer(norm_cfg, hidden)[1]
-        self.conv2 = nn.Conv2d(
-            hidden, hidden, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, stride=1, padding=1, bias=False)
         self.norm2 = build_norm_layer(norm_cfg, hidden)[1]
-        self.conv3 = nn.Conv2d(
-            hidden, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(hidden, out_channels, 3, stride=2, padding=1, bias=False)
         self.act = nn.ReLU(inplace=True)
         self.pos = PixelAttention(out_channels)
 
@@ -74,24 +53,15 @@ class ConvStem(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Overlapping patch embedding: conv3x3 stride 2 (padding 1), BN, PA.
-
-    The output map is ``ceil(H / 2) x ceil(W / 2)`` for any H, W (the authors' code
-    assumed ``H // 2`` and failed on odd maps).
-
-    Args:
-        in_channels (int): Input channels.
-        out_channels (int): Output channels.
-        norm_cfg (dict, optional): Config of the norm. Defaults to ``dict(type='BN')``.
-    """
+    """Overlapping patch embedding: conv3x3 stride 2, BN, PA; the output map is
+    ``ceil(H / 2) x ceil(W / 2)`` (``norm_cfg`` defaults to ``dict(type='BN')``)."""
 
     def __init__(self,
                  in_channels: int,
                  out_channels: int,
                  norm_cfg: Optional[dict] = None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size=3, stride=2, padding=1)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
         self.norm = build_norm_layer(_bn_cfg(norm_cfg), out_channels)[1]
         self.pos = PixelAttention(out_channels)
 
@@ -101,16 +71,8 @@ class PatchEmbed(nn.Module):
 
 class ConvStemV2(nn.Module):
     """The ResT V2 stem (stride 4): conv3x3/2 + BN + ReLU, conv3x3/2 + BN + ReLU, conv1x1,
-    PA, then a LayerNorm of the tokens.
-
-    Args:
-        in_channels (int): Input channels. Defaults to 3.
-        out_channels (int): Output channels. Defaults to 96.
-        norm_cfg (dict, optional): Config of the two BatchNorms. Defaults to
-            ``dict(type='BN')``.
-        token_norm_cfg (dict, optional): Config of the token norm. Defaults to
-            ``dict(type='LN', eps=1e-6)``.
-    """
+    PA, then a LayerNorm of the tokens (``norm_cfg`` defaults to ``dict(type='BN')``,
+    ``token_norm_cfg`` to ``dict(type='LN', eps=1e-6)``)."""
 
     def __init__(self,
                  in_channels: int = 3,
@@ -137,15 +99,8 @@ class ConvStemV2(nn.Module):
 
 
 class PatchEmbedV2(nn.Module):
-    """The ResT V2 patch embedding: conv3x3 stride 2 (padding 1, with bias), PA, then a
-    LayerNorm of the tokens. The output map is ``ceil(H / 2) x ceil(W / 2)``.
-
-    Args:
-        in_channels (int): Input channels.
-        out_channels (int): Output channels.
-        norm_cfg (dict, optional): Config of the token norm. Defaults to
-            ``dict(type='LN', eps=1e-6)``.
-    """
+    """The ResT V2 patch embedding: conv3x3 stride 2, PA, then a LayerNorm of the tokens
+    (``norm_cfg`` defaults to ``dict(type='LN', eps=1e-6)``)."""
 
     def __init__(self,
                  in_channels: int,

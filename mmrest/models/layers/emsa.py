@@ -1,12 +1,5 @@
-"""Efficient Multi-head Self-Attention (EMSA) of ResT.
-
-ResT: An Efficient Transformer for Visual Recognition (Zhang & Yang, NeurIPS 2021,
-https://arxiv.org/abs/2105.13677); authors' code: https://github.com/wofmanaf/ResT.
-
-Parameter names (``q``, ``kv``, ``sr``, ``sr_norm``, ``transform_conv``, ``proj``) follow the
-authors' models so that their checkpoints load without renaming. How the attention core runs
-(``attn_impl``) is decided in :mod:`mmrest.models.layers.dispatch`.
-"""
+"""Efficient Multi-head Self-Attention (EMSA) of ResT; parameter names follow the
+authors' models."""
 from typing import Optional, Tuple
 
 from mmcv.cnn import build_norm_layer
@@ -17,34 +10,17 @@ from .dispatch import ATTN_IMPLS, attend, tokens_to_map
 
 def build_reduction(embed_dims: int, sr_ratio: int,
                     norm_cfg: dict) -> Tuple[nn.Conv2d, nn.Module]:
-    """The reduction conv (depthwise, kernel ``sr_ratio + 1``, stride ``sr_ratio``,
-    padding ``sr_ratio // 2``, with bias) and the norm after it (``sr``, ``sr_norm``)."""
-    conv = nn.Conv2d(
-        embed_dims,
-        embed_dims,
-        kernel_size=sr_ratio + 1,
-        stride=sr_ratio,
-        padding=sr_ratio // 2,
-        groups=embed_dims)
+    """The depthwise reduction conv and the norm after it (``sr``, ``sr_norm``)."""
+    conv = nn.Conv2d(embed_dims, embed_dims, kernel_size=sr_ratio + 1, stride=sr_ratio,
+                     padding=sr_ratio // 2, groups=embed_dims)
     return conv, build_norm_layer(norm_cfg, embed_dims)[1]
 
 
 class ReducedKVAttention(nn.Module):
-    """What the attentions of ResT (:class:`EMSA`) and ResT V2
-    (:class:`~mmrest.models.layers.EMSAv2`) share: the head settings, queries from the
-    tokens, keys and values from the spatially reduced tokens.
-
-    Subclasses build ``q``, ``kv`` and, for ``sr_ratio > 1``, ``sr`` and ``sr_norm``
-    (:func:`build_reduction`), in the order of their authors' models.
-
-    Args:
-        embed_dims (int): Channels of the tokens.
-        num_heads (int): Number of attention heads.
-        sr_ratio (int): Spatial reduction ratio of keys and values.
-        qk_scale (float, optional): Override of ``head_dim ** -0.5``.
-        attn_impl (str): One of :data:`ATTN_IMPLS` (or ``'fused'``, the former name of
-            ``'lean'``).
-    """
+    """What EMSA and EMSAv2 share: queries from the tokens, keys and values from the
+    spatially reduced tokens. Subclasses build ``q``, ``kv`` and, for ``sr_ratio > 1``,
+    ``sr`` and ``sr_norm``. ``attn_impl`` is one of :data:`ATTN_IMPLS` (or ``'fused'``,
+    the former name of ``'lean'``)."""
 
     def __init__(self, embed_dims: int, num_heads: int, sr_ratio: int,
                  qk_scale: Optional[float], attn_impl: str) -> None:
@@ -64,16 +40,7 @@ class ReducedKVAttention(nn.Module):
 
     def reduce_tokens(self, x: Tensor, hw_shape: Tuple[int, int]
                       ) -> Tuple[Tensor, Tuple[int, int]]:
-        """The tokens keys and values are computed from: ``sr_norm(sr(x as a map))``.
-
-        Args:
-            x (Tensor): Tokens (B, N, C) of an (H, W) map, N = H * W.
-            hw_shape (tuple[int, int]): (H, W).
-
-        Returns:
-            tuple[Tensor, tuple[int, int]]: Tokens (B, M, C) and their map's (h, w); ``x``
-            and (H, W) themselves where ``sr_ratio`` is 1.
-        """
+        """``sr_norm(sr(x as a map))`` and its (h, w); ``x`` itself for ``sr_ratio`` 1."""
         if self.sr_ratio == 1:
             return x, hw_shape
         x_map = self.sr(tokens_to_map(x, hw_shape))
@@ -81,13 +48,8 @@ class ReducedKVAttention(nn.Module):
 
     def project(self, x: Tensor, hw_shape: Tuple[int, int]
                 ) -> Tuple[Tensor, Tensor, Tensor, Tuple[int, int]]:
-        """Queries, keys and values of tokens (B, N, C) of an (H, W) map.
-
-        Returns:
-            tuple: ``q`` (B, heads, N, head_dim), ``k`` and ``v`` (B, heads, M, head_dim)
-            (views of the projections, no copies; channel ``head * head_dim + j`` of the
-            ``kv`` projection's halves) and the (h, w) of the reduced map (M = h * w).
-        """
+        """``q`` (B, heads, N, head_dim), ``k``, ``v`` (B, heads, M, head_dim) (views of
+        the projections) and the (h, w) of the reduced map."""
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dims
         q = self.q(x).reshape(B, N, h, d).transpose(1, 2)
@@ -98,12 +60,9 @@ class ReducedKVAttention(nn.Module):
 
 
 class EMSA(ReducedKVAttention):
-    """Efficient multi-head self-attention.
-
-    Keys and values come from the input map shrunk by a depthwise conv (kernel
-    ``sr_ratio + 1``, stride ``sr_ratio``, padding ``sr_ratio // 2``) and a LayerNorm; with
-    more than one head, a 1x1 conv mixes the heads of the score tensor ("transform") before
-    the softmax, and an instance norm follows it.
+    """Efficient multi-head self-attention: keys and values from the map reduced by a
+    depthwise conv and a norm; with several heads a 1x1 conv mixes the heads of the scores
+    before the softmax, and an instance norm follows.
 
     Args:
         embed_dims (int): Channels of the tokens.
@@ -147,15 +106,7 @@ class EMSA(ReducedKVAttention):
             self.transform_conv = nn.Conv2d(num_heads, num_heads, kernel_size=1)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        """Forward.
-
-        Args:
-            x (Tensor): Tokens of shape (B, N, C), N = H * W.
-            hw_shape (tuple[int, int]): (H, W) of the token map.
-
-        Returns:
-            Tensor: Tokens of shape (B, N, C).
-        """
+        """Tokens (B, N, C) of an (H, W) map -> tokens (B, N, C)."""
         B, N, C = x.shape
         q, k, v = self.project(x, hw_shape)[:3]
         out = attend(q, k, v, self.scale, self.attn_impl,

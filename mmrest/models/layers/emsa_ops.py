@@ -43,14 +43,9 @@ with :math:`\partial W = \mathrm{scale}\, \partial W'`. Where a head's map has o
 or there is a single key, the variance is 0 and the output is exactly 0, as in the
 reference.
 
-Mixed precision: under ``torch.autocast`` or with bfloat16/float16 inputs, head mixing runs
-in float32 and its output is cast to the low-precision dtype (the instance norm divides
-the nearly cancelling :math:`P - 1/M` by :math:`s \ge \sqrt{\epsilon}`; in bfloat16 the
-reference is off by 20-45% at stages 2-4 of ResT-Lite). Plain softmax attention runs in
-the low-precision dtype.
-
-Devices: every buffer follows the device of ``q``; only the size of a block of scores
-depends on the device (:data:`CPU_BLOCK_BYTES`, :data:`ACCELERATOR_BLOCK_BYTES`).
+Mixed precision: with head mixing the core runs in float32 and its output is cast to the
+low-precision dtype (the instance norm divides the nearly cancelling :math:`P - 1/M` by
+:math:`s`); plain softmax attention runs in the low-precision dtype.
 """
 import contextlib
 from typing import Callable, Optional, Tuple
@@ -65,12 +60,10 @@ from ...utils.torch_compat import autocast_dtype, autocast_off, is_recording_gra
 #: ``eps`` of the InstanceNorm2d applied to the attention map (PyTorch's default).
 INSTANCE_NORM_EPS = 1e-5
 
-#: Bytes of a block of scores on the CPU, sized for its caches; measure a change with
-#: ``python tools/analysis/benchmark.py --models rest --cases infer_800 train_800``.
+#: Bytes of a block of scores on the CPU, sized for its caches.
 CPU_BLOCK_BYTES = 8 * 1024 * 1024
 
-#: Bytes of a block of scores elsewhere (GPUs): one to four blocks per layer at 800x1344,
-#: few kernel launches; measure with ``python tools/analysis/gpu_check.py``.
+#: Bytes of a block of scores elsewhere (GPUs): few blocks per layer, few kernel launches.
 ACCELERATOR_BLOCK_BYTES = 256 * 1024 * 1024
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -80,10 +73,8 @@ __all__ = ['INSTANCE_NORM_EPS', 'emsa_dense', 'emsa_lean', 'emsa_reference', 'tr
 
 
 def trace_friendly() -> bool:
-    """Whether a graph is being recorded, where shape-generic ops are needed: under
-    ``torch.export`` (hence ``torch.onnx.export(dynamo=True)``), the TorchScript-based
-    ``torch.onnx.export``, ``torch.jit.trace`` and ``torch.compile``
-    (:func:`mmrest.utils.torch_compat.is_recording_graph`)."""
+    """Whether a graph is being recorded (export, ONNX, tracing, compile), where
+    shape-generic ops are needed."""
     return is_recording_graph()
 
 
@@ -165,18 +156,8 @@ def _mix_heads(weight: Tensor, x: Tensor, out: Tensor) -> Tensor:
 
 def _scores_block(qb: Tensor, kt: Tensor, weight: Tensor, raw: Tensor,
                   mixed: Tensor) -> Tensor:
-    """Raw scores of a query block into ``raw``, and the softmax of their mixture.
-
-    Args:
-        qb (Tensor): Query block (B * heads, n, head_dim).
-        kt (Tensor): Transposed keys (B * heads, head_dim, M).
-        weight (Tensor): Mixing matrix (heads, heads) with the score scale folded in.
-        raw (Tensor): Buffer (B * heads, n, M) for ``qb @ kt``.
-        mixed (Tensor): Buffer (B, heads, n * M) for the mixed scores.
-
-    Returns:
-        Tensor: The probabilities, (B * heads, n, M).
-    """
+    """Raw scores ``qb @ kt`` of a query block into ``raw`` (B * heads, n, M), and the
+    softmax of their mixture by ``weight`` (computed in ``mixed``, (B, heads, n * M))."""
     torch.bmm(qb, kt, out=raw)
     B, h = mixed.shape[:2]
     _mix_heads(weight, raw.view(B, h, -1), mixed)
@@ -185,24 +166,12 @@ def _scores_block(qb: Tensor, kt: Tensor, weight: Tensor, raw: Tensor,
 
 def _emsa_transform_forward(q: Tensor, k: Tensor, v: Tensor, weight: Tensor,
                             eps: float, rows: int) -> Tuple[Tensor, Tensor]:
-    """Query-blocked forward of EMSA with head mixing and instance norm.
-
-    A block of scores is laid out (B, heads, rows, M); the head mixing is one
-    (heads x heads) @ (heads x rows * M) product per batch item.
-
-    Args:
-        q (Tensor): Queries (B, heads, N, head_dim), any strides.
-        k (Tensor): Keys (B, heads, M, head_dim), any strides.
-        v (Tensor): Values (B, heads, M, head_dim), any strides.
-        weight (Tensor): Mixing matrix (heads, heads) with the score scale folded in,
-            in the dtype of q.
-        eps (float): ``eps`` of the instance norm.
-        rows (int): Query rows per block.
+    """Query-blocked forward of EMSA with head mixing (``weight``, the score scale folded
+    in) and instance norm, ``rows`` queries per block.
 
     Returns:
-        tuple[Tensor, Tensor]: The output, contiguous in the layout
-        (B, N, heads, head_dim), and the instance-norm std ``s`` (B, heads), in the dtype
-        of q.
+        tuple[Tensor, Tensor]: The output, contiguous (B, N, heads, head_dim), and the
+        instance-norm std ``s`` (B, heads).
     """
     B, h, N, d = q.shape
     M = k.shape[2]
@@ -238,24 +207,8 @@ def _emsa_transform_forward(q: Tensor, k: Tensor, v: Tensor, weight: Tensor,
 def _emsa_transform_backward(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, weight: Tensor, out: Tensor,
         std: Tensor, rows: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Query-blocked backward of :func:`_emsa_transform_forward`.
-
-    Args:
-        grad_out (Tensor): Gradient of the output, (B, N, heads, head_dim).
-        q (Tensor): Queries (B, heads, N, head_dim), any strides.
-        k (Tensor): Keys (B, heads, M, head_dim), any strides.
-        v (Tensor): Values (B, heads, M, head_dim), any strides.
-        weight (Tensor): Mixing matrix (heads, heads) with the score scale folded in.
-        out (Tensor): Output of the forward pass, (B, N, heads, head_dim).
-        std (Tensor): Instance-norm std (B, heads) of the forward pass.
-        rows (int): Query rows per block.
-
-    Returns:
-        tuple[Tensor, Tensor, Tensor, Tensor]: Gradients of q (B, heads, N, head_dim),
-        k and v (B, heads, M, head_dim), and of ``weight`` (heads, heads), in the dtype
-        of q (float32 or float64: :func:`emsa_lean` runs this core in float32 for
-        low-precision inputs).
-    """
+    """Query-blocked backward of :func:`_emsa_transform_forward`: the gradients of q, k,
+    v and ``weight`` (heads, heads)."""
     B, h, N, d = q.shape
     M = k.shape[2]
     bh = B * h
@@ -317,21 +270,7 @@ class EMSATransformFunction(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, weight: Tensor,
                 bias: Optional[Tensor], scale: float, eps: float,
                 rows: int) -> Tensor:
-        """Forward.
-
-        Args:
-            q (Tensor): Queries (B, heads, N, head_dim).
-            k (Tensor): Keys (B, heads, M, head_dim), dtype of q.
-            v (Tensor): Values (B, heads, M, head_dim), dtype of q.
-            weight (Tensor): Head-mixing weight (heads, heads, 1, 1).
-            bias (Tensor, optional): Head-mixing bias (heads,); it cancels.
-            scale (float): Multiplier of the scores.
-            eps (float): ``eps`` of the instance norm.
-            rows (int): Query rows per block.
-
-        Returns:
-            Tensor: Output (B, N, heads, head_dim), contiguous.
-        """
+        """Output (B, N, heads, head_dim), contiguous; the ``bias`` cancels."""
         with autocast_off(q.device.type):
             w_scaled = _scaled_mixing(weight, scale, q.dtype)
             out, std = _emsa_transform_forward(q, k, v, w_scaled, eps, rows)

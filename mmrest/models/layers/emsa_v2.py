@@ -1,13 +1,7 @@
 """The attention of ResT V2 (EMSAv2): multi-head attention on spatially reduced keys and
 values, plus an up-sampling branch that restores what the reduction lost.
 
-ResT V2: Simpler, Faster and Stronger (Qing-Long Zhang and Yu-Bin Yang, NeurIPS 2022,
-https://arxiv.org/abs/2204.07366); authors' code: https://github.com/wofmanaf/ResT
-(``models/rest_v2.py``). Parameter names (``q``, ``kv``, ``sr``, ``sr_norm``, ``up.0``,
-``up_norm``, ``proj``) follow the authors' models so that their checkpoints load as they
-are.
-
-With queries on an (H, W) map and keys/values on the reduced (h, w) map:
+Parameter names follow the authors' models. With queries on an (H, W) map and keys/values on the reduced (h, w) map:
 
 .. math::
 
@@ -18,14 +12,9 @@ With queries on an (H, W) map and keys/values on the reduced (h, w) map:
 where V is the (C, h, w) map of the values (channel ``head * head_dim + j``) and r the
 reduction ratio (``PixelShuffle_1`` is the identity).
 
-**The crop.** The reduction conv (kernel r + 1, stride r, padding r // 2) gives
-``h = ceil(H / r)`` for even r (and r = 1), so the up-sampled map is ``r * h >= H`` high.
-The authors' code reshapes the values with ``H // r`` and fails unless r divides H; where
-it runs, ``r * h == H`` and nothing is cropped. Everywhere else the up-sampled map is
-cropped to its top-left (H, W): the rows and columns beyond the query map are dropped,
-those it keeps are exactly the authors' function of the values there
-(``tests/test_restv2_backbone.py`` checks both). Odd reduction ratios other than 1 can give
-``r * h < H`` and are refused by :class:`EMSAv2`.
+The crop: for r = 1 or even, ``h = ceil(H / r)``, so ``r * h >= H``. Where r divides H
+(the only sizes the authors' code runs on) nothing is cropped; elsewhere the rows and
+columns beyond the query map are dropped. Odd r > 1 is refused.
 """
 from typing import Optional, Tuple
 
@@ -39,20 +28,17 @@ from .emsa_ops import trace_friendly
 
 
 class EMSAv2(ReducedKVAttention):
-    """Efficient multi-head self-attention of ResT V2 (no head mixing, no instance norm),
-    with the up-sampling branch.
+    """Efficient multi-head self-attention of ResT V2 (no head mixing), with the
+    up-sampling branch.
 
     Args:
         embed_dims (int): Channels of the tokens.
         num_heads (int): Number of attention heads. Defaults to 1.
-        sr_ratio (int): Spatial reduction ratio of keys and values: 1 or even.
-            Defaults to 1.
-        norm_cfg (dict, optional): Config of the norms after the reduction and the
-            up-sampling. Defaults to ``dict(type='LN', eps=1e-6)``.
-        attn_impl (str): How the attention core runs, one of
-            :data:`mmrest.models.layers.emsa.ATTN_IMPLS` (``'lean'`` and ``'dense'`` are
-            PyTorch's ``scaled_dot_product_attention`` here, ``'reference'`` the
-            materialised scores); the same function. Defaults to 'lean'.
+        sr_ratio (int): Spatial reduction ratio: 1 or even. Defaults to 1.
+        norm_cfg (dict, optional): Config of the norms. Defaults to
+            ``dict(type='LN', eps=1e-6)``.
+        attn_impl (str): One of :data:`~mmrest.models.layers.ATTN_IMPLS`.
+            Defaults to 'lean'.
     """
 
     def __init__(self,
@@ -72,18 +58,13 @@ class EMSAv2(ReducedKVAttention):
         if sr_ratio > 1:
             self.sr, self.sr_norm = build_reduction(embed_dims, sr_ratio, norm_cfg)
         self.up = nn.Sequential(
-            nn.Conv2d(
-                embed_dims,
-                sr_ratio * sr_ratio * embed_dims,
-                kernel_size=3,
-                padding=1,
-                groups=embed_dims), nn.PixelShuffle(sr_ratio))
+            nn.Conv2d(embed_dims, sr_ratio * sr_ratio * embed_dims, kernel_size=3,
+                      padding=1, groups=embed_dims), nn.PixelShuffle(sr_ratio))
         self.up_norm = build_norm_layer(norm_cfg, embed_dims)[1]
         self.proj = nn.Linear(embed_dims, embed_dims)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        """Tokens (B, N, C) of an (H, W) map -> tokens (B, N, C), as
-        :meth:`mmrest.models.layers.EMSA.forward`."""
+        """Tokens (B, N, C) of an (H, W) map -> tokens (B, N, C)."""
         B, N, C = x.shape
         q, k, v, kv_hw = self.project(x, hw_shape)
         out = attend(q, k, v, self.scale, self.attn_impl).transpose(1, 2).reshape(B, N, C)

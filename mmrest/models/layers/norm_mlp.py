@@ -15,13 +15,8 @@ rule with the ATen kernels autograd would use::
     dW1 = dh^T b,            db1 = sum(dh),
     dx, dgamma, dbeta = LayerNorm backward of (dh W1).
 
-Both passes run over blocks of :data:`BLOCK_ROWS` tokens, whose hidden-sized buffers are
-reused from block to block; the weight gradients are accumulated block by block. Inference
-(:func:`norm_mlp` without autograd) keeps no hidden-sized tensor at all. Where it runs is
-decided by :func:`mmrest.models.layers.dispatch.blocked_norm_mlp`.
-
-Values: every op is the module's own op over a block of rows; forward values agree with
-the modules' to rounding, gradients too (the weight gradients are summed block by block).
+Both passes run over blocks of :data:`BLOCK_ROWS` tokens with reused buffers; inference
+keeps no hidden-sized tensor at all. Every op is the module's own op over a block of rows.
 """
 from typing import Optional, Tuple
 
@@ -29,13 +24,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-#: Tokens per block: enough rows for efficient products, few enough for the caches;
-#: measure a change with ``python tools/analysis/benchmark.py --ab``.
+#: Tokens per block: enough rows for efficient products, few enough for the caches.
 BLOCK_ROWS = 1024
 
-#: Up to this many channels the pre-activation is recomputed in the backward pass (one
-#: more ``fc1`` product per block) instead of kept, which is cheaper than streaming it
-#: through memory at these widths; measure with ``python tools/analysis/benchmark.py --ab``.
+#: Up to this many channels the pre-activation is recomputed in the backward pass instead
+#: of kept (cheaper than streaming it through memory at these widths).
 RECOMPUTE_MAX_CHANNELS = 128
 
 
@@ -43,13 +36,9 @@ def _forward_blocks(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
                     w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, out: Tensor,
                     block_rows: int, keep_stats: bool,
                     keep_hidden: bool) -> Tuple[Optional[Tensor], ...]:
-    """``fc2(GELU(fc1(LayerNorm(x))))`` over blocks of rows of the (rows, C) tokens,
-    written into the (rows, C) ``out``.
-
-    Returns the LayerNorm's (rows, 1) mean and inverse std (with ``keep_stats``, else
-    None) and the (rows, hidden) pre-activation (with ``keep_hidden``, else None: the
-    pre-activation of a block lives in the activation's reused block buffer).
-    """
+    """``fc2(GELU(fc1(LayerNorm(x))))`` of (rows, C) tokens over blocks of rows, into
+    ``out``; returns the LayerNorm's mean and inverse std (``keep_stats``) and the
+    pre-activation (``keep_hidden``), else None."""
     C, hidden_dims = x.shape[-1], w1.shape[0]
     rows = x.shape[0]
     block_rows = max(1, min(block_rows, rows))
@@ -95,26 +84,8 @@ class NormMlpFunction(torch.autograd.Function):
                 b2: Tensor,
                 block_rows: Optional[int] = None,
                 recompute_hidden: Optional[bool] = None) -> Tensor:
-        """Forward.
-
-        Args:
-            x (Tensor): Tokens (..., C).
-            ln_weight (Tensor): LayerNorm weight (C,).
-            ln_bias (Tensor): LayerNorm bias (C,).
-            eps (float): LayerNorm ``eps``.
-            w1 (Tensor): fc1 weight (hidden, C).
-            b1 (Tensor): fc1 bias (hidden,).
-            w2 (Tensor): fc2 weight (C, hidden).
-            b2 (Tensor): fc2 bias (C,).
-            block_rows (int, optional): Tokens per block; None means
-                :data:`BLOCK_ROWS`. Defaults to None.
-            recompute_hidden (bool, optional): Recompute the hidden pre-activation in
-                the backward pass instead of keeping it; None means for C up to
-                :data:`RECOMPUTE_MAX_CHANNELS`. Defaults to None.
-
-        Returns:
-            Tensor: (..., C).
-        """
+        """Tokens (..., C) -> (..., C); ``block_rows`` defaults to :data:`BLOCK_ROWS`,
+        ``recompute_hidden`` to C <= :data:`RECOMPUTE_MAX_CHANNELS`."""
         block_rows = BLOCK_ROWS if block_rows is None else block_rows
         C = x.shape[-1]
         if recompute_hidden is None:
@@ -196,20 +167,8 @@ class NormMlpFunction(torch.autograd.Function):
 
 
 def norm_mlp(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> Tensor:
-    """``mlp(norm(x))`` over blocks of :data:`BLOCK_ROWS` tokens (where
-    :func:`mmrest.models.layers.dispatch.blocked_norm_mlp` says so): through
-    :class:`NormMlpFunction` where autograd records,
-    else the same blocked forward keeping nothing (inference: no hidden-sized tensor at
-    all, the activation of a block computed in place in a reused buffer).
-
-    Args:
-        x (Tensor): Tokens (..., C).
-        norm (nn.LayerNorm): The LayerNorm.
-        mlp (nn.Module): An MLP with ``fc1``, ``act`` (GELU) and ``fc2``.
-
-    Returns:
-        Tensor: (..., C).
-    """
+    """``mlp(norm(x))`` over blocks of tokens: through :class:`NormMlpFunction` where
+    autograd records, else the blocked forward keeping nothing."""
     args = (norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias,
             mlp.fc2.weight, mlp.fc2.bias)
     if torch.is_grad_enabled():

@@ -1,10 +1,5 @@
-"""Conversion of ResT and ResT V2 checkpoints from every layout they are published in.
-
-The one conversion used by :class:`mmrest.models.ResT` and :class:`mmrest.models.ResTV2`
-(``init_cfg`` and their load-state-dict hook) and by
-``tools/model_converters/rest_to_mmrest.py``.
-
-Layouts understood (keys as in the authors' repository, https://github.com/wofmanaf/ResT):
+"""Conversion of ResT and ResT V2 checkpoints from every layout they are published in
+(used by the backbones and ``tools/model_converters/rest_to_mmrest.py``):
 
 - the authors' ImageNet files: ``{'model': state_dict, ...}`` with ``stem.conv1.weight``
   (ResT) or ``stem.proj.0.weight`` (ResT V2), ``stage3.4.attn.q.weight``,
@@ -46,14 +41,8 @@ _CLS_HEAD_KEY = re.compile(r'^(?:module\.)?head\.(?:fc\.)?(weight|bias)$')
 
 
 def normalize_rest_key(key: str) -> Optional[str]:
-    """Map one checkpoint key to the backbone's key, or None if it is not one.
-
-    Args:
-        key (str): A key of any supported layout.
-
-    Returns:
-        str | None: The backbone key, e.g. ``'stage1.0.attn.q.weight'``.
-    """
+    """The backbone's key (e.g. ``'stage1.0.attn.q.weight'``) of a checkpoint key of any
+    supported layout, or None if it is not one."""
     for prefix in BACKBONE_PREFIXES:
         if key.startswith(prefix):
             key = key[len(prefix):]
@@ -63,16 +52,8 @@ def normalize_rest_key(key: str) -> Optional[str]:
 
 
 def rest_checkpoint_family(state_dict: Mapping) -> Optional[str]:
-    """Which model a state dict is of, by the backbone keys only one has.
-
-    Args:
-        state_dict (Mapping): Keys of any supported layout (see
-            :func:`normalize_rest_key`), e.g. from :func:`convert_rest_checkpoint`.
-
-    Returns:
-        str | None: ``'ResT'``, ``'ResTV2'``, or None where neither's keys (or both's)
-        are found.
-    """
+    """``'ResT'`` or ``'ResTV2'``, by the backbone keys only one has; None where neither's
+    keys (or both's) are found."""
     keys = [normalize_rest_key(str(k)) or '' for k in state_dict]
     found = [name for name, pattern in _VERSION_KEYS.items()
              if any(pattern.match(k) for k in keys)]
@@ -80,15 +61,7 @@ def rest_checkpoint_family(state_dict: Mapping) -> Optional[str]:
 
 
 def check_rest_family(state_dict: Mapping, family: str) -> None:
-    """Refuse the weights of the other ResT version.
-
-    Args:
-        state_dict (Mapping): Backbone keys, e.g. from :func:`convert_rest_checkpoint`.
-        family (str): The model's family, ``'ResT'`` or ``'ResTV2'``.
-
-    Raises:
-        ValueError: If the keys are those of the other family, naming one of them.
-    """
+    """Refuse (``ValueError``) the weights of the other ResT version than ``family``."""
     found = rest_checkpoint_family(state_dict)
     if found is not None and found != family:
         example = next(k for k in state_dict
@@ -98,18 +71,7 @@ def check_rest_family(state_dict: Mapping, family: str) -> None:
 
 
 def unwrap_checkpoint(checkpoint: Mapping) -> Mapping:
-    """The state dict of a loaded checkpoint: its ``state_dict`` or ``model`` entry, or
-    the checkpoint itself.
-
-    Args:
-        checkpoint (Mapping): The loaded checkpoint.
-
-    Returns:
-        Mapping: The weights by key.
-
-    Raises:
-        TypeError: If the checkpoint is not a mapping.
-    """
+    """The ``state_dict`` or ``model`` entry of a loaded checkpoint, or the checkpoint."""
     if not isinstance(checkpoint, Mapping):
         raise TypeError('a ResT checkpoint must be a dict of tensors or a dict with '
                         f"'state_dict' or 'model', got {type(checkpoint).__name__}")
