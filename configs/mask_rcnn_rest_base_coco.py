@@ -11,8 +11,5 @@ _base_ = './mask_rcnn_rest_small_coco.py'
 pretrained_ckpt = 'checkpoints/rest_base.pth'
 
 model = dict(
-    backbone=dict(
-        arch='base',
-        drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained_ckpt)),
+    backbone=dict(arch='base', drop_path_rate=0.2, init_cfg=dict(checkpoint=pretrained_ckpt)),
     neck=dict(in_channels=[96, 192, 384, 768]))

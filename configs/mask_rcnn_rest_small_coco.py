@@ -21,23 +21,17 @@
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
-    'mmdet::_base_/schedules/schedule_1x.py',
+    './_base_/rest_detection_1x.py',
     'mmdet::_base_/default_runtime.py',
+    './_base_/mmrest.py',
 ]
-# `import mmrest` wherever this config is read (tools, OpenMMLab's inference APIs): the
-# ResT registry and safe reading of mmengine checkpoints on torch >= 2.6
-custom_imports = dict(imports=['mmrest'], allow_failed_imports=False)
 
 pretrained_ckpt = 'checkpoints/rest_small.pth'
 
 model = dict(
     backbone=dict(
-        _delete_=True,
-        type='mmrest.ResT',
-        arch='small',
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.1,
-        frozen_stages=1,
+        _delete_=True, type='mmrest.ResT', arch='small', out_indices=(0, 1, 2, 3),
+        drop_path_rate=0.1, frozen_stages=1,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained_ckpt)),
     neck=dict(in_channels=[64, 128, 256, 512]))
 
@@ -52,24 +46,11 @@ train_pipeline = [
         recompute_bbox=True),
     dict(
         type='RandomChoiceResize',
-        scales=[(1333, 640), (1333, 672), (1333, 704), (1333, 736), (1333, 768),
-                (1333, 800)],
+        scales=[(1333, s) for s in range(640, 801, 32)],
         keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs'),
 ]
 train_dataloader = dict(batch_size=2, num_workers=2, dataset=dict(pipeline=train_pipeline))
 
-optim_wrapper = dict(
-    _delete_=True,
-    type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.)}),
-    clip_grad=dict(max_norm=0.01, norm_type=2))
-
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
-    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1),
-]
-
-auto_scale_lr = dict(enable=False, base_batch_size=16)
+optim_wrapper = dict(clip_grad=dict(max_norm=0.01, norm_type=2))

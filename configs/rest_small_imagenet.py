@@ -24,10 +24,8 @@ _base_ = [
     'mmpretrain::_base_/datasets/imagenet_bs64_swin_224.py',
     'mmpretrain::_base_/schedules/imagenet_bs1024_adamw_swin.py',
     'mmpretrain::_base_/default_runtime.py',
+    './_base_/mmrest.py',
 ]
-# `import mmrest` wherever this config is read (tools, OpenMMLab's inference APIs): the
-# ResT registry and safe reading of mmengine checkpoints on torch >= 2.6
-custom_imports = dict(imports=['mmrest'], allow_failed_imports=False)
 
 model = dict(
     type='ImageClassifier',

@@ -10,9 +10,6 @@ _base_ = './upernet_rest_small_ade20k.py'
 pretrained_ckpt = 'checkpoints/rest_base.pth'
 
 model = dict(
-    backbone=dict(
-        arch='base',
-        drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained_ckpt)),
+    backbone=dict(arch='base', drop_path_rate=0.2, init_cfg=dict(checkpoint=pretrained_ckpt)),
     decode_head=dict(in_channels=[96, 192, 384, 768]),
     auxiliary_head=dict(in_channels=384))

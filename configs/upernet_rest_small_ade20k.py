@@ -21,10 +21,8 @@ _base_ = [
     'mmseg::_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py',
     'mmseg::_base_/schedules/schedule_160k.py',
+    './_base_/mmrest.py',
 ]
-# `import mmrest` wherever this config is read (tools, OpenMMLab's inference APIs): the
-# ResT registry and safe reading of mmengine checkpoints on torch >= 2.6
-custom_imports = dict(imports=['mmrest'], allow_failed_imports=False)
 
 crop_size = (512, 512)
 pretrained_ckpt = 'checkpoints/rest_small.pth'
@@ -33,12 +31,8 @@ model = dict(
     data_preprocessor=dict(size=crop_size),
     pretrained=None,
     backbone=dict(
-        _delete_=True,
-        type='mmrest.ResT',
-        arch='small',
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.1,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained_ckpt)),
+        _delete_=True, type='mmrest.ResT', arch='small', out_indices=(0, 1, 2, 3),
+        drop_path_rate=0.1, init_cfg=dict(type='Pretrained', checkpoint=pretrained_ckpt)),
     decode_head=dict(in_channels=[64, 128, 256, 512], num_classes=150),
     auxiliary_head=dict(in_channels=256, in_index=2, num_classes=150))
 
