@@ -1,11 +1,11 @@
-"""ResT backbone: shapes, values against the independent oracle, options and errors."""
-import math
+"""ResT backbone: shapes, values against the independent oracle, options and errors (what
+it does as ResT V2 does: tests/test_backbones.py)."""
 import re
-from typing import List, Sequence
 
 import pytest
 import torch
-from mmcv.cnn.bricks import DropPath
+from _backbone_helpers import (ATTN_IMPLS, attn_impl_results, check_as_accurate_as_the_oracle,
+                               check_authors_param_count, check_output_shapes, shapes)
 from reference_rest import ARCHS, reference_features
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -15,68 +15,26 @@ from mmrest.models import ResT
 pytestmark = pytest.mark.stack
 
 ALL_ARCHS = ('lite', 'small', 'base', 'large')
-ATTN_IMPLS = ('lean', 'dense', 'reference')
 # Parameter counts of the authors' models with their 1000-class linear head.
 AUTHORS_PARAMS = {'lite': 10_508_300, 'small': 13_679_708, 'base': 30_327_052,
                   'large': 51_676_156}
-
-
-def expected_shapes(arch: str, batch: int, h: int, w: int,
-                    indices: Sequence[int] = (0, 1, 2, 3)) -> List[tuple]:
-    dims = ARCHS[arch]['embed_dims']
-    return [(batch, dims[i], math.ceil(h / 2**(i + 2)), math.ceil(w / 2**(i + 2)))
-            for i in indices]
-
-
-def shapes(outs) -> List[tuple]:
-    return [tuple(o.shape) for o in outs]
 
 
 # ----------------------------------------------------------------------------- shapes
 @pytest.mark.parametrize('arch', ['lite', 'small', 'base'])
 @pytest.mark.parametrize('hw', [(224, 224), (225, 225), (97, 131), (131, 97), (32, 32)])
 def test_output_shapes(eval_rest, arch, hw):
-    h, w = hw
-    with torch.no_grad():
-        outs = eval_rest(arch)(torch.randn(2, 3, h, w))
-    assert shapes(outs) == expected_shapes(arch, 2, h, w)
-    assert all(torch.isfinite(o).all() for o in outs)
+    check_output_shapes(eval_rest(arch), ARCHS[arch]['embed_dims'], 2, *hw)
 
 
 def test_output_shapes_large_small_input(eval_rest):
-    with torch.no_grad():
-        outs = eval_rest('large')(torch.randn(2, 3, 33, 47))
-    assert shapes(outs) == expected_shapes('large', 2, 33, 47)
-    assert all(torch.isfinite(o).all() for o in outs)
+    check_output_shapes(eval_rest('large'), ARCHS['large']['embed_dims'], 2, 33, 47)
 
 
 @pytest.mark.parametrize('arch,hw', [('small', (512, 683)), ('lite', (800, 1333))])
 def test_output_shapes_detection_sizes(eval_rest, arch, hw):
     """Sizes of mmdet/mmseg pipelines, on which the authors' code fails."""
-    h, w = hw
-    with torch.no_grad():
-        outs = eval_rest(arch)(torch.randn(1, 3, h, w))
-    assert shapes(outs) == expected_shapes(arch, 1, h, w)
-    assert all(torch.isfinite(o).all() for o in outs)
-
-
-@pytest.mark.parametrize('out_indices,expected', [
-    ((3, ), (3, )),
-    (-1, (3, )),
-    ((0, 2), (0, 2)),
-    ((-1, -4), (0, 3)),
-    ((1, -2), (1, 2)),
-    (2, (2, )),
-])
-def test_out_indices(out_indices, expected):
-    model = ResT('lite', out_indices=out_indices, drop_path_rate=0.).eval()
-    assert model.out_indices == expected
-    # An output LayerNorm exists exactly for the selected stages 0-2.
-    assert [i for i in range(3) if hasattr(model, f'norm{i + 1}')] == \
-        [i for i in expected if i < 3]
-    with torch.no_grad():
-        outs = model(torch.randn(1, 3, 70, 45))
-    assert shapes(outs) == expected_shapes('lite', 1, 70, 45, expected)
+    check_output_shapes(eval_rest(arch), ARCHS[arch]['embed_dims'], 1, *hw)
 
 
 def test_custom_arch_channels_and_in_channels():
@@ -91,14 +49,7 @@ def test_custom_arch_channels_and_in_channels():
 
 @pytest.mark.parametrize('arch', ALL_ARCHS)
 def test_parameter_counts_match_authors(arch):
-    model = ResT(arch, out_indices=(3, ))
-    head = ARCHS[arch]['embed_dims'][-1] * 1000 + 1000
-    assert sum(p.numel() for p in model.parameters()) + head == AUTHORS_PARAMS[arch]
-    # Each extra output stage adds one LayerNorm (weight and bias).
-    full = ResT(arch, out_indices=(0, 1, 2, 3))
-    extra = sum(p.numel() for p in full.parameters()) - sum(
-        p.numel() for p in model.parameters())
-    assert extra == 2 * sum(ARCHS[arch]['embed_dims'][:3])
+    check_authors_param_count(ResT, arch, ARCHS[arch]['embed_dims'], AUTHORS_PARAMS[arch])
 
 
 @pytest.mark.parametrize('alias, arch', [('s', 'small'), ('b', 'base'), ('l', 'large')])
@@ -148,29 +99,15 @@ def test_features_float32_224_as_accurate_as_the_oracle(rest_with_authors_weight
         outs = model(x)
         oracle32 = reference_features(sd, x, depths, out_norms=(0, 1, 2))
         truth = reference_features(to_double(sd), x.double(), depths, out_norms=(0, 1, 2))
-    for i, (out, ref, true) in enumerate(zip(outs, oracle32, truth)):
-        assert out.dtype == torch.float32
-        err = (out.double() - true).abs().max().item()
-        oracle_err = (ref.double() - true).abs().max().item()
-        # a few oracle errors, plus float32 rounding at the maps' scale: the order of
-        # the sums differs between CPUs (AVX2, AVX-512) and thread counts
-        bound = 4 * oracle_err + 64 * torch.finfo(torch.float32).eps * true.abs().max().item()
-        assert err < bound, \
-            f'stage {i}: max abs error {err:.3g}, oracle in float32: {oracle_err:.3g}'
-        assert err < 2e-3
+    check_as_accurate_as_the_oracle(outs, oracle32, truth, 2e-3)
 
 
 def test_attn_impls_agree_in_training_mode(rest_with_authors_weights):
     """Every EMSA implementation gives the reference's outputs and gradients (float64)."""
-    results = []
-    for impl in ATTN_IMPLS:
-        model, _ = rest_with_authors_weights('lite', attn_impl=impl)
-        model.double().train()
-        x = torch.randn(2, 3, 40, 56, dtype=torch.float64,
-                        generator=torch.Generator().manual_seed(3), requires_grad=True)
-        loss = sum((o * o.detach().roll(1, 1)).sum() for o in model(x))
-        loss.backward()
-        results.append((loss.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}))
+    x = torch.randn(2, 3, 40, 56, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    results = attn_impl_results(
+        lambda impl: rest_with_authors_weights('lite', attn_impl=impl)[0].double(), x)
     l2, gx2, g2 = results[-1]  # the reference
     for l1, gx1, g1 in results[:-1]:
         torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-10)
@@ -287,60 +224,7 @@ def test_unknown_attn_impl():
         ResT('lite', attn_impl='bogus')
 
 
-# --------------------------------------------------------------- freezing, norm_eval
-def frozen_prefixes(frozen_stages: int) -> List[str]:
-    """Module names frozen by ``frozen_stages`` as documented (all outputs selected)."""
-    names = ['stem'] if frozen_stages >= 0 else []
-    for i in range(1, frozen_stages + 1):
-        if i > 1:
-            names.append(f'patch_embed_{i}')
-        names += [f'stage{i}', 'norm' if i == 4 else f'norm{i}']
-    return names
-
-
-def is_frozen(name: str, prefixes: List[str]) -> bool:
-    return any(name == p or name.startswith(p + '.') for p in prefixes)
-
-
-@pytest.mark.parametrize('frozen_stages', [-1, 0, 1, 2, 3, 4])
-def test_frozen_stages(frozen_stages):
-    model = ResT('lite', frozen_stages=frozen_stages, drop_path_rate=0.)
-    prefixes = frozen_prefixes(frozen_stages)
-    for _ in range(2):  # re-applied on every train()
-        model.train()
-        for name, param in model.named_parameters():
-            assert param.requires_grad == (not is_frozen(name, prefixes)), name
-        for name, module in model.named_modules():
-            if name:
-                assert module.training == (not is_frozen(name, prefixes)), name
-        model.eval()
-        assert not any(m.training for m in model.modules())
-    # Frozen BatchNorms keep their statistics during a training forward; others update.
-    model.train()
-    before = {n: m.running_mean.clone() for n, m in model.named_modules()
-              if isinstance(m, _BatchNorm)}
-    model(torch.randn(2, 3, 64, 64))
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm):
-            changed = not torch.equal(before[name], module.running_mean)
-            assert changed == (not is_frozen(name, prefixes)), name
-
-
-@pytest.mark.parametrize('frozen_stages', [0, 2, 3])
-def test_gradients_do_not_reach_frozen_parameters(frozen_stages):
-    torch.manual_seed(0)
-    model = ResT('lite', frozen_stages=frozen_stages, drop_path_rate=0.).train()
-    prefixes = frozen_prefixes(frozen_stages)
-    x = torch.randn(2, 3, 64, 64)
-    sum(o.square().mean() for o in model(x)).backward()
-    for name, param in model.named_parameters():
-        if is_frozen(name, prefixes):
-            assert param.grad is None, name
-        else:
-            assert param.grad is not None, name
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-
-
+# ------------------------------------------------------------------------ norm_eval
 def test_norm_eval_keeps_batchnorms_in_eval():
     model = ResT('lite', norm_eval=True, drop_path_rate=0.)
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
@@ -355,64 +239,6 @@ def test_norm_eval_keeps_batchnorms_in_eval():
     # Without norm_eval the BatchNorms train.
     model = ResT('lite', drop_path_rate=0.).train()
     assert all(m.training for m in model.modules() if isinstance(m, _BatchNorm))
-
-
-# ------------------------------------------------------------------ with_cp, drop path
-def test_with_cp_same_outputs_and_gradients(rest_with_authors_weights, monkeypatch):
-    calls = []
-    original = torch.utils.checkpoint.checkpoint
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get('use_reentrant'))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch.utils.checkpoint, 'checkpoint', spy)
-    results = []
-    for with_cp in (False, True):
-        model, _ = rest_with_authors_weights('lite', with_cp=with_cp)
-        model.train()
-        x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(5),
-                        requires_grad=True)
-        outs = model(x)
-        sum((o * o).mean() for o in outs).backward()
-        results.append(([o.detach() for o in outs], x.grad,
-                        {n: p.grad for n, p in model.named_parameters()}))
-        model.eval()
-        with torch.no_grad():
-            model(x)  # not checkpointed outside training
-    assert calls == [False] * sum(ARCHS['lite']['depths'])
-    (o1, gx1, g1), (o2, gx2, g2) = results
-    for a, b in zip(o1, o2):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-7)
-    assert g1.keys() == g2.keys()
-    for name in g1:
-        torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-7, msg=name)
-
-
-@pytest.mark.parametrize('arch,rate', [('small', 0.1), ('large', 0.2), ('lite', 0.35)])
-def test_drop_path_linear_schedule(arch, rate):
-    model = ResT(arch, drop_path_rate=rate)
-    blocks = [b for i in range(1, 5) for b in getattr(model, f'stage{i}')]
-    n = sum(ARCHS[arch]['depths'])
-    assert len(blocks) == n
-    assert isinstance(blocks[0].drop_path, nn.Identity)  # the first rate is 0
-    for j, block in enumerate(blocks[1:], start=1):
-        assert isinstance(block.drop_path, DropPath)
-        assert block.drop_path.drop_prob == pytest.approx(rate * j / (n - 1), abs=1e-6)
-
-
-def test_drop_path_zero_is_identity_and_active_only_in_training():
-    model = ResT('lite', drop_path_rate=0.)
-    assert all(isinstance(b.drop_path, nn.Identity)
-               for i in range(1, 5) for b in getattr(model, f'stage{i}'))
-    torch.manual_seed(0)
-    model = ResT('lite', drop_path_rate=0.5, norm_eval=True).train()
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        assert not torch.equal(model(x)[3], model(x)[3])
-        model.eval()
-        assert torch.equal(model(x)[3], model(x)[3])
 
 
 # ------------------------------------------------------------------------ norm configs
@@ -440,18 +266,3 @@ def test_norm_cfg_applies_to_all_layernorms_only():
     assert len(lns) == expected
     assert all(m.eps == 1e-6 for m in lns)
     assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, _BatchNorm))
-
-
-# ---------------------------------------------------------------------------- registry
-def test_builds_from_mmengine_registry():
-    from mmengine.registry import MODELS
-
-    from mmrest.registry import MODELS as REST_MODELS
-    model = MODELS.build(dict(type='mmrest.ResT', arch='base', out_indices=(1, 3),
-                              frozen_stages=1))
-    assert type(model) is ResT
-    assert model.embed_dims == [96, 192, 384, 768] and model.out_indices == (1, 3)
-    assert not any(p.requires_grad for p in model.stem.parameters())
-    assert type(REST_MODELS.build(dict(type='ResT', arch='lite'))) is ResT
-    with pytest.raises(KeyError, match="Unknown ResT arch 'huge'"):
-        MODELS.build(dict(type='mmrest.ResT', arch='huge'))

@@ -1,14 +1,14 @@
 """ResTV2 backbone: shapes, values against the independent oracle, the up-sampling crop,
-gradients, options and errors."""
+gradients, options and errors (what it does as ResT does: tests/test_backbones.py)."""
 import math
-from typing import List, Sequence
-from unittest import mock
+from typing import List
 
 import pytest
 import torch
+from _backbone_helpers import (ATTN_IMPLS, attn_impl_results, check_as_accurate_as_the_oracle,
+                               check_authors_param_count, check_output_shapes)
 from _restv2_helpers import (ARCHS, backbone_part, double, eval_model,
                              model_with_authors_weights)
-from mmcv.cnn.bricks import DropPath
 from reference_rest_v2 import ARCHS as REF_ARCHS
 from reference_rest_v2 import attention as reference_attention
 from reference_rest_v2 import random_authors_state_dict, reference_features
@@ -20,17 +20,9 @@ from mmrest.models.layers import EMSAv2
 
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures('one_intra_op_thread')]
 
-ATTN_IMPLS = ('lean', 'dense', 'reference')
 # Parameter counts of the authors' models with their 1000-class linear head.
 AUTHORS_PARAMS = {'tiny': 30_434_776, 'small': 41_205_976, 'base': 55_965_208,
                   'large': 86_532_520}
-
-
-def expected_shapes(arch: str, batch: int, h: int, w: int,
-                    indices: Sequence[int] = (0, 1, 2, 3)) -> List[tuple]:
-    dims = REF_ARCHS[arch]['embed_dims']
-    return [(batch, dims[i], math.ceil(h / 2**(i + 2)), math.ceil(w / 2**(i + 2)))
-            for i in indices]
 
 
 def max_err(outs, refs) -> List[float]:
@@ -40,12 +32,9 @@ def max_err(outs, refs) -> List[float]:
 # ----------------------------------------------------------------------------- shapes
 @pytest.mark.parametrize('arch', ARCHS)
 def test_output_shapes_square_odd_and_non_square(arch):
-    model = eval_model(arch)
     for h, w in ((64, 64), (97, 97), (65, 47), (32, 45)):
-        with torch.no_grad():
-            outs = model(torch.randn(2, 3, h, w))
-        assert [tuple(o.shape) for o in outs] == expected_shapes(arch, 2, h, w), (h, w)
-        assert all(o.is_contiguous() and torch.isfinite(o).all() for o in outs)
+        outs = check_output_shapes(eval_model(arch), REF_ARCHS[arch]['embed_dims'], 2, h, w)
+        assert all(o.is_contiguous() for o in outs)
 
 
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
@@ -57,27 +46,10 @@ def test_outputs_are_contiguous_nchw(batch, train):
     assert all(o.is_contiguous() for o in outs)
 
 
-@pytest.mark.parametrize('out_indices,expected', [((3, ), (3, )), (-1, (3, )), ((0, 2), (0, 2)),
-                                                  ((1, -2), (1, 2))])
-def test_out_indices(out_indices, expected):
-    model = ResTV2('tiny', out_indices=out_indices, drop_path_rate=0.).eval()
-    assert model.out_indices == expected
-    assert [i for i in range(3) if hasattr(model, f'norm{i + 1}')] == \
-        [i for i in expected if i < 3]
-    with torch.no_grad():
-        outs = model(torch.randn(1, 3, 70, 45))
-    assert [tuple(o.shape) for o in outs] == expected_shapes('tiny', 1, 70, 45, expected)
-
-
 @pytest.mark.parametrize('arch', ARCHS)
 def test_parameter_counts_match_authors(arch):
-    model = ResTV2(arch, out_indices=(3, ))
-    head = REF_ARCHS[arch]['embed_dims'][-1] * 1000 + 1000
-    assert sum(p.numel() for p in model.parameters()) + head == AUTHORS_PARAMS[arch]
-    full = ResTV2(arch, out_indices=(0, 1, 2, 3))
-    extra = sum(p.numel() for p in full.parameters()) - sum(
-        p.numel() for p in model.parameters())
-    assert extra == 2 * sum(REF_ARCHS[arch]['embed_dims'][:3])
+    check_authors_param_count(ResTV2, arch, REF_ARCHS[arch]['embed_dims'],
+                              AUTHORS_PARAMS[arch])
 
 
 @pytest.mark.parametrize('alias, arch', [('t', 'tiny'), ('s', 'small'), ('b', 'base'),
@@ -160,16 +132,7 @@ def test_features_float32_as_accurate_as_the_oracle():
             outs = model(x)
             oracle32 = reference_features(sd, x, 'tiny', out_norms=(0, 1, 2))
             truth = reference_features(sd64, x.double(), 'tiny', out_norms=(0, 1, 2))
-        for i, (out, ref, true) in enumerate(zip(outs, oracle32, truth)):
-            assert out.dtype == torch.float32
-            err = (out.double() - true).abs().max().item()
-            oracle_err = (ref.double() - true).abs().max().item()
-            # a few oracle errors, plus float32 rounding at the maps' scale: the order
-            # of the sums differs between CPUs (AVX2, AVX-512) and thread counts
-            scale = true.abs().max().item()
-            bound = 4 * oracle_err + 64 * torch.finfo(torch.float32).eps * scale
-            assert err < bound, (shape, i, err, oracle_err)
-            assert err < 1e-3
+        check_as_accurate_as_the_oracle(outs, oracle32, truth, 1e-3, where=(shape, ))
 
 
 @pytest.mark.parametrize('threads', ['one', 'many'])
@@ -178,15 +141,10 @@ def test_attn_impls_agree_in_training_mode(request, threads):
     (float64, odd size), on one thread and on 32 (as on a many-core node)."""
     if threads == 'many':
         request.getfixturevalue('many_threads')
-    results = []
-    for impl in ATTN_IMPLS:
-        model, _ = model_with_authors_weights('tiny', attn_impl=impl)
-        model.train()
-        x = torch.randn(2, 3, 40, 57, dtype=torch.float64,
-                        generator=torch.Generator().manual_seed(3), requires_grad=True)
-        loss = sum((o * o.detach().roll(1, 1)).sum() for o in model(x))
-        loss.backward()
-        results.append((loss.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}))
+    x = torch.randn(2, 3, 40, 57, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    results = attn_impl_results(
+        lambda impl: model_with_authors_weights('tiny', attn_impl=impl)[0], x)
     l2, gx2, g2 = results[-1]  # the reference
     for l1, gx1, g1 in results[:-1]:
         torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-10)
@@ -302,41 +260,7 @@ def test_bad_inputs(shape, match):
         eval_model('tiny')(torch.zeros(shape))
 
 
-# --------------------------------------------------------------- freezing, norm_eval
-def frozen_prefixes(frozen_stages: int) -> List[str]:
-    names = ['stem'] if frozen_stages >= 0 else []
-    for i in range(1, frozen_stages + 1):
-        names += ([f'patch_{i}'] if i > 1 else []) + [f'stage{i}',
-                                                       'norm' if i == 4 else f'norm{i}']
-    return names
-
-
-def is_frozen(name: str, prefixes: List[str]) -> bool:
-    return any(name == p or name.startswith(p + '.') for p in prefixes)
-
-
-@pytest.mark.parametrize('frozen_stages', [-1, 0, 1, 2, 4])
-def test_frozen_stages(frozen_stages):
-    torch.manual_seed(0)
-    model = ResTV2('tiny', frozen_stages=frozen_stages, drop_path_rate=0.)
-    prefixes = frozen_prefixes(frozen_stages)
-    trainable = {n: not is_frozen(n, prefixes) for n, _ in model.named_parameters()}
-    in_train_mode = {n: not is_frozen(n, prefixes) for n, _ in model.named_modules() if n}
-    for _ in range(2):  # re-applied on every train()
-        model.train()
-        assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
-        assert {n: m.training for n, m in model.named_modules() if n} == in_train_mode
-    bns = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
-    before = {n: m.running_mean.clone() for n, m in bns.items()}
-    loss = sum(o.square().mean() for o in model(torch.randn(2, 3, 64, 64)))
-    assert loss.requires_grad == (frozen_stages < 4)
-    if loss.requires_grad:
-        loss.backward()
-    assert {n: not torch.equal(before[n], m.running_mean) for n, m in bns.items()} == \
-        {n: in_train_mode[n] for n in bns}  # frozen BatchNorms keep their statistics
-    assert {n: p.grad is not None for n, p in model.named_parameters()} == trainable
-
-
+# ------------------------------------------------------------------------ norm_eval
 def test_norm_eval_keeps_the_stem_batchnorms_in_eval():
     model = ResTV2('tiny', norm_eval=True, drop_path_rate=0.)
     bns = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
@@ -348,46 +272,6 @@ def test_norm_eval_keeps_the_stem_batchnorms_in_eval():
     model(torch.randn(2, 3, 64, 64))
     assert all(torch.equal(b, model.get_submodule(n).running_var)
                for b, n in zip(before, bns))
-
-
-# ------------------------------------------------------------------ with_cp, drop path
-def test_with_cp_same_outputs_and_gradients(monkeypatch):
-    spy = mock.Mock(wraps=torch.utils.checkpoint.checkpoint)
-    monkeypatch.setattr(torch.utils.checkpoint, 'checkpoint', spy)
-    x = torch.randn(2, 3, 48, 65, generator=torch.Generator().manual_seed(5))
-    runs = {}
-    for with_cp in (False, True):
-        model, _ = model_with_authors_weights('tiny', dtype=torch.float32, with_cp=with_cp)
-        inputs = x.clone().requires_grad_()
-        outs = model.train()(inputs)
-        sum((o * o).mean() for o in outs).backward()
-        grads = {n: p.grad for n, p in model.named_parameters()}
-        runs[with_cp] = ([o.detach() for o in outs], inputs.grad, grads)
-    assert [c.kwargs['use_reentrant'] for c in spy.call_args_list] == \
-        [False] * sum(REF_ARCHS['tiny']['depths'])
-    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=0, atol=1e-6)
-    torch.testing.assert_close(runs[True][1:], runs[False][1:], rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize('arch,rate', [('tiny', 0.1), ('base', 0.3), ('large', 0.5)])
-def test_drop_path_linear_schedule(arch, rate):
-    model = ResTV2(arch, drop_path_rate=rate)
-    blocks = [b for i in range(1, 5) for b in getattr(model, f'stage{i}')]
-    n = sum(REF_ARCHS[arch]['depths'])
-    assert len(blocks) == n and isinstance(blocks[0].drop_path, nn.Identity)
-    for j, block in enumerate(blocks[1:], start=1):
-        assert isinstance(block.drop_path, DropPath)
-        assert block.drop_path.drop_prob == pytest.approx(rate * j / (n - 1), abs=1e-6)
-
-
-def test_drop_path_active_only_in_training():
-    torch.manual_seed(0)
-    model = ResTV2('tiny', drop_path_rate=0.5, norm_eval=True).train()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert not torch.equal(model(x)[3], model(x)[3])
-        model.eval()
-        assert torch.equal(model(x)[3], model(x)[3])
 
 
 # ----------------------------------------------------------------- norms, init, names
@@ -436,17 +320,3 @@ def test_v1_and_v2_share_the_family_code():
     for name in ('forward', 'load_pretrained', 'train', '_freeze_stages'):
         assert name not in vars(ResT) and name not in vars(ResTV2), name
     assert ResT('lite').out_norm_in_main_path and not ResTV2('tiny').out_norm_in_main_path
-
-
-# ---------------------------------------------------------------------------- registry
-def test_builds_from_the_registries():
-    from mmengine.registry import MODELS
-
-    from mmrest.registry import MODELS as REST_MODELS
-    model = MODELS.build(dict(type='mmrest.ResTV2', arch='small', out_indices=(1, 3),
-                              frozen_stages=1))
-    assert type(model) is ResTV2 and model.out_indices == (1, 3)
-    assert not any(p.requires_grad for p in model.stage1.parameters())
-    assert type(REST_MODELS.build(dict(type='ResTV2', arch='t'))) is ResTV2
-    with pytest.raises(KeyError, match="Unknown ResTV2 arch 'huge'"):
-        MODELS.build(dict(type='mmrest.ResTV2', arch='huge'))
