@@ -147,7 +147,18 @@ def test_drop_path_zero_is_identity_and_active_only_in_training(family):
         assert torch.equal(model(x)[3], model(x)[3])
 
 
-# ---------------------------------------------------------------------------- registry
+# ------------------------------------------------------------------- arch, registry
+@pytest.mark.parametrize('name,wrong,match', [
+    ('ResT', 'tiny', r"Unknown ResT arch 'tiny'.*'lite'.*'small'"),
+    ('ResTV2', 'lite', r"Unknown ResTV2 arch 'lite'")])
+def test_bad_arch_name_lists_accepted_names(name, wrong, match):
+    cls, archs = {'ResT': (ResT, V1_ARCHS), 'ResTV2': (ResTV2, V2_ARCHS)}[name]
+    with pytest.raises(KeyError, match=match) as info:
+        cls(wrong)
+    for arch in archs:
+        assert repr(arch) in str(info.value)
+
+
 @pytest.mark.parametrize('name,size,alias', [('ResT', 'base', 'lite'), ('ResTV2', 'small', 't')])
 def test_builds_from_the_registries(name, size, alias):
     from mmengine.registry import MODELS

@@ -153,13 +153,6 @@ def test_out_norm_in_main_path(rest_with_authors_weights, to_double, out_indices
 
 
 # ----------------------------------------------------------------------------- errors
-def test_bad_arch_name_lists_accepted_names():
-    with pytest.raises(KeyError, match=r"Unknown ResT arch 'tiny'.*'lite'.*'small'") as info:
-        ResT('tiny')
-    for name in ALL_ARCHS:
-        assert repr(name) in str(info.value)
-
-
 def test_arch_of_wrong_type():
     with pytest.raises(TypeError, match='arch must be a str or a dict, got list'):
         ResT([64, 128, 256, 512])
