@@ -34,34 +34,35 @@ from typing import Dict, List, Optional, Sequence, Tuple
 HEADER = ('| Method | Backbone | Config | Params | Paper | Reproduced here |\n'
           '|---|---|---|---|---|---|')
 
-#: the known configs, a row each: config stem | method | backbone | params | paper
+#: the known configs, a row each: config stem, method, backbone, params measured here and
+#: the paper's result cell, two or more spaces apart
 _KNOWN = """
-retinanet_rest_small_coco      | RetinaNet 1x       | ResT-Small   | 23.40M | 40.3 box AP
-retinanet_rest_base_coco       | RetinaNet 1x       | ResT-Base    | 40.50M | 42.0 box AP
-mask_rcnn_rest_small_coco      | Mask R-CNN 1x      | ResT-Small   | 33.32M | 39.6 box / 37.2 mask AP
-mask_rcnn_rest_base_coco       | Mask R-CNN 1x      | ResT-Base    | 49.83M | 41.6 box / 38.7 mask AP
-upernet_rest_small_ade20k      | UperNet 160k       | ResT-Small   | 43.48M | not reported
-upernet_rest_base_ade20k       | UperNet 160k       | ResT-Base    | 61.98M | not reported
-rest_lite_imagenet             | ImageNet-1k 300 ep | ResT-Lite    | 10.51M | 77.2 top-1
-rest_small_imagenet            | ImageNet-1k 300 ep | ResT-Small   | 13.68M | 79.6 top-1
-rest_base_imagenet             | ImageNet-1k 300 ep | ResT-Base    | 30.33M | 81.6 top-1
-rest_large_imagenet            | ImageNet-1k 300 ep | ResT-Large   | 51.68M | 83.6 top-1
-mask_rcnn_restv2_tiny_3x_coco  | Mask R-CNN 3x      | ResTv2-Tiny  | 49.94M | 47.6 box / 43.2 mask AP
-mask_rcnn_restv2_small_3x_coco | Mask R-CNN 3x      | ResTv2-Small | 60.71M | 48.1 box / 43.3 mask AP
-mask_rcnn_restv2_base_3x_coco  | Mask R-CNN 3x      | ResTv2-Base  | 75.47M | 48.7 box / 43.9 mask AP
-retinanet_restv2_tiny_3x_coco  | RetinaNet 3x       | ResTv2-Tiny  | 40.61M | not reported
-upernet_restv2_tiny_ade20k     | UperNet 160k       | ResTv2-Tiny  | 62.09M | 47.3 mIoU
-upernet_restv2_small_ade20k    | UperNet 160k       | ResTv2-Small | 72.86M | 49.2 mIoU
-upernet_restv2_base_ade20k     | UperNet 160k       | ResTv2-Base  | 87.62M | 49.6 mIoU
-restv2_tiny_imagenet           | ImageNet-1k 300 ep | ResTv2-Tiny  | 30.43M | 82.3 top-1
-restv2_small_imagenet          | ImageNet-1k 300 ep | ResTv2-Small | 41.21M | 83.2 top-1
-restv2_base_imagenet           | ImageNet-1k 300 ep | ResTv2-Base  | 55.97M | 83.7 top-1
-restv2_large_imagenet          | ImageNet-1k 300 ep | ResTv2-Large | 86.53M | 84.2 top-1
+retinanet_rest_small_coco       RetinaNet 1x        ResT-Small    23.40M  40.3 box AP
+retinanet_rest_base_coco        RetinaNet 1x        ResT-Base     40.50M  42.0 box AP
+mask_rcnn_rest_small_coco       Mask R-CNN 1x       ResT-Small    33.32M  39.6 box / 37.2 mask AP
+mask_rcnn_rest_base_coco        Mask R-CNN 1x       ResT-Base     49.83M  41.6 box / 38.7 mask AP
+upernet_rest_small_ade20k       UperNet 160k        ResT-Small    43.48M  not reported
+upernet_rest_base_ade20k        UperNet 160k        ResT-Base     61.98M  not reported
+rest_lite_imagenet              ImageNet-1k 300 ep  ResT-Lite     10.51M  77.2 top-1
+rest_small_imagenet             ImageNet-1k 300 ep  ResT-Small    13.68M  79.6 top-1
+rest_base_imagenet              ImageNet-1k 300 ep  ResT-Base     30.33M  81.6 top-1
+rest_large_imagenet             ImageNet-1k 300 ep  ResT-Large    51.68M  83.6 top-1
+mask_rcnn_restv2_tiny_3x_coco   Mask R-CNN 3x       ResTv2-Tiny   49.94M  47.6 box / 43.2 mask AP
+mask_rcnn_restv2_small_3x_coco  Mask R-CNN 3x       ResTv2-Small  60.71M  48.1 box / 43.3 mask AP
+mask_rcnn_restv2_base_3x_coco   Mask R-CNN 3x       ResTv2-Base   75.47M  48.7 box / 43.9 mask AP
+retinanet_restv2_tiny_3x_coco   RetinaNet 3x        ResTv2-Tiny   40.61M  not reported
+upernet_restv2_tiny_ade20k      UperNet 160k        ResTv2-Tiny   62.09M  47.3 mIoU
+upernet_restv2_small_ade20k     UperNet 160k        ResTv2-Small  72.86M  49.2 mIoU
+upernet_restv2_base_ade20k      UperNet 160k        ResTv2-Base   87.62M  49.6 mIoU
+restv2_tiny_imagenet            ImageNet-1k 300 ep  ResTv2-Tiny   30.43M  82.3 top-1
+restv2_small_imagenet           ImageNet-1k 300 ep  ResTv2-Small  41.21M  83.2 top-1
+restv2_base_imagenet            ImageNet-1k 300 ep  ResTv2-Base   55.97M  83.7 top-1
+restv2_large_imagenet           ImageNet-1k 300 ep  ResTv2-Large  86.53M  84.2 top-1
 """
 #: config stem -> (method, backbone, params measured here, paper result cell).
 KNOWN_CONFIGS: Dict[str, Tuple[str, str, str, str]] = {
-    row[0]: tuple(row[1:]) for row in (
-        [cell.strip() for cell in line.split('|')] for line in _KNOWN.strip().splitlines())}
+    row[0]: tuple(row[1:])
+    for row in (re.split(r' {2,}', line) for line in _KNOWN.strip().splitlines())}
 
 _TIMESTAMP = re.compile(r'^\d{8}_\d{6}$')
 
