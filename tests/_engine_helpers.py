@@ -36,6 +36,25 @@ def make_shapes_data(root: str, num_train: int = 16, num_val: int = 8,
     return root
 
 
+def pipelines_text(scale: tuple, annotations: str, pack: str, test_pack: str) -> str:
+    """``train_pipeline`` and ``test_pipeline`` config lines: load the image and the
+    annotations (``LoadAnnotations`` arguments), resize to ``scale``, flip (training), pack."""
+    return f"""train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', {annotations}),
+    dict(type='Resize', scale={scale!r}, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='{pack}'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale={scale!r}, keep_ratio=True),
+    dict(type='LoadAnnotations', {annotations}),
+    {test_pack},
+]
+"""
+
+
 def demo_config_text(data_root: str,
                      max_iters: int = 6,
                      ckpt_interval: int = 3,
@@ -51,23 +70,13 @@ def demo_config_text(data_root: str,
     data_root = data_root.rstrip('/') + '/'
     scale = tuple(img_scale)
     val_interval = val_interval or max_iters
+    pipelines = pipelines_text(
+        scale, 'with_bbox=True', 'PackDetInputs',
+        "dict(type='PackDetInputs',\n"
+        "         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))")
     text = f"""_base_ = {DEMO_CONFIG!r}
 data_root = {data_root!r}
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='Resize', scale={scale!r}, keep_ratio=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackDetInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale={scale!r}, keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
-]
-train_dataloader = dict(
+{pipelines}train_dataloader = dict(
     batch_size={batch_size}, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, pipeline=train_pipeline))
 val_dataloader = dict(
@@ -95,6 +104,18 @@ def write_config(path: str, text: str) -> str:
     with open(path, 'w', encoding='utf-8') as f:
         f.write(text)
     return path
+
+
+def train_demo_reference(root: str, num_train: int, num_val: int, **config) -> tuple:
+    """Shapes data and a shrunk demo config (``demo_config_text(**config)``) under
+    ``root``, trained to the end in ``root/ref``; returns the config's path and the run's
+    work dir."""
+    data = make_shapes_data(osp.join(root, 'data'), num_train=num_train, num_val=num_val)
+    config = write_config(osp.join(root, 'cfg.py'), demo_config_text(data, **config))
+    ref = osp.join(root, 'ref')
+    proc = run(train_cmd(config, ref))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return config, ref
 
 
 def tool_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -169,24 +190,13 @@ def seg_config_text(data_root: str, max_iters: int = 4, ckpt_interval: int = 2,
     data_root = data_root.rstrip('/') + '/'
     scale = tuple(img_scale)
     base = osp.join(REPO, 'configs', 'upernet_rest_small_ade20k.py')
+    pipelines = pipelines_text(scale, 'reduce_zero_label=False', 'PackSegInputs',
+                               "dict(type='PackSegInputs')")
     return f"""_base_ = {base!r}
 data_root = {data_root!r}
 crop_size = {scale!r}
 metainfo = dict(classes={classes!r}, palette={palette!r})
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=False),
-    dict(type='Resize', scale={scale!r}, keep_ratio=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale={scale!r}, keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=False),
-    dict(type='PackSegInputs'),
-]
-dataset = dict(type='BaseSegDataset', data_root=data_root, metainfo=metainfo,
+{pipelines}dataset = dict(type='BaseSegDataset', data_root=data_root, metainfo=metainfo,
                img_suffix='.png', seg_map_suffix='.png', reduce_zero_label=False)
 train_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,

@@ -25,9 +25,9 @@ from typing import List, Tuple
 
 import pytest
 
-from _engine_helpers import (PYTHON, TRAIN, assert_same_tensors, demo_config_text,
-                             load_ckpt, make_shapes_data, probe_hooks_text,
-                             read_last_checkpoint, run, tool_env, train_cmd, write_config)
+from _engine_helpers import (PYTHON, TRAIN, assert_same_tensors, load_ckpt, probe_hooks_text,
+                             read_last_checkpoint, run, tool_env, train_cmd,
+                             train_demo_reference, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -87,15 +87,10 @@ runpy.run_path(train, run_name='__main__')
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('kill')
-    data = make_shapes_data(str(root / 'data'), num_train=12, num_val=4)
-    config = write_config(
-        str(root / 'cfg.py'),
-        demo_config_text(data, max_iters=MAX_ITERS, ckpt_interval=INTERVAL,
-                         val_interval=INTERVAL, extra=probe_hooks_text('StopAtKillPoint')))
+    config, ref = train_demo_reference(
+        str(root), num_train=12, num_val=4, max_iters=MAX_ITERS, ckpt_interval=INTERVAL,
+        val_interval=INTERVAL, extra=probe_hooks_text('StopAtKillPoint'))
     launcher = write_config(str(root / 'fault_launcher.py'), FAULT_LAUNCHER)
-    ref = str(root / 'ref')
-    proc = run(train_cmd(config, ref))
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return dict(root=root, config=config, launcher=launcher, ref=ref,
                 ref_state=load_ckpt(osp.join(ref, f'iter_{MAX_ITERS}.pth')))
 
@@ -132,6 +127,18 @@ def _inspect_ok(path: str) -> None:
     inspect_checkpoint(path)
 
 
+def _sigkill_when_flagged(flag: str, proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` once ``flag`` exists; a process still alive after that is killed."""
+    try:
+        _wait_for(flag, proc)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_sigkill_at_random_point_then_resume(setup):
     iteration, stage = random.Random(KILL_SEED).choice(kill_points())
     point = f'kill point: iteration {iteration}, {stage} (MMREST_KILL_SEED={KILL_SEED})'
@@ -143,13 +150,8 @@ def test_sigkill_at_random_point_then_resume(setup):
     proc = subprocess.Popen(train_cmd(setup['config'], work_dir), env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        _wait_for(marker, proc)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(60) == -signal.SIGKILL
+        _sigkill_when_flagged(marker, proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         log.close()
     latest = read_last_checkpoint(work_dir)
     _inspect_ok(latest)  # what last_checkpoint names is always complete
@@ -174,13 +176,8 @@ def _run_with_fault(setup, name: str, mode: str, save: int) -> tuple:
 def test_sigkill_during_save_keeps_previous_checkpoint(setup):
     work_dir, flag, proc = _run_with_fault(setup, 'kill_in_save', 'slow_rename', save=2)
     try:
-        _wait_for(flag, proc)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(60) == -signal.SIGKILL
+        _sigkill_when_flagged(flag, proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         proc.stdout.close()
     tmp_file = open(flag).read()
     # the interrupted save left only its temporary file; the final name never existed

@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from _engine_helpers import (PYTHON, TEST, assert_same_tensors, cls_config_text,
-                             demo_config_text, load_ckpt, make_shapes_data,
-                             read_last_checkpoint, run, seg_config_text, train_cmd,
-                             write_cls_annotations, write_config)
+from _engine_helpers import (PYTHON, TEST, assert_same_tensors, cls_config_text, load_ckpt,
+                             make_shapes_data, read_last_checkpoint, run, seg_config_text,
+                             train_cmd, train_demo_reference, write_cls_annotations,
+                             write_config)
 
 # The globals (pickle GLOBAL opcodes) of an mmengine 0.10.7 training checkpoint of mmdet;
 # mmrest.utils.mmengine_safe_globals() must cover exactly these, plus the numpy dtype
@@ -53,13 +53,8 @@ def _pickle_globals(path: str) -> set:
 def runs(tmp_path_factory):
     """An uninterrupted 3-iteration run with a checkpoint after every iteration."""
     root = tmp_path_factory.mktemp('resume')
-    data = make_shapes_data(str(root / 'data'), num_train=8, num_val=4)
-    config = write_config(
-        str(root / 'cfg.py'),
-        demo_config_text(data, max_iters=3, ckpt_interval=1, with_val=False))
-    ref = str(root / 'ref')
-    proc = run(train_cmd(config, ref))
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    config, ref = train_demo_reference(str(root), num_train=8, num_val=4, max_iters=3,
+                                       ckpt_interval=1, with_val=False)
     return dict(root=root, config=config, ref=ref)
 
 
