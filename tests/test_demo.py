@@ -39,11 +39,11 @@ def test_demo_config_and_generator_cli_agree():
     assert gen.num_val >= 100, 'the demo evaluates on at least 100 val images'
 
 
-# The shortened demo of the test: 200 of the demo's 1000 iterations (its schedule scaled
-# to that length), 400 training and 60 validation images. Measured here: bbox mAP 0.178
-# (the full demo reaches about 0.56). An untrained or broken detector scores 0 (no box
-# of the right class where a shape is); the floor is well above that and well below what
-# the run reaches.
+# The shortened demo of the test: 200 of the demo's iterations (its schedule and
+# evaluation points scaled to that length), 400 training and 60 validation images.
+# Measured here: bbox mAP 0.18 (the full demo reaches about 0.55). An untrained or broken
+# detector scores 0 (no box of the right class where a shape is); the floor is well above
+# that and well below what the run reaches.
 SHORT_RUN = ['--iters', '200', '--num-train', '400', '--num-val', '60']
 MAP_FLOOR = 0.08
 
@@ -65,15 +65,39 @@ def test_demo_end_to_end(tmp_path):
     assert result['iterations'] == 200 and result['num_val_images'] == 60
     assert result['bbox_mAP'] >= MAP_FLOOR, result['summary']
     assert result['metrics']['coco/bbox_mAP'] == result['bbox_mAP']
-    assert result['metrics']['coco/bbox_mAP_50'] > result['bbox_mAP']
-    assert result['curve'][-1]['iter'] == 200
+    assert result['bbox_mAP_50'] == result['metrics']['coco/bbox_mAP_50'] > result['bbox_mAP']
+    cfg = Config.fromfile(CONFIG)
+    classes = list(cfg.synthetic_shapes.classes)
+    assert list(result['per_class_AP']) == classes
+    assert all(0 <= ap <= 1 for ap in result['per_class_AP'].values())
+    assert result['device'] in ('cpu', 'cuda')
+
+    # a learning curve: several evaluations, each with the training loss since the last
+    curve = result['learning_curve']
+    assert len(curve) >= 4, curve
+    assert [p['iter'] for p in curve] == sorted({p['iter'] for p in curve})
+    assert curve[-1]['iter'] == 200 and curve[-1]['bbox_mAP'] == result['bbox_mAP']
+    for point in curve:
+        assert point['loss'] is not None and 0 < point['loss'] < 100, point
+        assert 0 <= point['bbox_mAP'] <= point['bbox_mAP_50'] <= 1, point
+        assert list(point['per_class_AP']) == classes
+    assert curve[-1]['loss'] < curve[0]['loss'], 'the training loss goes down'
+
     summary = [line for line in proc.stdout.splitlines() if line.startswith('demo: bbox mAP')]
     assert summary == [result['summary']]
     assert 'on 60 val images after 200 iterations' in summary[0]
+    assert summary[0].endswith(', CPU)' if result['device'] == 'cpu' else ')')
+    assert result['device'] == 'cpu' or f", {result['device']}" in summary[0]
     picture = cv2.imread(result['picture'])
     assert picture is not None and picture.shape[0] >= 2 * 128
+    assert picture.shape[1] >= 2 * picture.shape[0] / 3, 'ground truth beside predictions'
     assert osp.abspath(result['picture']) in proc.stdout
+    plot = cv2.imread(result['learning_curve_picture'])
+    assert plot is not None and plot.shape[0] >= 200 and plot.shape[1] >= 400
+    assert osp.dirname(result['learning_curve_picture']) == osp.dirname(result['picture'])
+    assert osp.abspath(result['learning_curve_picture']) in proc.stdout
     assert osp.isfile(result['checkpoint'])
+    assert 'photo' not in result and not (work_dir / 'photo_prediction.png').exists()
 
     # a bad argument fails cleanly, naming the value
     bad = subprocess.run(cmd + ['--iters', '0'], capture_output=True, text=True, cwd=REPO,

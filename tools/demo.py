@@ -1,4 +1,4 @@
-"""The built-in demo: RetinaNet with a ResT backbone learns synthetic shapes on the CPU.
+"""The built-in demo: a detector with a ResT backbone learns synthetic shapes on the CPU.
 
 One command (``make demo`` runs it after installing the stack)::
 
@@ -7,10 +7,13 @@ One command (``make demo`` runs it after installing the stack)::
 1. writes the synthetic COCO-format shapes dataset into ``data/synthetic_shapes/`` unless
    it is already there with the config's settings (``synthetic_shapes`` in the config);
 2. trains ``configs/demo/retinanet_rest_lite_shapes.py`` from scratch with mmengine's
-   Runner (log and checkpoint in ``work_dirs/demo/``);
-3. evaluates COCO bbox mAP on the validation split (never on training images);
-4. draws the predictions on a few validation images into ``work_dirs/demo/predictions.png``;
-5. prints a one-line summary and writes it, with the metrics, to
+   Runner (log and checkpoint in ``work_dirs/demo/``), on the GPU when one is visible;
+3. evaluates COCO bbox mAP on the validation split (never trained on) at several points
+   of the run (the config's ``val_interval``), per class at the last one;
+4. draws, into ``work_dirs/demo/``, ``predictions.png`` (a few validation images, each
+   with its ground truth on the left and the predictions on the right) and
+   ``learning_curve.png`` (training loss and validation mAP against iterations);
+5. prints a one-line summary and writes it, with the metrics and the learning curve, to
    ``work_dirs/demo/demo_result.json``.
 
 Exit status: 0 on success, 1 on failure (or when ``--expect-map`` is not reached).
@@ -34,11 +37,14 @@ from mmengine.config import DictAction  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_CONFIG = osp.join('configs', 'demo', 'retinanet_rest_lite_shapes.py')
+#: The training loss of a learning-curve point: the mean of this many last iterations.
+LOSS_WINDOW = 50
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description='Train and evaluate RetinaNet-ResT on synthetic shapes, on the CPU.')
+        description='Train and evaluate a ResT detector on synthetic shapes (CPU, or a GPU '
+        'when one is visible).')
     parser.add_argument('--config', default=DEFAULT_CONFIG,
                         help='demo config file (default: %(default)s)')
     parser.add_argument('--work-dir', default=osp.join('work_dirs', 'demo'),
@@ -49,8 +55,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--iters', type=int, default=None,
                         help="training iterations (default: the config's)")
     parser.add_argument('--val-interval', type=int, default=None,
-                        help='also evaluate every N iterations, for a learning curve '
-                        '(default: only once, at the end)')
+                        help='evaluate every N iterations, the points of the learning '
+                        "curve (default: the config's, scaled with --iters)")
     parser.add_argument('--num-train', type=int, default=None,
                         help="training images to generate (default: the config's)")
     parser.add_argument('--num-val', type=int, default=None,
@@ -62,7 +68,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--num-pictures', type=int, default=8,
                         help='validation images drawn into the picture '
                         '(default: %(default)s)')
-    parser.add_argument('--score-thr', type=float, default=0.3,
+    parser.add_argument('--score-thr', type=float, default=0.4,
                         help='smallest score drawn in the picture (default: %(default)s)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
                         help='override config settings, key=value in mmengine syntax '
@@ -121,17 +127,23 @@ def _same_settings(on_disk: Dict[str, object], settings: Dict[str, object]) -> b
 
 
 def configure(cfg, args: argparse.Namespace, data_root: str) -> None:
-    """Point the config at the work dir and data, set iterations and seed, in place."""
+    """Point the config at the work dir and data, set iterations and seed, in place.
+
+    ``--iters`` scales the schedule (warm-up, decay, evaluation points) to the new length,
+    so a shortened run draws a learning curve of as many points as the full one.
+    """
     cfg.work_dir = args.work_dir
     root = data_root.rstrip('/') + '/'
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         cfg[loader].dataset.data_root = root
     for evaluator in ('val_evaluator', 'test_evaluator'):
         cfg[evaluator].ann_file = root + 'annotations/instances_val.json'
+    cfg.val_evaluator.classwise = True  # per-class AP in the metrics
+    old = cfg.train_cfg.max_iters
     if args.iters is not None:
-        old = cfg.train_cfg.max_iters
         cfg.train_cfg.max_iters = args.iters
-        cfg.train_cfg.val_interval = args.iters
+        interval = cfg.train_cfg.get('val_interval', old)
+        cfg.train_cfg.val_interval = max(1, round(interval * args.iters / old))
         for sched in cfg.param_scheduler:  # rescale the schedule to the new length
             for key in ('begin', 'end'):
                 if key in sched:
@@ -142,52 +154,160 @@ def configure(cfg, args: argparse.Namespace, data_root: str) -> None:
     cfg.randomness = dict(seed=args.seed)
 
 
+def _device() -> str:
+    """Where mmengine's Runner puts the model: ``'cuda'`` when a GPU is visible, else
+    ``'cpu'`` (or another accelerator mmengine finds, e.g. ``'mps'``)."""
+    from mmengine.device import get_device
+    return get_device()
+
+
+def _device_name(device: str) -> str:
+    if device == 'cuda':
+        import torch
+        return f'cuda, {torch.cuda.get_device_name(0)}'
+    return device.upper() if device == 'cpu' else device
+
+
+def _label(img, text: str, x0: int, y0: int, y1: int, color: tuple) -> None:
+    """Draw ``text`` on a filled box of ``color`` above the box (below it at the top)."""
+    import cv2
+    font, size = cv2.FONT_HERSHEY_SIMPLEX, 0.5
+    (tw, th), _ = cv2.getTextSize(text, font, size, 1)
+    ty = y0 - 5 if y0 - th - 8 >= 0 else min(y1 + th + 5, img.shape[0] - 4)
+    tx = min(max(x0, 0), img.shape[1] - tw - 3)
+    cv2.rectangle(img, (tx, ty - th - 4), (tx + tw + 3, ty + 4), color, -1)
+    # white text on dark colours, black on light ones
+    ink = (0, 0, 0) if sum(color) > 3 * 150 else (255, 255, 255)
+    cv2.putText(img, text, (tx + 1, ty), font, size, ink, 1, cv2.LINE_AA)
+
+
+def _panel(path: str, boxes, labels, scores, classes: List[str], palette: List[tuple],
+           scale: int, title: str):
+    """One image (upscaled ``scale`` times) with its boxes and a title bar above it."""
+    import cv2
+    import numpy as np
+    img = cv2.imread(path)  # BGR, original size
+    if img is None:
+        raise OSError(f'could not read the image {path}')
+    img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    drawn = []
+    for i, (box, label) in enumerate(zip(boxes, labels)):
+        x0, y0, x1, y1 = [int(round(v * scale)) for v in box]
+        color = tuple(int(c) for c in palette[label][::-1])  # RGB -> BGR
+        cv2.rectangle(img, (x0, y0), (x1, y1), (255, 255, 255), 4)
+        cv2.rectangle(img, (x0, y0), (x1, y1), color, 2)
+        text = classes[label] if scores is None else f'{classes[label]} {scores[i]:.2f}'
+        drawn.append((text, x0, y0, y1, color))
+    for args in drawn:  # labels over all the boxes
+        _label(img, *args)
+    bar = np.full((24, img.shape[1], 3), 255, dtype=np.uint8)
+    cv2.putText(bar, title, (4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    return np.concatenate([bar, img])
+
+
 def draw_predictions(model, dataset, indices: List[int], out_file: str,
                      classes: List[str], palette: List[tuple], score_thr: float) -> str:
-    """Predict on ``dataset[indices]`` and save a grid of annotated images (2x upscaled).
+    """Predict on ``dataset[indices]`` and save a grid of tiles, each the ground truth
+    (left) beside the predictions scoring at least ``score_thr`` (right), 3x upscaled.
+
+    The predictions are drawn with class-agnostic NMS, one box per object (the class the
+    head scores highest); the metrics keep mmdet's per-class NMS, which also keeps a box
+    of each runner-up class of a hesitant head (they rank below the right ones in COCO AP,
+    but on a picture they stack on the object).
 
     Returns:
         str: ``out_file``.
     """
+    import copy
+
     import cv2
     import numpy as np
     import torch
+    scale, gap = 3, 6
+    head = getattr(model, 'bbox_head', None)
+    test_cfg = getattr(head, 'test_cfg', None)
+    if test_cfg is not None and test_cfg.get('nms') is not None:
+        picture_cfg = copy.deepcopy(test_cfg)
+        picture_cfg.nms['class_agnostic'] = True
+        head.test_cfg = picture_cfg
     tiles = []
-    with torch.no_grad():
-        for idx in indices:
-            data = dataset[idx]
-            result = model.test_step(dict(inputs=[data['inputs']],
-                                          data_samples=[data['data_samples']]))[0]
-            img = cv2.imread(result.img_path)  # BGR, original size
-            scale = 2
-            img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-            pred = result.pred_instances
-            keep = pred.scores >= score_thr
-            for box, label, score in zip(pred.bboxes[keep].tolist(),
-                                         pred.labels[keep].tolist(),
-                                         pred.scores[keep].tolist()):
-                x0, y0, x1, y1 = [int(round(v * scale)) for v in box]
-                color = tuple(int(c) for c in palette[label][::-1])  # RGB -> BGR
-                cv2.rectangle(img, (x0, y0), (x1, y1), (255, 255, 255), 4)
-                cv2.rectangle(img, (x0, y0), (x1, y1), color, 2)
-                text = f'{classes[label]} {score:.2f}'
-                (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
-                ty = y0 - 4 if y0 - th - 6 >= 0 else min(y1 + th + 4, img.shape[0] - 3)
-                tx = min(max(x0, 0), img.shape[1] - tw - 2)
-                cv2.rectangle(img, (tx, ty - th - 3), (tx + tw + 2, ty + 3), color, -1)
-                cv2.putText(img, text, (tx + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
-                            (255, 255, 255), 1, cv2.LINE_AA)
-            tiles.append(img)
-    cols = min(4, len(tiles))
+    try:
+        with torch.no_grad():
+            for idx in indices:
+                data = dataset[idx]
+                result = model.test_step(dict(inputs=[data['inputs']],
+                                              data_samples=[data['data_samples']]))[0]
+                info = dataset.get_data_info(idx)
+                gt = [inst for inst in info['instances'] if not inst.get('ignore_flag', 0)]
+                left = _panel(result.img_path, [inst['bbox'] for inst in gt],
+                              [inst['bbox_label'] for inst in gt], None, classes, palette,
+                              scale, f'val {osp.basename(result.img_path)}: ground truth')
+                pred = result.pred_instances.cpu()
+                keep = pred.scores >= score_thr
+                right = _panel(result.img_path, pred.bboxes[keep].tolist(),
+                               pred.labels[keep].tolist(), pred.scores[keep].tolist(),
+                               classes, palette, scale, f'predictions, score >= {score_thr:g}')
+                sep = np.full((left.shape[0], 2, 3), 255, dtype=np.uint8)
+                tiles.append(np.concatenate([left, sep, right], axis=1))
+    finally:
+        if test_cfg is not None:
+            head.test_cfg = test_cfg
+    cols = min(2, len(tiles))
     rows = -(-len(tiles) // cols)
     h, w = tiles[0].shape[:2]
-    grid = np.full((rows * (h + 4) - 4, cols * (w + 4) - 4, 3), 255, dtype=np.uint8)
+    grid = np.full((rows * (h + gap) - gap, cols * (w + 3 * gap) - 3 * gap, 3), 96,
+                   dtype=np.uint8)
     for i, tile in enumerate(tiles):
         r, c = divmod(i, cols)
-        grid[r * (h + 4):r * (h + 4) + h, c * (w + 4):c * (w + 4) + w] = tile
+        y, x = r * (h + gap), c * (w + 3 * gap)
+        grid[y:y + h, x:x + w] = tile
     os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
     if not cv2.imwrite(out_file, grid):
         raise OSError(f'could not write the picture {out_file}')
+    return out_file
+
+
+def draw_learning_curve(curve: List[Dict[str, object]], out_file: str, title: str,
+                        trace: Optional[Dict[str, list]] = None) -> str:
+    """Training loss and validation mAP / AP50 against iterations, as a PNG.
+
+    ``trace`` (``iters`` and ``loss`` lists) adds the training loss at a finer step.
+
+    Returns:
+        str: ``out_file``.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    iters = [p['iter'] for p in curve]
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if trace and trace.get('iters'):
+        ax_loss.plot(trace['iters'], trace['loss'], '-', color='tab:red', alpha=0.35,
+                     lw=1, label=f'mean of {trace["window"]} iterations')
+    ax_loss.plot(iters, [p['loss'] for p in curve], 'o-', color='tab:red',
+                 label=f'at the evaluations (mean of {LOSS_WINDOW} iterations)')
+    ax_loss.set_xlabel('iteration')
+    ax_loss.set_ylabel('training loss')
+    ax_loss.legend(loc='upper right')
+    ax_loss.set_ylim(bottom=0)
+    ax_loss.grid(alpha=0.3)
+    ax_map.plot(iters, [p['bbox_mAP_50'] for p in curve], 's--', color='tab:green',
+                label='AP50')
+    ax_map.plot(iters, [p['bbox_mAP'] for p in curve], 'o-', color='tab:blue',
+                label='mAP (IoU 0.5:0.95)')
+    ax_map.set_xlabel('iteration')
+    ax_map.set_ylabel('validation bbox AP')
+    ax_map.set_ylim(0, 1)
+    ax_map.grid(alpha=0.3)
+    ax_map.legend(loc='upper left')
+    for ax in (ax_loss, ax_map):
+        ax.set_xlim(0, max(iters) * 1.03)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
+    fig.savefig(out_file, dpi=100)
+    plt.close(fig)
     return out_file
 
 
@@ -198,6 +318,18 @@ def _arch_name(backbone: dict) -> str:
     dims = '-'.join(str(d) for d in arch['embed_dims'])
     depths = '-'.join(str(d) for d in arch['depths'])
     return f'ResT dims {dims} depths {depths}'
+
+
+def _ap(value) -> Optional[float]:
+    """A class's AP as a float; None (not NaN, which JSON lacks) for a class that the
+    validation images do not hold."""
+    value = float(value)
+    return None if value != value else value
+
+
+def _loss_value(outputs) -> Optional[float]:
+    loss = (outputs or {}).get('loss') if isinstance(outputs, dict) else None
+    return None if loss is None else float(loss)
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
@@ -222,7 +354,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         cfg.merge_from_dict(args.cfg_options)
     data_root = args.data_root or cfg.data_root
     settings = _gen_settings(cfg, args)
-    _check_classes(cfg, list(settings['classes']))
+    classes = list(settings['classes'])
+    _check_classes(cfg, classes)
+    device = _device()
     t0 = time.time()
     generated = prepare_data(data_root, settings)
     gen_time = time.time() - t0
@@ -230,62 +364,99 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
           f'{settings["num_val"]} val images in {data_root}'
           + (f' ({gen_time:.0f} s)' if generated else ''), flush=True)
     configure(cfg, args, data_root)
+    print(f'demo: training on {_device_name(device)}', flush=True)
 
-    curve: List[Dict[str, float]] = []
+    curve: List[Dict[str, object]] = []
 
-    class _RecordMetrics(Hook):
+    class _RecordCurve(Hook):
+        """At every evaluation: the training loss (mean of the last ``LOSS_WINDOW``
+        iterations), the validation mAP, AP50 and per-class AP."""
         priority = 'LOWEST'
 
+        def __init__(self) -> None:
+            self.losses: List[float] = []
+            self.all_losses: List[float] = []
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None,
+                             outputs=None) -> None:
+            loss = _loss_value(outputs)
+            if loss is not None:
+                self.losses.append(loss)
+                self.all_losses.append(loss)
+
         def after_val_epoch(self, runner, metrics=None) -> None:
-            point = dict(iter=runner.iter, minutes=(time.time() - start) / 60,
-                         **{k: float(v) for k, v in (metrics or {}).items()
-                            if isinstance(v, (int, float))})
+            metrics = metrics or {}
+            point: Dict[str, object] = dict(
+                iter=runner.iter, minutes=round((time.time() - start) / 60, 3),
+                loss=(sum(self.losses[-LOSS_WINDOW:]) / len(self.losses[-LOSS_WINDOW:])
+                      if self.losses else None),
+                bbox_mAP=float(metrics.get('coco/bbox_mAP', 0.0)),
+                bbox_mAP_50=float(metrics.get('coco/bbox_mAP_50', 0.0)),
+                per_class_AP={c: _ap(metrics.get(f'coco/{c}_precision', 0.0))
+                              for c in classes})
             if not metrics:
                 # mmdet's CocoMetric returns nothing when the model made no detection at
                 # all (e.g. after a few iterations): that is an mAP of 0.
-                point['coco/bbox_mAP'] = 0.0
-                point['no_detections'] = 1.0
+                point['no_detections'] = True
+            point['metrics'] = {k: float(v) for k, v in metrics.items()
+                                if isinstance(v, (int, float))}
+            self.losses = []
             curve.append(point)
 
     runner = Runner.from_cfg(cfg)
-    runner.register_hook(_RecordMetrics())
+    recorder = _RecordCurve()
+    runner.register_hook(recorder)
     t0 = time.time()
     runner.train()
     train_time = time.time() - t0
     if not curve or curve[-1]['iter'] != runner.iter:
         runner.val()
     final = curve[-1]
-    bbox_map = final.get('coco/bbox_mAP')
-    if bbox_map is None:
-        raise RuntimeError(f'the evaluation produced no coco/bbox_mAP: {final}')
+    bbox_map = final['bbox_mAP']
 
     dataset = runner.val_dataloader.dataset
     n_val = len(dataset)
     meta = dataset.metainfo
     model = runner.model
     model.eval()
+    n_pictures = min(args.num_pictures, n_val)
     picture = draw_predictions(
-        model, dataset, list(range(min(args.num_pictures, n_val))),
+        model, dataset, list(range(n_pictures)),
         osp.join(args.work_dir, 'predictions.png'), list(meta['classes']),
         list(meta['palette']), args.score_thr)
     total = time.time() - start
     arch = _arch_name(cfg.model.backbone)
-    summary = (f'demo: bbox mAP {bbox_map:.3f} on {n_val} val images after {runner.iter} '
-               f'iterations in {total / 60:.1f} min ({arch}, RetinaNet, CPU)')
-    result = dict(summary=summary, bbox_mAP=bbox_map, metrics=final, curve=curve,
-                  num_val_images=n_val, iterations=runner.iter, train_seconds=train_time,
-                  total_seconds=total, picture=picture, config=args.config,
+    detector = cfg.model.type
+    summary = (f'demo: bbox mAP {bbox_map:.3f} (AP50 {final["bbox_mAP_50"]:.3f}) on {n_val} '
+               f'val images after {runner.iter} iterations in {total / 60:.1f} min ({arch}, '
+               f'{detector}, {_device_name(device)})')
+    losses = recorder.all_losses
+    window = max(1, len(losses) // 40)
+    trace = dict(window=window, iters=[], loss=[])
+    for i in range(0, len(losses) - window + 1, window):
+        trace['iters'].append(i + window)
+        trace['loss'].append(sum(losses[i:i + window]) / window)
+    curve_png = draw_learning_curve(
+        curve, osp.join(args.work_dir, 'learning_curve.png'),
+        f'{detector} + {arch}, {settings["num_train"]} training images, evaluated on '
+        f'{n_val} validation images', trace)
+    result = dict(summary=summary, device=device, bbox_mAP=bbox_map,
+                  bbox_mAP_50=final['bbox_mAP_50'], per_class_AP=final['per_class_AP'],
+                  metrics=final['metrics'], learning_curve=curve, loss_trace=trace,
+                  num_val_images=n_val,
+                  num_train_images=settings['num_train'], iterations=runner.iter,
+                  data_seconds=gen_time, train_seconds=train_time, total_seconds=total,
+                  picture=picture, picture_score_thr=args.score_thr,
+                  learning_curve_picture=curve_png, config=args.config,
                   data_root=data_root, work_dir=args.work_dir,
                   checkpoint=osp.join(args.work_dir, f'iter_{runner.iter}.pth'))
-    from infer import predict_photo  # tools/infer.py: the detector on a real photo
-    result['photo'] = predict_photo(cfg, result['checkpoint'], osp.join(
-        args.work_dir, 'photo_prediction.png'), score_thr=args.score_thr)
     with open(osp.join(args.work_dir, 'demo_result.json'), 'w') as f:
         json.dump(result, f, indent=2)
-    print(f'demo: predictions on {len(range(min(args.num_pictures, n_val)))} val images: '
-          f'{osp.abspath(picture)}')
-    print(f'demo: the same detector on a real photo (trained on shapes only, so its boxes '
-          f'there are nonsense): {osp.abspath(result["photo"])}')
+    print(f'demo: ground truth and predictions (score >= {args.score_thr:g}) on '
+          f'{n_pictures} val images: {osp.abspath(picture)}')
+    print(f'demo: learning curve ({len(curve)} evaluations): {osp.abspath(curve_png)}')
+    print('demo: AP per class: ' + ', '.join(
+        f'{c} {"-" if ap is None else f"{ap:.3f}"}' for c, ap in final['per_class_AP'].items()))
     print(f'demo: metrics and learning curve: '
           f'{osp.abspath(osp.join(args.work_dir, "demo_result.json"))}')
     print(summary, flush=True)
