@@ -85,4 +85,3 @@ def optim_wrapper_cfg(cfg: Config, cpu_amp: bool = True) -> dict:
     else:
         disable_amp(copied)
     return copied.optim_wrapper
-

@@ -6,8 +6,8 @@ import os.path as osp
 
 import pytest
 import torch
-from _config_helpers import (ALL_CONFIGS, MAIN_CONFIGS, ROOT, built, config_name, fromfile,
-                             is_v2, optim_wrapper_cfg)
+from _config_helpers import (ALL_CONFIGS, MAIN_CONFIGS, ROOT, built, config_name, fromfile, is_v2,
+                             optim_wrapper_cfg)
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -292,4 +292,3 @@ def test_restv2_classification_recipe():
     large = fromfile(osp.join(ROOT, 'configs', 'restv2_large_imagenet.py'))
     assert (large.model.backbone.arch, large.model.head.in_channels) == ('large', 1024)
     assert large.model.backbone.drop_path_rate == 0.5
-

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-from _config_helpers import (ALL_CONFIGS, MAIN_CONFIGS, ROOT, build, built, config_name,
-                             fromfile, is_v2, optim_wrapper_cfg, scope_of)
+from _config_helpers import (ALL_CONFIGS, MAIN_CONFIGS, ROOT, build, built, config_name, fromfile,
+                             is_v2, optim_wrapper_cfg, scope_of)
 from _tools import load_script
 from mmengine.optim import build_optim_wrapper
 

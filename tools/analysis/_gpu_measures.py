@@ -151,7 +151,7 @@ def error_text(err: Exception) -> str:
 
 
 def agreement_rows(model: str, size: str, grad_batch: int, dtype: str, ref32: Any,
-                    got: Any, own: Any) -> List[Dict[str, Any]]:
+                   got: Any, own: Any) -> List[Dict[str, Any]]:
     """The outputs and gradients rows of one (model, size, dtype); ``got`` and ``own``
     are :func:`run_pass` results (fused; reference under autocast) or error messages."""
     rows = []

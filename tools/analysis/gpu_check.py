@@ -237,7 +237,7 @@ def check_model(spec: ModelSpec, sizes: Sequence[Tuple[int, int]], dtypes: Seque
         size_rows = []
         for dtype in dtypes:
             size_rows += agreement_rows(spec.label, f'{h}x{w}', batch, dtype, ref32,
-                                         *results[dtype])
+                                        *results[dtype])
         rows += size_rows
         log(f'checked {spec.label} {h}x{w}: ' + ', '.join(
             f'{r["dtype"]} {r["quantity"]} ' +
