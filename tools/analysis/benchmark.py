@@ -286,6 +286,49 @@ def ratios(results: Dict[str, Dict[str, Any]], key: str) -> Dict[str, Optional[f
 
 
 # ----------------------------------------------------------------------- runs
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse and check the command line; fills in the defaults of ``--quick``."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter,
+        epilog='cases: ' + ', '.join(f'{n} ({c.title}, {c.shape[0]}x{c.shape[1]}, batch '
+                                     f'{c.batch})' for n, c in CASES.items()))
+    add = parser.add_argument
+    add('--models', nargs='+', choices=list(MODELS),
+        help='model families (default: all; --ab: rest restv2; --quick: rest rest-ref)')
+    add('--archs', nargs='+', help='archs of ResT and ResTV2 (default: small, tiny)')
+    add('--cases', nargs='+', choices=list(CASES),
+        help='cases (default: all; --ab: infer_224 infer_800 train_800)')
+    add('--ab', action='store_true', help='A/B of the CPU shortcuts (SWITCHES)')
+    add('--threads', type=int, help='intra-op threads (default: 2; --quick: 1)')
+    add('--rounds', type=int, help='rounds (default: 3; --ab: 5; --quick: 1)')
+    add('--timeout', type=float, default=3600., help='seconds per process (default: 3600)')
+    add('--quick', action='store_true', help='smoke run: tiny inputs, one round, one thread')
+    add('--out', help='also write the run as JSON here')
+    add('--results', help='results file to append to (default: docs/results/'
+        'benchmark-cpu.jsonl; none with --quick)')
+    args = parser.parse_args(argv)
+    for name, value in (('threads', args.threads), ('rounds', args.rounds)):
+        if value is not None and value < 1:
+            parser.error(f'--{name} must be >= 1, got {value}')
+    if args.timeout <= 0:
+        parser.error(f'--timeout must be > 0, got {args.timeout:g}')
+    if args.models is None:
+        args.models = (['rest', 'restv2'] if args.ab else
+                       ['rest', 'rest-ref'] if args.quick else list(MODELS))
+    families = [f for f in args.models if MODELS[f].archs]
+    for arch in args.archs or ():
+        if not any(arch in MODELS[f].archs for f in families):
+            parser.error(f'--archs {arch}: none of the selected models has it (' + '; '.join(
+                f'{f}: {" ".join(MODELS[f].archs)}' for f in families) + ')')
+    if args.cases is None:
+        args.cases = ['infer_224', 'infer_800', 'train_800'] if args.ab else list(CASES)
+    args.rounds = args.rounds or (1 if args.quick else 5 if args.ab else 3)
+    args.threads = args.threads or (1 if args.quick else 2)
+    args.command = ' '.join(['tools/analysis/benchmark.py'] +
+                            list(sys.argv[1:] if argv is None else argv))
+    return args
+
+
 def model_keys(args: argparse.Namespace) -> List[str]:
     """The rows: e.g. ``'rest:small'``, ``'swin-t'``."""
     keys = []
@@ -425,49 +468,6 @@ def format_report(report: Dict[str, Any]) -> str:
                f'{m["load_average"][0]:.1f} at the start, {m["threads"]} threads, {m["device"]}, '
                f'torch {m["torch"]}, {m["date"]}. Command: `{m["command"]}`.')
     return '\n\n'.join(out)
-
-
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse and check the command line; fills in the defaults of ``--quick``."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter,
-        epilog='cases: ' + ', '.join(f'{n} ({c.title}, {c.shape[0]}x{c.shape[1]}, batch '
-                                     f'{c.batch})' for n, c in CASES.items()))
-    add = parser.add_argument
-    add('--models', nargs='+', choices=list(MODELS),
-        help='model families (default: all; --ab: rest restv2; --quick: rest rest-ref)')
-    add('--archs', nargs='+', help='archs of ResT and ResTV2 (default: small, tiny)')
-    add('--cases', nargs='+', choices=list(CASES),
-        help='cases (default: all; --ab: infer_224 infer_800 train_800)')
-    add('--ab', action='store_true', help='A/B of the CPU shortcuts (SWITCHES)')
-    add('--threads', type=int, help='intra-op threads (default: 2; --quick: 1)')
-    add('--rounds', type=int, help='rounds (default: 3; --ab: 5; --quick: 1)')
-    add('--timeout', type=float, default=3600., help='seconds per process (default: 3600)')
-    add('--quick', action='store_true', help='smoke run: tiny inputs, one round, one thread')
-    add('--out', help='also write the run as JSON here')
-    add('--results', help='results file to append to (default: docs/results/'
-        'benchmark-cpu.jsonl; none with --quick)')
-    args = parser.parse_args(argv)
-    for name, value in (('threads', args.threads), ('rounds', args.rounds)):
-        if value is not None and value < 1:
-            parser.error(f'--{name} must be >= 1, got {value}')
-    if args.timeout <= 0:
-        parser.error(f'--timeout must be > 0, got {args.timeout:g}')
-    if args.models is None:
-        args.models = (['rest', 'restv2'] if args.ab else
-                       ['rest', 'rest-ref'] if args.quick else list(MODELS))
-    families = [f for f in args.models if MODELS[f].archs]
-    for arch in args.archs or ():
-        if not any(arch in MODELS[f].archs for f in families):
-            parser.error(f'--archs {arch}: none of the selected models has it (' + '; '.join(
-                f'{f}: {" ".join(MODELS[f].archs)}' for f in families) + ')')
-    if args.cases is None:
-        args.cases = ['infer_224', 'infer_800', 'train_800'] if args.ab else list(CASES)
-    args.rounds = args.rounds or (1 if args.quick else 5 if args.ab else 3)
-    args.threads = args.threads or (1 if args.quick else 2)
-    args.command = ' '.join(['tools/analysis/benchmark.py'] +
-                            list(sys.argv[1:] if argv is None else argv))
-    return args
 
 
 def main(argv: Optional[List[str]] = None,
