@@ -90,6 +90,18 @@ def restore_intra_op_threads():
         yield
 
 
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory) -> Dict[str, object]:
+    """The tool tests' run, once per module: a tiny shapes data set and a RetinaNet config
+    of two iterations on it without validation, as ``dict(root=, data=, config=)``."""
+    from _engine_helpers import demo_config_text, make_shapes_data, write_config
+    root = tmp_path_factory.mktemp('tools')
+    data = make_shapes_data(str(root / 'data'), num_train=8, num_val=4)
+    config = write_config(str(root / 'cfg.py'),
+                          demo_config_text(data, max_iters=2, with_val=False))
+    return dict(root=root, data=data, config=config)
+
+
 class _ListHandler(logging.Handler):
 
     def __init__(self) -> None:

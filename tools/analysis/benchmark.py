@@ -15,16 +15,16 @@ Every run is appended as one JSON line to ``docs/results/benchmark-cpu.jsonl``
 
 Examples::
 
-    python tools/analysis/benchmark.py --models rest rest-ref restv2 restv2-ref swin-t \\
-        --cases infer_800
-    python tools/analysis/benchmark.py --models rest restv2 swin-t --cases train_800
+    python tools/analysis/benchmark.py --models rest rest-ref swin-t --cases infer_800
     python tools/analysis/benchmark.py --ab
 """
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import os.path as osp
@@ -44,8 +44,8 @@ from torch.utils.benchmark import Timer
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 WORKER_FLAG = '--worker'
-REST_ARCHS = ('lite', 'small', 'base', 'large')
-RESTV2_ARCHS = ('tiny', 'small', 'base', 'large')
+#: The results file of this device.
+RESULTS = osp.join(ROOT, 'docs', 'results', 'benchmark-cpu.jsonl')
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,11 @@ class ModelSpec:
 
 
 MODELS: Dict[str, ModelSpec] = {
-    'rest': ModelSpec('ResT-{arch}', 'mmrest.ResT', dict(attn_impl='lean'), REST_ARCHS),
-    'rest-ref': ModelSpec('ResT-{arch} reference', 'mmrest.ResT',
-                          dict(attn_impl='reference'), REST_ARCHS),
-    'restv2': ModelSpec('ResTV2-{arch}', 'mmrest.ResTV2', dict(attn_impl='lean'),
-                        RESTV2_ARCHS),
-    'restv2-ref': ModelSpec('ResTV2-{arch} reference', 'mmrest.ResTV2',
-                            dict(attn_impl='reference'), RESTV2_ARCHS),
+    **{family + suffix: ModelSpec(f'{cls}-{{arch}}{note}', f'mmrest.{cls}', dict(attn_impl=impl),
+                                  archs)
+       for family, cls, archs in (('rest', 'ResT', ('lite', 'small', 'base', 'large')),
+                                  ('restv2', 'ResTV2', ('tiny', 'small', 'base', 'large')))
+       for suffix, note, impl in (('', '', 'lean'), ('-ref', ' reference', 'reference'))},
     'pvt-t': ModelSpec('mmdet PVT-tiny', 'mmdet::pvt/retinanet_pvt-t_fpn_1x_coco.py'),
     'pvtv2-b1': ModelSpec('mmdet PVTv2-b1', 'mmdet::pvt/retinanet_pvtv2-b1_fpn_1x_coco.py'),
     'swin-t': ModelSpec('mmdet Swin-T', 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'),
@@ -87,6 +85,10 @@ class Case:
     shape: Tuple[int, int]
     quick_batch: int
     quick_shape: Tuple[int, int]
+
+    def setup(self, quick: bool) -> Tuple[int, Tuple[int, int]]:
+        """(batch, (H, W)), those of ``--quick`` if ``quick``."""
+        return (self.quick_batch, self.quick_shape) if quick else (self.batch, self.shape)
 
 
 CASES: Dict[str, Case] = {
@@ -119,30 +121,22 @@ def _patched(obj: Any, name: str, value: Any, on: bool) -> Iterator[None]:
         setattr(obj, name, original)
 
 
-def _layers(name: str) -> Any:
-    return importlib.import_module(f'mmrest.models.layers.{name}')
-
-
 #: The CPU shortcuts that stayed (docs/benchmarks.md, "CPU shortcuts: kept and removed").
 SWITCHES: Dict[str, Switch] = {
     'norm_mlp': Switch('LayerNorm + MLP over blocks of tokens (norm_mlp.py)', lambda on: _patched(
-        _layers('block'), 'blocked_norm_mlp', lambda *a: False, on)),
+        importlib.import_module('mmrest.models.layers.block'), 'blocked_norm_mlp',
+        lambda *a: False, on)),
     'channels_last': Switch('channels-last maps (stem, patch embeddings, kv reduction)',
-                            lambda on: _patched(_layers('dispatch'), 'cpu_channels_last',
-                                                lambda x: False, on)),
+                            lambda on: _patched(importlib.import_module(
+                                'mmrest.models.layers.dispatch'), 'cpu_channels_last',
+                                lambda x: False, on)),
 }
 
 
 # ------------------------------------------------------------------- processes
-def rss_bytes() -> int:
-    """Current resident set size of this process in bytes."""
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def worker_env(threads: int) -> Dict[str, str]:
     """A worker's environment: ``threads`` OpenMP/MKL threads, this repository first on
-    ``PYTHONPATH``."""
+    ``PYTHONPATH`` (also that of ``tools/deployment/bench_onnx.py``)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH')) if p)
     return env
@@ -245,11 +239,7 @@ def step_memory(step: Callable[[], None]) -> int:
         step()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == '[memory]' and e.device_type() == e.device_type().CPU)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return max(itertools.accumulate((nbytes for _, nbytes in events), initial=0))
 
 
 def measure(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -259,7 +249,8 @@ def measure(job: Dict[str, Any]) -> Dict[str, Any]:
     torch.set_num_threads(threads)
     for module in job['imports']:  # every process imports the same, so that RSS compare
         importlib.import_module(module)
-    import_rss = rss_bytes()
+    with open('/proc/self/statm') as f:  # the resident set size now
+        import_rss = int(f.read().split()[1]) * resource.getpagesize()
     step = make_step(build_model(job['family'], job['arch']),
                      torch.randn(job['batch'], 3, *job['shape']), job['train'])
     m = Timer('step()', globals=dict(step=step),
@@ -295,10 +286,47 @@ def ratios(results: Dict[str, Dict[str, Any]], key: str) -> Dict[str, Optional[f
 
 
 # ----------------------------------------------------------------------- runs
-def case_setup(name: str, quick: bool) -> Tuple[int, Tuple[int, int]]:
-    """(batch, (H, W)) of a case."""
-    c = CASES[name]
-    return (c.quick_batch, c.quick_shape) if quick else (c.batch, c.shape)
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse and check the command line; fills in the defaults of ``--quick``."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter,
+        epilog='cases: ' + ', '.join(f'{n} ({c.title}, {c.shape[0]}x{c.shape[1]}, batch '
+                                     f'{c.batch})' for n, c in CASES.items()))
+    add = parser.add_argument
+    add('--models', nargs='+', choices=list(MODELS),
+        help='model families (default: all; --ab: rest restv2; --quick: rest rest-ref)')
+    add('--archs', nargs='+', help='archs of ResT and ResTV2 (default: small, tiny)')
+    add('--cases', nargs='+', choices=list(CASES),
+        help='cases (default: all; --ab: infer_224 infer_800 train_800)')
+    add('--ab', action='store_true', help='A/B of the CPU shortcuts (SWITCHES)')
+    add('--threads', type=int, help='intra-op threads (default: 2; --quick: 1)')
+    add('--rounds', type=int, help='rounds (default: 3; --ab: 5; --quick: 1)')
+    add('--timeout', type=float, default=3600., help='seconds per process (default: 3600)')
+    add('--quick', action='store_true', help='smoke run: tiny inputs, one round, one thread')
+    add('--out', help='also write the run as JSON here')
+    add('--results', help='results file to append to (default: docs/results/'
+        'benchmark-cpu.jsonl; none with --quick)')
+    args = parser.parse_args(argv)
+    for name, value in (('threads', args.threads), ('rounds', args.rounds)):
+        if value is not None and value < 1:
+            parser.error(f'--{name} must be >= 1, got {value}')
+    if args.timeout <= 0:
+        parser.error(f'--timeout must be > 0, got {args.timeout:g}')
+    if args.models is None:
+        args.models = (['rest', 'restv2'] if args.ab else
+                       ['rest', 'rest-ref'] if args.quick else list(MODELS))
+    families = [f for f in args.models if MODELS[f].archs]
+    for arch in args.archs or ():
+        if not any(arch in MODELS[f].archs for f in families):
+            parser.error(f'--archs {arch}: none of the selected models has it (' + '; '.join(
+                f'{f}: {" ".join(MODELS[f].archs)}' for f in families) + ')')
+    if args.cases is None:
+        args.cases = ['infer_224', 'infer_800', 'train_800'] if args.ab else list(CASES)
+    args.rounds = args.rounds or (1 if args.quick else 5 if args.ab else 3)
+    args.threads = args.threads or (1 if args.quick else 2)
+    args.command = ' '.join(['tools/analysis/benchmark.py'] +
+                            list(sys.argv[1:] if argv is None else argv))
+    return args
 
 
 def model_keys(args: argparse.Namespace) -> List[str]:
@@ -325,18 +353,17 @@ def run_peers(args: argparse.Namespace, log: Callable[[str], None]) -> Dict[str,
             if any('error' in s for s in samples[(case, key)]):
                 continue  # failed before (e.g. out of memory): not again
             family, _, arch = key.partition(':')
-            batch, shape = case_setup(case, args.quick)
+            batch, shape = CASES[case].setup(args.quick)
             s = run_in_subprocess(__file__, dict(
                 job='measure', imports=imports, family=family, arch=arch or None,
                 train=CASES[case].train, batch=batch, shape=list(shape),
-                threads=args.threads, min_run_time=min_run_time),
-                args.threads, args.timeout)
+                threads=args.threads, min_run_time=min_run_time), args.threads, args.timeout)
             samples[(case, key)].append(s)
             log(f'round {rnd + 1} {case} {label(key)}: ' + (
                 f'FAILED {s["error"]}' if 'error' in s else f'{s["time_s"]:.3g} s'))
     results: Dict[str, Dict[str, Any]] = {}
     for case in args.cases:
-        batch, shape = case_setup(case, args.quick)
+        batch, shape = CASES[case].setup(args.quick)
         per = {k: summarise(samples[(case, k)], batch) for k in keys}
         for k in keys:
             if 'error' not in per[k]:
@@ -353,9 +380,9 @@ def run_ab(args: argparse.Namespace, log: Callable[[str], None],
     torch.set_num_threads(args.threads)
     results: Dict[str, Any] = {}
     for case in args.cases:
-        batch, shape = case_setup(case, args.quick)
+        batch, shape = CASES[case].setup(args.quick)
         for key in model_keys(args):
-            family = key.partition(':')[0]
+            family, _, arch = key.partition(':')
             mine = [n for n, s in switches.items() if family in s.families]
             if not mine:
                 continue
@@ -368,7 +395,6 @@ def run_ab(args: argparse.Namespace, log: Callable[[str], None],
                         stack.enter_context(switches[n].apply(n in on))
                     yield
 
-            family, _, arch = key.partition(':')
             x = torch.randn(batch, 3, *shape)
             steps, memory = {}, {}
             for name, on in variants.items():
@@ -383,10 +409,9 @@ def run_ab(args: argparse.Namespace, log: Callable[[str], None],
                 shift = rnd % len(names)
                 for name in names[shift:] + names[:shift]:
                     with variant(variants[name]):
-                        start = time.perf_counter(), time.process_time()
+                        wall, cpu = time.perf_counter(), time.process_time()
                         steps[name]()
-                        times[name].append((time.perf_counter() - start[0],
-                                            time.process_time() - start[1]))
+                        times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
             plain = [statistics.median(t[i] for t in times['plain']) for i in (0, 1)]
             rows = {}
             for name in names:
@@ -422,23 +447,19 @@ def format_report(report: Dict[str, Any]) -> str:
         c = CASES[case]
         title = f'{case}: {c.title} {res["shape"][0]}x{res["shape"][1]}, batch {res["batch"]}'
         if report['mode'] == 'ab':
-            rows = [[label(k), name, f'{e["time_s"]:.3f}', f'{e["speedup"]:.3f}',
-                     f'{e["cpu_speedup"]:.3f}', f'{e["memory"] / 2**30:.3f}',
-                     f'{e["memory_ratio"]:.3f}']
+            rows = [[label(k), name] + [f'{v:.3f}' for v in (e['time_s'], e['speedup'],
+                    e['cpu_speedup'], e['memory'] / 2**30, e['memory_ratio'])]
                     for k, per in res['rows'].items() for name, e in per.items()]
             out.append(title + '\n\n' + _table(
                 ['model', 'variant', 's/step', 'speed-up', 'CPU-time speed-up',
                  'step memory (GiB)', 'memory / plain'], rows))
             continue
-        rows = []
-        for k, e in res['rows'].items():
-            if 'error' in e:
-                rows.append([label(k), 'failed: ' + e['error']] + [''] * 6)
-                continue
-            rows.append([label(k), f'{e["time_s"]:.3f}', f'{e["throughput"]:.2f}',
-                         f'{e["memory"] / 2**30:.2f}', _f(e['speedup_vs_reference'], '.2f'),
-                         _f(e['memory_vs_reference'], '.2f'), _f(e['speedup_vs_swin-t'], '.2f'),
-                         _f(e['memory_vs_swin-t'], '.2f')])
+        rows = [[label(k), 'failed: ' + e['error']] + [''] * 6 if 'error' in e else
+                [label(k), f'{e["time_s"]:.3f}', f'{e["throughput"]:.2f}',
+                 f'{e["memory"] / 2**30:.2f}'] + [_f(e[f'{q}_vs_{other}'], '.2f') for other in
+                                                  ('reference', 'swin-t')
+                                                  for q in ('speedup', 'memory')]
+                for k, e in res['rows'].items()]
         out.append(title + '\n\n' + _table(
             ['model', 's/batch', 'img/s', 'model memory (GiB)', 'x reference',
              'memory / reference', 'x Swin-T', 'memory / Swin-T'], rows))
@@ -449,63 +470,11 @@ def format_report(report: Dict[str, Any]) -> str:
     return '\n\n'.join(out)
 
 
-#: The results file of this device.
-RESULTS = osp.join(ROOT, 'docs', 'results', 'benchmark-cpu.jsonl')
-
-
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse and check the command line; fills in the defaults of ``--quick``."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter,
-        epilog='cases: ' + ', '.join(f'{n} ({c.title}, {c.shape[0]}x{c.shape[1]}, batch '
-                                     f'{c.batch})' for n, c in CASES.items()))
-    add = parser.add_argument
-    add('--models', nargs='+', choices=list(MODELS),
-        help='model families (default: all; --ab: rest restv2; --quick: rest rest-ref)')
-    add('--archs', nargs='+', help='archs of ResT and ResTV2 (default: small, tiny)')
-    add('--cases', nargs='+', choices=list(CASES),
-        help='cases (default: all; --ab: infer_224 infer_800 train_800)')
-    add('--ab', action='store_true', help='A/B of the CPU shortcuts (SWITCHES)')
-    add('--threads', type=int, help='intra-op threads (default: 2; --quick: 1)')
-    add('--rounds', type=int, help='rounds (default: 3; --ab: 5; --quick: 1)')
-    add('--timeout', type=float, default=3600., help='seconds per process (default: 3600)')
-    add('--quick', action='store_true', help='smoke run: tiny inputs, one round, one thread')
-    add('--out', help='also write the run as JSON here')
-    add('--results', help='results file to append to (default: docs/results/'
-        'benchmark-cpu.jsonl; none with --quick)')
-    args = parser.parse_args(argv)
-    for name in ('threads', 'rounds'):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f'--{name} must be >= 1, got {value}')
-    if args.timeout <= 0:
-        parser.error(f'--timeout must be > 0, got {args.timeout:g}')
-    if args.models is None:
-        args.models = (['rest', 'restv2'] if args.ab else
-                       ['rest', 'rest-ref'] if args.quick else list(MODELS))
-    families = [f for f in args.models if MODELS[f].archs]
-    for arch in args.archs or ():
-        if not any(arch in MODELS[f].archs for f in families):
-            parser.error(f'--archs {arch}: none of the selected models has it ('
-                         + '; '.join(f'{f}: {" ".join(MODELS[f].archs)}' for f in families)
-                         + ')')
-    if args.cases is None:
-        args.cases = ['infer_224', 'infer_800', 'train_800'] if args.ab else list(CASES)
-    args.rounds = args.rounds or (1 if args.quick else 5 if args.ab else 3)
-    args.threads = args.threads or (1 if args.quick else 2)
-    args.command = ' '.join(['tools/analysis/benchmark.py'] +
-                            list(sys.argv[1:] if argv is None else argv))
-    return args
-
-
 def main(argv: Optional[List[str]] = None,
          switches: Optional[Dict[str, Switch]] = None) -> Dict[str, Any]:
     """Run, print the tables, append the run to the results file; returns the run."""
     args = parse_args(argv)
-
-    def log(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
+    log = functools.partial(print, file=sys.stderr, flush=True)
     machine = machine_info(args.threads, 'cpu', args.command)
     start = time.perf_counter()
     report = run_ab(args, log, switches) if args.ab else run_peers(args, log)

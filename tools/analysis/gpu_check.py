@@ -23,9 +23,7 @@ any fails or raised, 2 without CUDA (``--device cpu --smoke`` runs the flow on t
     python tools/analysis/gpu_check.py --device cpu --smoke --archs lite
 """
 import argparse
-import contextlib
 import datetime
-import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -38,38 +36,25 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from _gpu_measures import (DTYPES, TOLERANCES, SpeedCase, _stage_of,  # noqa: E402,F401
+                           agreement_rows, error_text, gradient_error, output_error,
+                           randomize_weights, run_pass, strict_fp32, time_case)
+
+sys.path.pop(0)
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 REST_ARCHS = ('lite', 'small', 'base', 'large')
 V2_ARCHS = ('tiny', 'small', 'base', 'large')
-DTYPES = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
-#: Max relative error of the fused model against the float32 reference, per quantity and
-#: dtype: 2x or more over the errors measured with autocast, far below those of real
-#: defects (a wrong op, a lost gradient or a core run in low precision give order 1).
-TOLERANCES = {'outputs': {'fp32': 1e-4, 'fp16': 2e-2, 'bf16': 5e-2},
-              'gradients': {'fp32': 1e-4, 'fp16': 1e-1, 'bf16': 2.5e-1}}
 #: Gradient checks above this many pixels per image run at batch 1.
 GRAD_BATCH1_PIXELS = 512 * 512
 SWIN_CONFIG = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
 SWIN_LABEL = 'mmdet Swin-T'
 V2_SPEED_ARCH = 'tiny'
-
-
-@dataclass(frozen=True)
-class SpeedCase:
-    """One speed case: ``kind`` is ``'infer'`` or ``'train'``; ``size`` is (H, W)."""
-    kind: str
-    size: Tuple[int, int]
-    batch: int
-
-    @property
-    def name(self) -> str:
-        return f'{self.kind} {self.size[0]}x{self.size[1]} b{self.batch}'
-
-
 SPEED_CASES = (SpeedCase('infer', (224, 224), 64), SpeedCase('infer', (800, 1344), 2),
                SpeedCase('train', (224, 224), 64), SpeedCase('train', (800, 1344), 2))
 SMOKE_SPEED_CASES = (SpeedCase('infer', (64, 64), 2), SpeedCase('infer', (64, 96), 1),
@@ -204,127 +189,7 @@ def swin_spec() -> ModelSpec:
     return ModelSpec('swin-t', SWIN_LABEL, lambda attn_impl, dpr: MODELS.build(cfg), False)
 
 
-def randomize_weights(model: torch.nn.Module, seed: int) -> None:
-    """``model.init_weights()``, then 1-D tensors drawn from ``seed``: norm scales
-    1 + N(0, 0.1^2), biases and running means N(0, 0.1^2), running variances U(1, 2), so
-    that no norm is the identity and no bias zero (a trained network's scale of weights
-    would make the random network chaotic)."""
-    torch.manual_seed(seed)
-    model.init_weights()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            if not tensor.is_floating_point() or tensor.dim() != 1:
-                continue
-            leaf = name.rpartition('.')[2]
-            noise = torch.randn(tensor.shape, generator=gen)
-            if leaf == 'running_var':
-                value = 1 + torch.rand(tensor.shape, generator=gen)
-            elif leaf == 'weight':
-                value = 1 + 0.1 * noise
-            else:
-                value = 0.1 * noise
-            tensor.copy_(value)
-
-
 # ----------------------------------------------------------------------------- checks
-@contextlib.contextmanager
-def strict_fp32() -> Iterator[None]:
-    """TF32 off for matmuls and cuDNN convolutions (restored afterwards)."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """Autocast to ``dtype`` (``'fp16'``, ``'bf16'``); nothing for ``'fp32'``."""
-    if DTYPES[dtype] is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[dtype])
-
-
-def run_pass(model: torch.nn.Module, state: Dict[str, torch.Tensor], x: torch.Tensor,
-             x_train: torch.Tensor, dtype: str,
-             seed: int) -> Tuple[List[torch.Tensor], Dict[str, torch.Tensor]]:
-    """float32 eval-mode outputs on ``x`` and parameter gradients (by name) of a train
-    step on ``x_train`` (loss ``sum((out * r).sum())``, ``r`` drawn from ``seed``), after
-    loading ``state``."""
-    model.load_state_dict(state)
-    model.eval()
-    with torch.no_grad(), autocast(x.device, dtype):
-        outs = [o.float() for o in model(x)]
-    model.train()
-    model.zero_grad(set_to_none=True)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    with autocast(x.device, dtype):
-        train_outs = model(x_train)
-        loss = sum((o.float() * torch.randn(o.shape, generator=gen, device=o.device)).sum()
-                   for o in train_outs)
-    loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return outs, grads
-
-
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else math.inf
-
-
-def output_error(outs: Sequence[torch.Tensor],
-                 refs: Sequence[torch.Tensor]) -> Tuple[float, str]:
-    """Largest ``max |out - ref| / max(1, max |ref|)`` over the stage maps (inf if not
-    finite), and ``'stage i'``; ``ValueError`` if the maps differ in number or shape."""
-    if len(outs) != len(refs):
-        raise ValueError(f'{len(outs)} outputs vs {len(refs)} of the reference')
-    worst, where = 0.0, ''
-    for i, (out, ref) in enumerate(zip(outs, refs)):
-        if out.shape != ref.shape:
-            raise ValueError(f'stage {i + 1}: shape {tuple(out.shape)} vs reference '
-                             f'{tuple(ref.shape)}')
-        err = _finite(((out - ref).abs().max() / ref.abs().max().clamp(min=1)).item())
-        if err >= worst:
-            worst, where = err, f'stage {i + 1}'
-    return worst, where
-
-
-def _stage_of(name: str) -> str:
-    """The part of the model a parameter belongs to: the digits of its top-level module
-    (``patch_embed_2``, ``stage2`` and ``norm2`` are stage 2), else that module (``stem``,
-    ``norm``)."""
-    top = name.partition('.')[0]
-    digits = re.sub(r'\D', '', top)
-    return f'stage {digits}' if digits else top
-
-
-def gradient_error(grads: Dict[str, torch.Tensor],
-                   refs: Dict[str, torch.Tensor]) -> Tuple[float, str]:
-    """Largest ``max |g - g_ref|`` relative to the largest reference gradient of the
-    parameter's stage (:func:`_stage_of`; some gradients vanish analytically, so no
-    per-parameter scale is meaningful), and the parameter; inf if not finite."""
-    if set(grads) != set(refs):
-        diff = sorted(set(grads) ^ set(refs))
-        raise ValueError(f'gradients of different parameters: {diff[:5]}')
-    group_peak: Dict[str, float] = {}
-    for name, ref in refs.items():
-        group = _stage_of(name)
-        group_peak[group] = max(group_peak.get(group, 0.0), ref.abs().max().item())
-    worst, where = 0.0, ''
-    for name, ref in refs.items():
-        scale = max(group_peak[_stage_of(name)], 1e-30)
-        err = _finite((grads[name].float() - ref).abs().max().item() / scale)
-        if err >= worst:
-            worst, where = err, name
-    return worst, where
-
-
-def _error_text(err: Exception) -> str:
-    return f'{type(err).__name__}: {err}'
-
-
 def build_pair(spec: ModelSpec, seed: int, device: torch.device
                ) -> Tuple[torch.nn.Module, torch.nn.Module, Dict[str, torch.Tensor]]:
     """``(reference, fused, state)`` of ``spec`` (``drop_path_rate=0``) on ``device``,
@@ -358,21 +223,21 @@ def check_model(spec: ModelSpec, sizes: Sequence[Tuple[int, int]], dtypes: Seque
                     try:
                         got = run_pass(fused, state, x, x[:batch], dtype, seed)
                     except Exception as err:  # noqa: BLE001  (reported as a failure)
-                        results[dtype] = _error_text(err), None
+                        results[dtype] = error_text(err), None
                         continue
                     try:
                         own = None if dtype == 'fp32' else \
                             run_pass(ref, state, x, x[:batch], dtype, seed)
                     except Exception as err:  # noqa: BLE001  (shown, not judged)
-                        own = _error_text(err)
+                        own = error_text(err)
                     results[dtype] = got, own
         except Exception as err:  # noqa: BLE001  (reported as a failure)
             pair = ref = fused = None
-            results = {dtype: (_error_text(err), None) for dtype in dtypes}
+            results = {dtype: (error_text(err), None) for dtype in dtypes}
         size_rows = []
         for dtype in dtypes:
-            size_rows += _agreement_rows(spec.label, f'{h}x{w}', batch, dtype, ref32,
-                                         *results[dtype])
+            size_rows += agreement_rows(spec.label, f'{h}x{w}', batch, dtype, ref32,
+                                        *results[dtype])
         rows += size_rows
         log(f'checked {spec.label} {h}x{w}: ' + ', '.join(
             f'{r["dtype"]} {r["quantity"]} ' +
@@ -383,68 +248,7 @@ def check_model(spec: ModelSpec, sizes: Sequence[Tuple[int, int]], dtypes: Seque
     return rows
 
 
-def _agreement_rows(model: str, size: str, grad_batch: int, dtype: str, ref32: Any,
-                    got: Any, own: Any) -> List[Dict[str, Any]]:
-    """The outputs and gradients rows of one (model, size, dtype); ``got`` and ``own``
-    are :func:`run_pass` results (fused; reference under autocast) or error messages."""
-    rows = []
-    for i, quantity in enumerate(('outputs', 'gradients')):
-        row = dict(model=model, size=size, batch=2 if quantity == 'outputs' else grad_batch,
-                   dtype=dtype, quantity=quantity, error=None, worst='',
-                   tolerance=TOLERANCES[quantity][dtype], passed=False,
-                   reference_error=own if isinstance(own, str) else None, exception=None)
-        measure = output_error if quantity == 'outputs' else gradient_error
-        try:
-            if isinstance(got, str):
-                raise RuntimeError(got)
-            row['error'], row['worst'] = measure(got[i], ref32[i])
-            row['passed'] = row['error'] < row['tolerance']
-            if own is not None and not isinstance(own, str):
-                row['reference_error'] = measure(own[i], ref32[i])[0]
-        except Exception as err:  # noqa: BLE001  (reported as a failure)
-            row['exception'] = got if isinstance(got, str) else _error_text(err)
-            row['passed'] = False
-        rows.append(row)
-    return rows
-
-
 # ----------------------------------------------------------------------------- speed
-def time_case(model: torch.nn.Module, case: SpeedCase, dtype: str, device: torch.device,
-              warmup: int, min_run_time: float) -> Tuple[float, Optional[int], int]:
-    """Median seconds of one run, peak CUDA memory (None on the CPU) and the number of
-    timed runs."""
-    from torch.utils import benchmark
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(case.batch, 3, *case.size, generator=gen).to(device)
-    if case.kind == 'infer':
-        model.eval()
-
-        def step() -> None:
-            with torch.inference_mode(), autocast(device, dtype):
-                model(x)
-    else:
-        model.train()
-
-        def step() -> None:
-            model.zero_grad(set_to_none=True)
-            with autocast(device, dtype):
-                loss = sum(o.float().mean() for o in model(x))
-            loss.backward()
-
-    cuda = device.type == 'cuda'
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        step()
-    timer = benchmark.Timer(stmt='step()', globals=dict(step=step),
-                            num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    model.zero_grad(set_to_none=True)
-    return measurement.median, peak, len(measurement.times)
-
 
 def speed_rows(specs: Sequence[Tuple[ModelSpec, Optional[str]]],
                cases: Sequence[SpeedCase], dtypes: Sequence[str], device: torch.device,
@@ -459,7 +263,7 @@ def speed_rows(specs: Sequence[Tuple[ModelSpec, Optional[str]]],
             torch.manual_seed(0)
             model = spec.build(impl, None).to(device)
         except Exception as err:  # noqa: BLE001  (reported, the run goes on)
-            model, failure = None, _error_text(err)
+            model, failure = None, error_text(err)
         for case in cases:
             for dtype in dtypes:
                 row = dict(model=label, case=case.name, dtype=dtype, ms=None, img_per_s=None,
@@ -474,7 +278,7 @@ def speed_rows(specs: Sequence[Tuple[ModelSpec, Optional[str]]],
                                peak_mib=None if peak is None else peak / 2**20)
                     log(f'timed {label} {case.name} {dtype}: {seconds * 1e3:.1f} ms')
                 except Exception as err:  # noqa: BLE001  (reported, the run goes on)
-                    row['exception'] = _error_text(err)
+                    row['exception'] = error_text(err)
                     log(f'timed {label} {case.name} {dtype}: {row["exception"]}')
                 rows.append(row)
         del model
