@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 install:  ## virtual environment with the pinned stack (builds mmcv once, then cached)
 	MMREST_VENV="$(abspath $(VENV))" bash tools/install.sh
 
-demo: install  ## train and evaluate RetinaNet-ResT on the built-in synthetic data (CPU)
+demo: install  ## train and evaluate RetinaNet-ResT on the built-in synthetic data (the GPU if torch sees one, else the CPU)
 	$(PY) tools/demo.py
 
 test: install  ## the whole test suite, slow end-to-end tests included

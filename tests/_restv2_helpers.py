@@ -15,7 +15,7 @@ from mmrest.models import ResTV2
 ARCHS = ('tiny', 'small', 'base', 'large')
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=2)  # a few archs at a time: large weighs ~0.35 GB
 def authors_state_dict(arch: str, seed: int = 0, out_norms: Tuple[int, ...] = (),
                        num_classes: int = 1000) -> Dict[str, torch.Tensor]:
     """Random weights in the authors' layout (see ``reference_rest_v2``)."""
@@ -33,7 +33,7 @@ def double(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=2)  # a few archs at a time: large weighs ~0.35 GB
 def eval_model(arch: str) -> ResTV2:
     """One ResTV2 per arch with the authors' initialisation, in eval mode (shapes only)."""
     torch.manual_seed(0)

@@ -42,6 +42,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ops)
 
 
+def _map_large_blocks() -> None:
+    """Let glibc serve every block of 1 MiB or more by its own mapping, returned to the
+    system when freed. By default glibc raises that threshold to the largest block freed
+    so far (up to 32 MiB), after which tensors of a few MiB live in its arenas and their
+    freed space stays with the process."""
+    try:
+        ctypes.CDLL('libc.so.6').mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_map_large_blocks()
+
+
 def _release_memory() -> None:
     """Return freed memory to the system: glibc keeps freed blocks of large tensors in its
     arenas, so without this the process would hold the peak of every earlier module."""
@@ -50,6 +64,15 @@ def _release_memory() -> None:
         ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+@pytest.fixture(autouse=True)
+def collect_cycles_after_each_test():
+    """Models sit in reference cycles (their modules' hooks and parents), which Python's
+    collector, counting objects rather than bytes, may leave for many tests: collect
+    them after each test, so that a test's models go with it."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -123,7 +146,7 @@ def log_records() -> List[logging.LogRecord]:
     logger.removeHandler(handler)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=2)  # a few archs at a time: large weighs ~0.35 GB
 def _authors_state_dict(arch: str, seed: int, out_norms: Tuple[int, ...],
                         num_classes: int) -> Dict[str, torch.Tensor]:
     return random_authors_state_dict(arch, num_classes=num_classes, seed=seed,
@@ -168,7 +191,7 @@ def rest_with_authors_weights(
     return make
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=2)  # a few archs at a time: large weighs ~0.35 GB
 def _eval_rest(arch: str) -> ResT:
     torch.manual_seed(0)
     model = ResT(arch=arch, drop_path_rate=0.)

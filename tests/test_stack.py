@@ -78,7 +78,6 @@ def _mmrest_install_state():
     return 'editable' if 'Editable project location' in proc.stdout else 'regular'
 
 
-@pytest.mark.slow
 def test_pip_install_leaves_the_stack_unchanged():
     """``pip install .`` (build isolation, dependency resolution, as a user runs it) into
     this environment installs mmrest and nothing else: no stack package changes."""
