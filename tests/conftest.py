@@ -42,28 +42,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ops)
 
 
-def _map_large_blocks() -> None:
-    """Let glibc serve every block of 1 MiB or more by its own mapping, returned to the
-    system when freed. By default glibc raises that threshold to the largest block freed
-    so far (up to 32 MiB), after which tensors of a few MiB live in its arenas and their
-    freed space stays with the process."""
+def _glibc(function: str, *args: int) -> None:
+    """Call ``function`` of glibc with ``args``; nothing where the C library is another."""
     try:
-        ctypes.CDLL('libc.so.6').mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        getattr(ctypes.CDLL('libc.so.6'), function)(*args)
     except (OSError, AttributeError):  # not glibc
         pass
 
 
-_map_large_blocks()
+# glibc serves every block of 1 MiB or more by its own mapping, returned to the system
+# when freed. By default it raises that threshold to the largest block freed so far (up
+# to 32 MiB), after which tensors of a few MiB live in its arenas and their freed space
+# stays with the process.
+_glibc('mallopt', -3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def _release_memory() -> None:
     """Return freed memory to the system: glibc keeps freed blocks of large tensors in its
     arenas, so without this the process would hold the peak of every earlier module."""
     gc.collect()
-    try:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _glibc('malloc_trim', 0)
 
 
 @pytest.fixture(autouse=True)

@@ -154,13 +154,6 @@ def configure(cfg, args: argparse.Namespace, data_root: str) -> None:
     cfg.randomness = dict(seed=args.seed)
 
 
-def _device() -> str:
-    """Where mmengine's Runner puts the model: ``'cuda'`` when a GPU is visible, else
-    ``'cpu'`` (or another accelerator mmengine finds, e.g. ``'mps'``)."""
-    from mmengine.device import get_device
-    return get_device()
-
-
 def _device_name(device: str) -> str:
     if device == 'cuda':
         import torch
@@ -340,6 +333,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
             raise ValueError(f'--{flag.replace("_", "-")} must be >= 1, got {value}')
     import torch
     from mmengine.config import Config
+    from mmengine.device import get_device
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
@@ -356,7 +350,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     settings = _gen_settings(cfg, args)
     classes = list(settings['classes'])
     _check_classes(cfg, classes)
-    device = _device()
+    device = get_device()  # where mmengine's Runner puts the model
     t0 = time.time()
     generated = prepare_data(data_root, settings)
     gen_time = time.time() - t0

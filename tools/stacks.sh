@@ -38,6 +38,7 @@ case "$name" in
     stack=(torch==2.1.2 torchvision==0.16.2 numpy==1.26.4 mmengine==0.10.4 "setuptools<70")
     toolboxes=(mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0)
     mmcv=mmcv-lite==2.1.0
+    if [[ "$name" == classic-ops ]]; then mmcv="mmcv==2.1.0 with ops"; fi
     extra=(scikit-image==0.22.0)
     ;;
   upstream)

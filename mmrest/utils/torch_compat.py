@@ -70,8 +70,7 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 def torch_version() -> Tuple[int, int]:
     """(major, minor) of the installed torch, e.g. (2, 1) for '2.1.2+cu121'."""
-    major, minor = version_tuple(torch.__version__)[:2]
-    return major, minor
+    return version_tuple(torch.__version__)[:2]
 
 
 def require_torch(version: str, feature: str) -> None:
