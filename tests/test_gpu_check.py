@@ -14,12 +14,8 @@ import mmrest.models
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools', 'analysis', 'gpu_check.py')
-
-
 tool = load_script('tools/analysis/gpu_check.py')
-#: Speed rows of ResT V2-tiny, measured beside ResT-small whenever mmrest has ResT V2.
-V2_LABELS = (['ResTV2-tiny', 'ResTV2-tiny reference']
-             if hasattr(mmrest.models, 'ResTV2') else [])
+V2_LABELS = ['ResTV2-tiny', 'ResTV2-tiny reference']
 
 
 #: The runs here are tiny: on one intra-op thread (see conftest.py).
@@ -126,10 +122,13 @@ def test_gradient_error_is_relative_to_the_scale_of_each_stage():
 
 
 def test_speed_ratios_against_reference_and_swin(monkeypatch):
-    """The speed rows carry benchmark.py's ratios, per case and dtype; a failed case none."""
+    """The speed rows carry benchmark.py's ratios, per case and dtype; a failed case or
+    model gives error rows and no ratio."""
     times = {'rest:small': (0.01, 100), 'rest-ref:small': (0.02, 400), 'swin-t': (0.008, 50)}
 
     def build(key):
+        if key not in times:
+            raise ImportError('No module named mmcv._ext')
         model = torch.nn.Identity()
         model.key = key
         return model
@@ -141,16 +140,19 @@ def test_speed_ratios_against_reference_and_swin(monkeypatch):
 
     monkeypatch.setattr(tool, 'build', build)
     monkeypatch.setattr(tool, 'time_case', time_case)
-    rows = tool.speed_rows(list(times), tool.SMOKE_SPEED_CASES[1:3], ['fp32'],
+    rows = tool.speed_rows(list(times) + ['pvt-t'], tool.SMOKE_SPEED_CASES[1:3], ['fp32'],
                            torch.device('cpu'), 0, 0.01, lambda message: None)
-    small, ref, swin = (r for r in rows if r['case'] == 'infer 64x96 b1')
+    small, ref, swin, pvt = (r for r in rows if r['case'] == 'infer 64x96 b1')
     assert (small['speedup_vs_reference'], small['memory_vs_reference']) == pytest.approx(
         (2.0, 0.25))
     assert (small['speedup_vs_swin-t'], ref['speedup_vs_swin-t']) == pytest.approx((0.8, 0.4))
     assert ref['speedup_vs_reference'] is None and swin['speedup_vs_swin-t'] is None
     failed = [r for r in rows if r['case'] == 'train 64x64 b2']
-    assert [r['exception'] for r in failed] == ['RuntimeError: out of memory'] * 3
+    assert [r['exception'] for r in failed] == ['RuntimeError: out of memory'] * 3 + [
+        'ImportError: No module named mmcv._ext']
     assert all(r['speedup_vs_reference'] is None for r in failed)
+    assert pvt['ms'] is None and pvt['exception'] == failed[-1]['exception']
+    assert '| error: ImportError: No module named mmcv._ext |' in tool.speed_table(rows)
 
 
 # ------------------------------------------------------------------------ runs
@@ -280,16 +282,3 @@ def test_runs_with_only_torch_mmengine_and_mmcv_without_ops(tmp_path):
     assert result['passed'] and len(result['checks']) == 6
     assert {r['model'] for r in result['speed']} == {'ResT-lite', 'ResT-lite reference',
                                                      *V2_LABELS}
-
-
-def test_a_model_that_fails_to_build_gives_error_rows_in_the_speed_table(monkeypatch):
-    def build(key):
-        raise ImportError('No module named mmcv._ext')
-
-    monkeypatch.setattr(tool, 'build', build)
-    rows = tool.speed_rows(['swin-t'], tool.SMOKE_SPEED_CASES[:2], ['fp32'],
-                           torch.device('cpu'), 0, 0.01, lambda message: None)
-    assert [(r['case'], r['ms'], r['exception']) for r in rows] == [
-        (c.name, None, 'ImportError: No module named mmcv._ext')
-        for c in tool.SMOKE_SPEED_CASES[:2]]
-    assert '| error: ImportError: No module named mmcv._ext |' in tool.speed_table(rows)
