@@ -365,7 +365,7 @@ def table(header: List[str], rows: List[List[Any]]) -> str:
                      for line in [header, ['---'] + ['---:'] * (len(header) - 1)] + rows)
 
 
-def _f(value: Optional[float], spec: str) -> str:
+def fmt(value: Optional[float], spec: str) -> str:
     """``value`` formatted by ``spec`` (a format spec, or a %-pattern), '' for None."""
     return '' if value is None else spec % value if '%' in spec else format(value, spec)
 
@@ -377,9 +377,9 @@ def format_report(report: Dict[str, Any]) -> str:
         title = f'{case}: {CASES[case].title} {res["shape"][0]}x{res["shape"][1]}, batch ' \
             f'{res["batch"]}\n\n'
         rows = [[label(k), 'failed: ' + e['error']] + [''] * 6 if 'error' in e else
-                [label(k) + _f(e.get('max_rel_error'), ' (max error %.1e)'), f'{e["time_s"]:.3f}',
+                [label(k) + fmt(e.get('max_rel_error'), ' (max error %.1e)'), f'{e["time_s"]:.3f}',
                  f'{e["throughput"]:.2f}', f'{e["memory"] / 2**30:.2f}']
-                + [_f(e[f'{q}_vs_{other}'], '.2f') for other in ('reference', 'swin-t')
+                + [fmt(e[f'{q}_vs_{other}'], '.2f') for other in ('reference', 'swin-t')
                    for q in ('speedup', 'memory')] for k, e in res['rows'].items()]
         out.append(title + table(
             ['model', 's/batch', 'img/s', 'model memory (GiB)', 'x reference',

@@ -17,14 +17,12 @@ passes, 1 if any fails, 2 without CUDA (``--device cpu --smoke`` runs the flow o
 """
 import argparse
 import contextlib
-import datetime
 import gc
 import importlib.metadata
 import json
 import math
 import os
 import os.path as osp
-import platform
 import re
 import shlex
 import sys
@@ -356,19 +354,15 @@ def speed_rows(keys: Sequence[str], cases: Sequence[SpeedCase], dtypes: Sequence
 
 
 # ----------------------------------------------------------------------------- output
-def _fmt(value: Optional[float], spec: str) -> Optional[str]:
-    return None if value is None else format(value, spec)
-
-
 def checks_table(rows: Sequence[Dict[str, Any]]) -> str:
     return bm.table(
         ['model', 'size', 'batch', 'dtype', 'quantity', 'max rel. error', 'worst at',
          'tolerance', 'pass', 'reference under autocast'],
         [[r['model'], r['size'], r['batch'], r['dtype'], r['quantity'],
-          _fmt(r['error'], '.2e') if r['exception'] is None else f'error: {r["exception"]}',
-          r['worst'], _fmt(r['tolerance'], 'g'), 'yes' if r['passed'] else 'NO',
+          bm.fmt(r['error'], '.2e') if r['exception'] is None else f'error: {r["exception"]}',
+          r['worst'], bm.fmt(r['tolerance'], 'g'), 'yes' if r['passed'] else 'NO',
           f'error: {r["reference_error"]}' if isinstance(r['reference_error'], str)
-          else _fmt(r['reference_error'], '.2e')] for r in rows])
+          else bm.fmt(r['reference_error'], '.2e')] for r in rows])
 
 
 def speed_table(rows: Sequence[Dict[str, Any]]) -> str:
@@ -376,10 +370,10 @@ def speed_table(rows: Sequence[Dict[str, Any]]) -> str:
         ['model', 'case', 'dtype', 'ms per batch', 'img/s', 'peak MiB', 'x reference',
          'peak / reference', 'x Swin-T', 'peak / Swin-T'],
         [[r['model'], r['case'], r['dtype'],
-          _fmt(r['ms'], '.1f') if r['exception'] is None else f'error: {r["exception"]}',
-          _fmt(r['img_per_s'], '.1f'), _fmt(r['peak_mib'], '.0f')] +
-         [_fmt(r.get(k), '.2f') for k in ('speedup_vs_reference', 'memory_vs_reference',
-                                          'speedup_vs_swin-t', 'memory_vs_swin-t')]
+          bm.fmt(r['ms'], '.1f') if r['exception'] is None else f'error: {r["exception"]}',
+          bm.fmt(r['img_per_s'], '.1f'), bm.fmt(r['peak_mib'], '.0f')] +
+         [bm.fmt(r.get(k), '.2f') for k in ('speedup_vs_reference', 'memory_vs_reference',
+                                            'speedup_vs_swin-t', 'memory_vs_swin-t')]
          for r in rows])
 
 
@@ -391,13 +385,12 @@ def environment(device: torch.device, command: str) -> Dict[str, Any]:
             return importlib.metadata.version(name)
         return None
 
-    env = dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-               command=command, python=platform.python_version(), torch=torch.__version__,
+    env = dict(bm.machine_info(torch.get_num_threads(), command), device=str(device),
                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                mmengine=version('mmengine'), mmcv=version('mmcv') or version('mmcv-lite'),
-               mmdet=version('mmdet'), device=str(device), threads=torch.get_num_threads(),
+               mmdet=version('mmdet'), gpu=None,
                speed_tf32=dict(matmul=torch.backends.cuda.matmul.allow_tf32,
-                               cudnn=torch.backends.cudnn.allow_tf32), gpu=None)
+                               cudnn=torch.backends.cudnn.allow_tf32))
     if device.type == 'cuda':
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
