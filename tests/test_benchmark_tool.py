@@ -1,4 +1,4 @@
-"""tools/analysis/benchmark.py: options, ratios, tables, the A/B, memory, processes."""
+"""tools/analysis/benchmark.py: options, ratios, tables, the A/B, ONNX Runtime, processes."""
 import json
 import os.path as osp
 import sys
@@ -25,14 +25,15 @@ def test_defaults_of_each_mode():
                                    'restv2-ref:tiny', 'pvt-t', 'pvtv2-b1', 'swin-t']
     ab = bm.parse_args(['--ab'])
     assert (ab.rounds, ab.cases) == (5, ['infer_224', 'infer_800', 'train_800'])
-    assert bm.model_keys(ab) == ['rest:small', 'restv2:tiny']
+    assert bm.model_keys(ab) == [f'{k}@{v}' for k in ('rest:small', 'restv2:tiny') for v in (
+        'plain', '+norm_mlp', '+channels_last', 'all')]
     archs = bm.parse_args(['--models', 'rest', 'restv2', '--archs', 'small', 'large'])
     assert bm.model_keys(archs) == ['rest:small', 'rest:large', 'restv2:small', 'restv2:large']
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--threads', '0'], '--threads must be >= 1, got 0'),
-    (['--rounds', '0'], '--rounds must be >= 1, got 0'),
+    (['--threads', '0'], '--threads must be > 0, got 0'),
+    (['--rounds', '0'], '--rounds must be > 0, got 0'),
     (['--timeout', '0'], '--timeout must be > 0, got 0'),
     (['--models', 'vit'], "argument --models: invalid choice: 'vit'"),
     (['--cases', 'train_1333'], "argument --cases: invalid choice: 'train_1333'"),
@@ -49,6 +50,11 @@ def test_models_are_built_with_their_attention_setting():
     lean, ref = bm.build_model('rest', 'lite'), bm.build_model('restv2-ref', 'tiny')
     assert {m.attn.attn_impl for m in lean.stage2} == {'lean'}
     assert {m.attn.attn_impl for m in ref.stage2} == {'reference'}
+    # the eager model of an ONNX Runtime row: the lean one, the same weights
+    onnx = bm.build_model('rest-onnx', 'lite')
+    assert {m.attn.attn_impl for m in onnx.stage2} == {'lean'}
+    for a, b in zip(onnx.state_dict().values(), lean.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_peers_are_mmdets_backbones_without_weights():
@@ -89,16 +95,28 @@ def test_ratios_to_the_reference_and_to_swin_t():
     v2 = bm.ratios(rows, 'restv2:tiny')
     assert v2['speedup_vs_reference'] is None and v2['memory_vs_swin-t'] == 0.25
     assert set(bm.ratios(rows, 'swin-t').values()) == {None}
+    # ONNX Runtime against eager PyTorch; an A/B variant against its plain variant
+    rows = {k: bm.summarise([s], 1) for k, s in (
+        ('rest:small', _sample(2.0, 600)), ('rest-onnx:small', _sample(1.6, 300)),
+        ('rest:small@plain', _sample(3.0, 900)), ('rest:small@+norm_mlp', _sample(2.0, 600)))}
+    assert bm.ratios(rows, 'rest-onnx:small')['speedup_vs_reference'] == 1.25
+    assert bm.ratios(rows, 'rest:small@+norm_mlp')['speedup_vs_reference'] == 1.5
+    assert bm.ratios(rows, 'rest:small@+norm_mlp')['memory_vs_reference'] == 600 / 900
 
 
-def test_step_memory_is_the_peak_of_what_the_step_allocates():
-    def step():
-        a = torch.ones(1_000_000)  # 4 MB
-        b = torch.ones(2_000_000)  # 8 MB, with a alive: 12 MB
-        del a, b
-        torch.ones(500_000)  # 2 MB after both are freed
-
-    assert bm.step_memory(step) == 12_000_000
+def test_a_worker_turns_off_the_switches_not_in_its_variant(monkeypatch):
+    """The worker (a fresh process) replaces each shortcut that is off for good."""
+    import importlib
+    for module, function, _ in bm.SWITCHES.values():
+        mod = importlib.import_module(f'mmrest.models.layers.{module}')
+        monkeypatch.setattr(mod, function, getattr(mod, function))  # restored afterwards
+    out = bm.measure(dict(imports=[], family='rest', arch='lite', switches=['channels_last'],
+                          train=False, batch=1, shape=[64, 64], threads=torch.get_num_threads(),
+                          min_run_time=0.01))
+    assert out['time_s'] > 0 and out['peak_rss'] > out['import_rss'] > 0
+    from mmrest.models.layers import block, dispatch
+    assert block.blocked_norm_mlp is bm.SWITCHES['norm_mlp'][2]
+    assert dispatch.cpu_channels_last is not bm.SWITCHES['channels_last'][2]
 
 
 def _report(mode, results):
@@ -121,37 +139,29 @@ def test_tables():
     assert '| ResT-small reference | failed: killed by signal 9 |  |  |  |  |  |  |' in lines
     assert ('Machine: Test CPU, 2 logical CPUs, load average 0.2 at the start, 2 threads, cpu, '
             'torch 2.x, 2026-12-01. Command: `benchmark.py`.') in lines
-    ab = {'rest:small': {
-        'plain': dict(time_s=2.0, speedup=1.0, cpu_speedup=1.0, memory=2**30, memory_ratio=1.0),
-        '+x': dict(time_s=1.6, speedup=1.25, cpu_speedup=1.5, memory=2**29, memory_ratio=0.5)}}
-    lines = bm.format_report(_report('ab', {'train_800': dict(batch=2, shape=[800, 1344],
-                                                              rows=ab)})).splitlines()
-    assert '| ResT-small | +x | 1.600 | 1.250 | 1.500 | 0.500 | 0.500 |' in lines
 
 
 # ------------------------------------------------------------------ runs
 @pytest.mark.slow
-def test_ab_run_measures_every_variant_in_one_process(tmp_path, capsys):
-    """A switch that makes the stem's output twice as large: every variant is run, and
-    the memory ratio shows it (no timing is asserted)."""
-    from mmrest.models.layers import embed
-    forward = embed.ConvStem.forward
-
-    def double(on):
-        return bm._patched(embed.ConvStem, 'forward',
-                           lambda self, x: torch.cat([forward(self, x)] * 2), on)
-
-    switches = {'half': bm.Switch('the stem output once', double, ('rest', ))}
+def test_quick_ab_run_and_onnx_runtime_rows(tmp_path, capsys):
+    """The A/B variants and ONNX Runtime against eager PyTorch (no timing is asserted)."""
     results = tmp_path / 'results.jsonl'
-    report = bm.main(['--ab', '--quick', '--models', 'rest', '--cases', 'infer_224',
-                      '--results', str(results)], switches=switches)
-    rows = report['results']['infer_224']['rows']['rest:small']
-    assert list(rows) == ['plain', '+half', 'all']
-    assert all(len(r['times']) == 1 and r['memory'] > 0 for r in rows.values())
-    assert rows['+half']['memory'] < rows['plain']['memory']
-    assert rows['all']['memory'] == rows['+half']['memory']
+    report = bm.main(['--ab', '--quick', '--models', 'rest', '--archs', 'lite', '--cases',
+                      'infer_224', '--results', str(results)])
+    rows = report['results']['infer_224']['rows']
+    variants = ('plain', '+norm_mlp', '+channels_last', 'all')
+    assert list(rows) == [f'rest:lite@{v}' for v in variants]
+    assert rows['rest:lite@plain']['speedup_vs_reference'] == 1.0
     assert json.loads(results.read_text())['mode'] == 'ab'
-    assert '| ResT-small | +half |' in capsys.readouterr().out
+    assert '| ResT-lite +norm_mlp |' in capsys.readouterr().out
+    report = bm.main(['--quick', '--models', 'rest', 'rest-onnx', '--archs', 'lite',
+                      '--cases', 'infer_224', 'train_224', '--results', str(results)])
+    assert list(report['results']['train_224']['rows']) == ['rest:lite']  # no ONNX training
+    rows = report['results']['infer_224']['rows']
+    eager, ort = rows['rest:lite'], rows['rest-onnx:lite']
+    assert ort['max_rel_error'] < 1e-4 and 'max_rel_error' not in eager
+    assert ort['speedup_vs_reference'] == pytest.approx(eager['time_s'] / ort['time_s'])
+    assert '| ResT-lite ONNX Runtime (max error ' in capsys.readouterr().out
 
 
 def test_a_killed_or_failing_worker_is_reported(tmp_path):

@@ -1,5 +1,5 @@
 """tools/analysis/gpu_check.py on the CPU: options, refusal without CUDA, error measures,
-a whole smoke run (tables, JSON, passing checks) and that a wrong fused model fails it."""
+a whole smoke run (tables, JSON, passing checks) and that a wrong default model fails it."""
 import json
 import os
 import os.path as osp
@@ -14,12 +14,8 @@ import mmrest.models
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools', 'analysis', 'gpu_check.py')
-
-
 tool = load_script('tools/analysis/gpu_check.py')
-#: Speed rows of ResT V2-tiny, measured beside ResT-small whenever mmrest has ResT V2.
-V2_LABELS = (['ResTV2-tiny', 'ResTV2-tiny reference']
-             if hasattr(mmrest.models, 'ResTV2') else [])
+V2_LABELS = ['ResTV2-tiny', 'ResTV2-tiny reference']
 
 
 #: The runs here are tiny: on one intra-op thread (see conftest.py).
@@ -34,13 +30,13 @@ def test_defaults_and_smoke_defaults():
     assert full.dtypes == ['fp32', 'fp16', 'bf16'] and full.speed_dtypes == ['fp32']
     assert [c.name for c in full.speed_cases] == [
         'infer 224x224 b64', 'infer 800x1344 b2', 'train 224x224 b64', 'train 800x1344 b2']
-    assert full.min_run_time == 1.0 and full.checks and full.speed
+    assert (full.min_run_time, full.warmup) == (1.0, 2) and full.checks and full.speed
     assert full.out == osp.join('work_dirs', 'gpu_check.json')
     smoke = tool.parse_args(['--smoke', '--device', 'cpu'])
     assert smoke.sizes == list(tool.SMOKE_SIZES) and smoke.min_run_time == 0.01
     assert max(c.batch for c in smoke.speed_cases) <= 2
-    explicit = tool.parse_args(['--smoke', '--sizes', '32x40', '--min-run-time', '0.5'])
-    assert explicit.sizes == [(32, 40)] and explicit.min_run_time == 0.5
+    explicit = tool.parse_args(['--smoke', '--sizes', '32x40'])
+    assert explicit.sizes == [(32, 40)] and explicit.warmup == 0
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -49,9 +45,6 @@ def test_defaults_and_smoke_defaults():
     (['--device', 'tpu'], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
     (['--archs', 'huge'], "invalid choice: 'huge'"),
     (['--dtypes', 'fp8'], "invalid choice: 'fp8'"),
-    (['--min-run-time', '0'], 'must be > 0, got 0'),
-    (['--min-run-time', 'x'], "not a number: 'x'"),
-    (['--warmup', '-1'], '--warmup must be >= 0, got -1'),
     (['--no-checks', '--no-speed'], '--no-checks and --no-speed together leave nothing'),
 ])
 def test_bad_options_name_the_problem(argv, message, capsys):
@@ -62,11 +55,10 @@ def test_bad_options_name_the_problem(argv, message, capsys):
 
 
 def test_every_v1_and_v2_arch_is_checked_with_its_attn_impl_switch():
-    specs = tool.available_specs()
-    assert sorted(specs) == sorted(list(tool.REST_ARCHS) +
-                                   [f'v2-{a}' for a in tool.V2_ARCHS])
-    model = specs['v2-tiny'].build('reference', 0.)
-    assert type(model) is mmrest.models.ResTV2 and specs['v2-tiny'].has_attn_impl
+    assert list(tool.ARCHS) == ['lite', 'small', 'base', 'large'] + [
+        f'v2-{a}' for a in ('tiny', 'small', 'base', 'large')]
+    model = tool.build('restv2-ref:tiny', drop_path_rate=0.)
+    assert type(model) is mmrest.models.ResTV2
     assert {m.attn_impl for m in model.modules() if hasattr(m, 'attn_impl')} == {
         'reference'}
 
@@ -129,32 +121,46 @@ def test_gradient_error_is_relative_to_the_scale_of_each_stage():
         tool.gradient_error({k: v for k, v in grads.items() if k != 'norm2.weight'}, refs)
 
 
-def test_speed_ratios_against_reference_and_swin():
-    rows = [dict(model='ResT-small', case='c', dtype='fp32', ms=10.0, peak_mib=100.0),
-            dict(model='ResT-small reference', case='c', dtype='fp32', ms=20.0,
-                 peak_mib=400.0),
-            dict(model=tool.SWIN_LABEL, case='c', dtype='fp32', ms=8.0, peak_mib=50.0),
-            dict(model='ResT-small', case='d', dtype='fp32', ms=None, peak_mib=None)]
-    tool.add_ratios(rows)
-    assert rows[0]['ms_vs_reference'] == 0.5 and rows[0]['peak_vs_reference'] == 0.25
-    assert rows[0]['ms_vs_swin'] == 1.25 and rows[1]['ms_vs_swin'] == 2.5
-    assert rows[1]['ms_vs_reference'] is None and rows[2]['ms_vs_swin'] is None
-    assert rows[3]['ms_vs_reference'] is None and rows[3]['ms_vs_swin'] is None
+def test_speed_ratios_against_reference_and_swin(monkeypatch):
+    """The speed rows carry benchmark.py's ratios, per case and dtype; a failed case or
+    model gives error rows and no ratio."""
+    times = {'rest:small': (0.01, 100), 'rest-ref:small': (0.02, 400), 'swin-t': (0.008, 50)}
 
+    def build(key):
+        if key not in times:
+            raise ImportError('No module named mmcv._ext')
+        model = torch.nn.Identity()
+        model.key = key
+        return model
 
-def test_swin_backbone_cfg_is_mmdets_without_weights():
-    cfg = tool.swin_backbone_cfg()  # needs mmdet, which the test stack has
-    assert cfg['type'] == 'SwinTransformer' and cfg['embed_dims'] == 96
-    assert cfg['depths'] == [2, 2, 6, 2] and cfg['window_size'] == 7
-    assert cfg['init_cfg'] is None and tuple(cfg['out_indices']) == (0, 1, 2, 3)
+    def time_case(model, case, *args):
+        if case.kind == 'train':
+            raise RuntimeError('out of memory')
+        return times[model.key][0], times[model.key][1] * 2**20, 1
+
+    monkeypatch.setattr(tool, 'build', build)
+    monkeypatch.setattr(tool, 'time_case', time_case)
+    rows = tool.speed_rows(list(times) + ['pvt-t'], tool.SMOKE_SPEED_CASES[1:3], ['fp32'],
+                           torch.device('cpu'), 0, 0.01, lambda message: None)
+    small, ref, swin, pvt = (r for r in rows if r['case'] == 'infer 64x96 b1')
+    assert (small['speedup_vs_reference'], small['memory_vs_reference']) == pytest.approx(
+        (2.0, 0.25))
+    assert (small['speedup_vs_swin-t'], ref['speedup_vs_swin-t']) == pytest.approx((0.8, 0.4))
+    assert ref['speedup_vs_reference'] is None and swin['speedup_vs_swin-t'] is None
+    failed = [r for r in rows if r['case'] == 'train 64x64 b2']
+    assert [r['exception'] for r in failed] == ['RuntimeError: out of memory'] * 3 + [
+        'ImportError: No module named mmcv._ext']
+    assert all(r['speedup_vs_reference'] is None for r in failed)
+    assert pvt['ms'] is None and pvt['exception'] == failed[-1]['exception']
+    assert '| error: ImportError: No module named mmcv._ext |' in tool.speed_table(rows)
 
 
 # ------------------------------------------------------------------------ runs
 def _tiny_peer(monkeypatch):
     """A cheap stand-in for mmdet's Swin-T (importing and running it takes long here)."""
-    lite = tool.available_specs()['lite']
-    monkeypatch.setattr(tool, 'swin_spec', lambda: tool.ModelSpec(
-        'swin-t', tool.SWIN_LABEL, lambda impl, dpr: lite.build('fused', dpr), False))
+    build = tool.build
+    monkeypatch.setattr(tool, 'build', lambda key, **kw: build(
+        'rest:lite' if key == tool.SWIN else key, **kw))
 
 
 @pytest.mark.slow
@@ -162,12 +168,11 @@ def test_cpu_smoke_run_writes_tables_and_json(tmp_path, monkeypatch, capsys):
     _tiny_peer(monkeypatch)
     out = tmp_path / 'sub' / 'gpu_check.json'
     argv = ['--device', 'cpu', '--smoke', '--archs', 'lite', '--dtypes', 'fp32', 'bf16',
-            '--speed-arch', 'lite', '--warmup', '0',
-            '--out', str(out)]
+            '--speed-arch', 'lite', '--out', str(out)]
     assert tool.main(argv) == 0
     stdout = capsys.readouterr().out
     assert '| model | size | batch | dtype | quantity | max rel. error |' in stdout
-    assert '| model | case | dtype | ms per batch | img/s | peak MiB | ms / reference |' in stdout
+    assert '| model | case | dtype | ms per batch | img/s | peak MiB | x reference |' in stdout
     # 12 speed rows for ResT-small fused and reference and Swin-T; ResT V2-tiny fused
     # and reference add 8
     rows = 12 + 4 * len(V2_LABELS)
@@ -191,33 +196,32 @@ def test_cpu_smoke_run_writes_tables_and_json(tmp_path, monkeypatch, capsys):
         assert (row['reference_error'] is None) == (row['dtype'] == 'fp32')
         assert f'| {row["error"]:.2e} |' in stdout
     speed = result['speed']
-    labels = ['ResT-lite', 'ResT-lite reference'] + V2_LABELS + [tool.SWIN_LABEL]
+    labels = ['ResT-lite', 'ResT-lite reference'] + V2_LABELS + ['mmdet Swin-T']
     assert [(r['model'], r['case'], r['dtype']) for r in speed] == [
         (m, c.name, 'fp32') for m in labels for c in tool.SMOKE_SPEED_CASES]
     for row in speed:
         assert row['ms'] > 0 and row['runs'] >= 1 and row['peak_mib'] is None
         batch = int(row['case'].rpartition('b')[2])
         assert row['img_per_s'] == pytest.approx(batch / row['ms'] * 1e3)
-        fused = row['model'] in ('ResT-lite', 'ResTV2-tiny')
-        assert (row['ms_vs_reference'] is None) == (not fused)
-        assert (row['ms_vs_swin'] is None) == (row['model'] == tool.SWIN_LABEL)
+        lean = row['model'] in ('ResT-lite', 'ResTV2-tiny')
+        assert (row['speedup_vs_reference'] is None) == (not lean)
+        assert (row['speedup_vs_swin-t'] is None) == (row['model'] == 'mmdet Swin-T')
 
 
-def test_wrong_fused_model_fails_with_status_1(tmp_path, monkeypatch, capsys):
-    """A fused model whose attention is off by 0.1% fails the float32 check."""
-    lite = tool.available_specs()['lite']
+def test_wrong_default_model_fails_with_status_1(tmp_path, monkeypatch, capsys):
+    """A default model whose attention is off by 0.1% fails the float32 check."""
+    build = tool.build
 
-    def build(impl, dpr):
-        model = lite.build(impl, dpr)
-        if impl == 'fused':
+    def wrong(key, **kwargs):
+        model = build(key, **kwargs)
+        if key == 'rest:lite':
             model.stage3[0].attn.register_forward_hook(lambda m, i, out: out * 1.001)
         return model
 
-    monkeypatch.setattr(tool, 'available_specs', lambda: dict(
-        lite=tool.ModelSpec('lite', 'ResT-lite', build, True)))
+    monkeypatch.setattr(tool, 'build', wrong)
     out = tmp_path / 'gpu_check.json'
     assert tool.main(['--device', 'cpu', '--smoke', '--archs', 'lite', '--sizes', '64x64',
-                    '--dtypes', 'fp32', '--no-speed', '--out', str(out)]) == 1
+                      '--dtypes', 'fp32', '--no-speed', '--out', str(out)]) == 1
     stdout = capsys.readouterr().out
     assert stdout.strip().splitlines()[-1].startswith('gpu_check: FAILED: 0 of 2 checks')
     rows = json.loads(out.read_text())['checks']
@@ -230,20 +234,19 @@ def test_wrong_fused_model_fails_with_status_1(tmp_path, monkeypatch, capsys):
 
 
 def test_exception_in_a_check_is_a_failure(tmp_path, monkeypatch, capsys):
-    lite = tool.available_specs()['lite']
+    build = tool.build
 
-    def build(impl, dpr):
-        if impl == 'fused':
+    def failing(key, **kwargs):
+        if key == 'rest:lite':
             raise RuntimeError('expected device cuda but got cpu')
-        return lite.build(impl, dpr)
+        return build(key, **kwargs)
 
-    monkeypatch.setattr(tool, 'available_specs', lambda: dict(
-        lite=tool.ModelSpec('lite', 'ResT-lite', build, True)))
+    monkeypatch.setattr(tool, 'build', failing)
     # 32x32 has more pixels than this: its gradient row is at batch 1, as 800x1344's
     monkeypatch.setattr(tool, 'GRAD_BATCH1_PIXELS', 1000)
     out = tmp_path / 'gpu_check.json'
     assert tool.main(['--device', 'cpu', '--archs', 'lite', '--sizes', '32x32', '--dtypes',
-                    'fp32', '--no-speed', '--out', str(out)]) == 1
+                      'fp32', '--no-speed', '--out', str(out)]) == 1
     rows = json.loads(out.read_text())['checks']
     assert [(r['quantity'], r['batch']) for r in rows] == [('outputs', 2), ('gradients', 1)]
     for row in rows:
@@ -271,7 +274,7 @@ def test_runs_with_only_torch_mmengine_and_mmcv_without_ops(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
     proc = subprocess.run(
         [sys.executable, '-c', NO_MMDET_RUN, '--device', 'cpu', '--smoke', '--archs', 'lite',
-         '--sizes', '48x80', '--speed-arch', 'lite', '--warmup', '0', '--out', str(out)],
+         '--sizes', '48x80', '--speed-arch', 'lite', '--out', str(out)],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 'Note: mmdet Swin-T skipped: mmdet not importable' in proc.stdout
@@ -279,16 +282,3 @@ def test_runs_with_only_torch_mmengine_and_mmcv_without_ops(tmp_path):
     assert result['passed'] and len(result['checks']) == 6
     assert {r['model'] for r in result['speed']} == {'ResT-lite', 'ResT-lite reference',
                                                      *V2_LABELS}
-
-
-def test_a_model_that_fails_to_build_gives_error_rows_in_the_speed_table():
-    def build(impl, dpr):
-        raise ImportError('No module named mmcv._ext')
-
-    bad = tool.ModelSpec('swin-t', tool.SWIN_LABEL, build, False)
-    rows = tool.speed_rows([(bad, None)], tool.SMOKE_SPEED_CASES[:2], ['fp32'],
-                           torch.device('cpu'), 0, 0.01, lambda message: None)
-    assert [(r['case'], r['ms'], r['exception']) for r in rows] == [
-        (c.name, None, 'ImportError: No module named mmcv._ext')
-        for c in tool.SMOKE_SPEED_CASES[:2]]
-    assert '| error: ImportError: No module named mmcv._ext |' in tool.speed_table(rows)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from _deploy_helpers import (PHOTOS, REPO, load_tool, photo, shapes_classes,
+from _deploy_helpers import (PHOTOS, REPO, load_tool, shapes_classes,
                              shapes_mask_rcnn_text, shapes_retinanet_text,
                              write_code_running_checkpoint, write_photos, write_text)
 from _engine_helpers import (PYTHON, TRAIN, cls_config_text, make_shapes_data,
@@ -378,16 +378,3 @@ def test_infer_tool_from_the_command_line(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert osp.isfile(tmp_path / 'vis' / 'chelsea.png')
     assert os.path.getsize(tmp_path / 'predictions.json') > 0
-
-
-@pytest.mark.slow
-def test_demo_photo_picture(setup, tmp_path):
-    """``predict_photo`` (what ``make demo`` calls after training): the detector's
-    predictions on scikit-image's chelsea, drawn by DetInferencer's visualizer."""
-    infer = load_tool('infer')
-    out = infer.predict_photo(setup['configs']['retinanet'], setup['ckpts']['retinanet'],
-                              str(tmp_path / 'photo_prediction.png'), score_thr=0.0)
-    picture = cv2.imread(out)
-    assert picture.shape == PHOTOS['chelsea'] + (3, )
-    # boxes were drawn: the picture is not the photo itself
-    assert np.abs(picture.astype(int) - photo('chelsea')).max() > 100

@@ -1,26 +1,12 @@
-"""Run a trained detector, segmentor or classifier on images with OpenMMLab's inferencers.
+"""Predict images with a trained detector, segmentor or classifier through OpenMMLab's
+inferencers (mmdet's ``DetInferencer``, ``MMSegInferencer``, mmpretrain's
+``ImageClassificationInferencer``, from the config's ``default_scope``). They read the test
+pipeline, the class names of the checkpoint and draw into ``OUT_DIR/vis``; every image's
+predictions, with class names, go to ``OUT_DIR/predictions.json``. Checkpoints are read
+safely (``import mmrest``).
 
-The task comes from the config's ``default_scope``: ``mmdet`` (mmdet's ``DetInferencer``),
-``mmseg`` (``MMSegInferencer``) or ``mmpretrain`` (``ImageClassificationInferencer``). The
-inferencers read the config's test pipeline, the class names stored in the checkpoint
-(``meta.dataset_meta``) and draw with the config's visualizer; this tool only chooses
-the inferencer, passes the images and writes::
-
-    OUT_DIR/vis/<image>           the drawn predictions (by the inferencer's visualizer)
-    OUT_DIR/preds/..., pred/...   what the inferencer itself saves (detection JSON,
-                                  segmentation label PNGs)
-    OUT_DIR/predictions.json      every image's predictions, with class names
-
-Checkpoints are read safely: ``import mmrest`` (done here, and by any config with
-``custom_imports=dict(imports=['mmrest'])``) allows exactly the types mmengine writes into
-them and nothing else.
-
-Examples::
-
-    python tools/infer.py configs/retinanet_rest_small_coco.py work_dirs/x/epoch_12.pth \\
-        demo.jpg --out-dir work_dirs/infer
-    python tools/infer.py configs/rest_small_imagenet.py rest_small_cls.pth a.jpg b.jpg \\
-        --out-dir work_dirs/infer_cls
+    python tools/infer.py configs/retinanet_rest_small_coco.py epoch_12.pth a.jpg b.jpg \\
+        --out-dir work_dirs/infer
 """
 import argparse
 import json
@@ -34,11 +20,6 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 TASKS = {'mmdet': 'detection', 'mmseg': 'segmentation', 'mmpretrain': 'classification'}
-
-
-def _default_device() -> str:
-    import torch
-    return 'cuda:0' if torch.cuda.is_available() else 'cpu'
 
 
 def _names(classes, labels) -> List[str]:
@@ -88,26 +69,13 @@ def _predict(scope: str, cfg, checkpoint: str, images: List[str], out_dir: str,
 
 def infer(config, checkpoint: str, images: List[str], out_dir: str,
           device: Optional[str] = None, score_thr: float = 0.3) -> Dict[str, Any]:
-    """Predict ``images`` with the inferencer of the config's scope; write the results.
-
-    Args:
-        config (str | Config): The config (file or object).
-        checkpoint (str): The weights.
-        images (list[str]): Image files.
-        out_dir (str): Where the pictures and ``predictions.json`` go.
-        device (str, optional): Defaults to None (``cuda:0`` if available, else ``cpu``).
-        score_thr (float): Detections drawn from this score on. Defaults to 0.3.
-
-    Returns:
-        dict: What ``predictions.json`` holds.
-
-    Raises:
-        FileNotFoundError: If the checkpoint or an image does not exist.
-        ValueError: If the config's scope has no inferencer here.
-        CheckpointError: If the checkpoint is damaged or loading it could run code.
-    """
+    """Predict ``images`` with the inferencer of the config's scope (file or Config) on
+    ``device`` (default: mmengine's ``get_device()``); returns what ``predictions.json``
+    holds. FileNotFoundError, ValueError (no inferencer) or CheckpointError (damaged, or
+    loading it could run code) say what is wrong."""
     import mmengine
     from mmengine.config import Config
+    from mmengine.device import get_device
     from mmengine.registry import DefaultScope
 
     import mmrest  # noqa: F401  (ResT registry, safe checkpoint loading)
@@ -123,7 +91,7 @@ def infer(config, checkpoint: str, images: List[str], out_dir: str,
     # unpickle it anyway)
     from mmrest.engine import inspect_checkpoint
     inspect_checkpoint(checkpoint, for_resume=False)
-    device = device or _default_device()
+    device = device or get_device()
     vis_dir = osp.join(out_dir, 'vis')
     os.makedirs(vis_dir, exist_ok=True)
     # the inferencers build their pipelines in the current default scope
@@ -144,56 +112,19 @@ def infer(config, checkpoint: str, images: List[str], out_dir: str,
     return json.loads(text)
 
 
-def predict_photo(config, checkpoint: str, out_file: str, photo: str = 'chelsea',
-                  score_thr: float = 0.3) -> str:
-    """Draw a detector's predictions on one of scikit-image's bundled photos.
-
-    The demo uses it to show its detector (trained on synthetic shapes) on a real photo.
-
-    Args:
-        config (str | Config): The detector's config.
-        checkpoint (str): Its weights.
-        out_file (str): The picture to write.
-        photo (str): A photo of ``skimage.data``. Defaults to 'chelsea'.
-        score_thr (float): Smallest score drawn. Defaults to 0.3.
-
-    Returns:
-        str: ``out_file``.
-    """
-    import tempfile
-
-    import cv2
-    import skimage.data
-    with tempfile.TemporaryDirectory() as tmp:
-        image = osp.join(tmp, photo + '.png')
-        cv2.imwrite(image, getattr(skimage.data, photo)()[..., ::-1])
-        result = infer(config, checkpoint, [image], tmp, score_thr=score_thr)
-        picture = cv2.imread(result['images'][0]['visualization'])
-    os.makedirs(osp.dirname(osp.abspath(out_file)), exist_ok=True)
-    if picture is None or not cv2.imwrite(out_file, picture):
-        raise OSError(f'could not write the picture {out_file}')
-    return out_file
-
-
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(
-        description='Predict images with a trained model through the OpenMMLab '
-        'inferencers (task from the config\'s default_scope)')
-    parser.add_argument('config', help='config file')
-    parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('images', nargs='+', help='image files')
+def main(argv: Optional[List[str]] = None) -> int:
+    """0 on success, 1 with the reason on stderr otherwise."""
+    from mmrest.utils import CheckpointError
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
+    parser.add_argument('images', nargs='+')
     parser.add_argument('--out-dir', required=True, help='where the results go')
-    parser.add_argument('--device', default=None, help='default: cuda:0 if available')
+    parser.add_argument('--device', help="default: mmengine's get_device() (cuda, npu, "
+                        'mlu, musa, mps where available, else cpu)')
     parser.add_argument('--score-thr', type=float, default=0.3,
                         help='detection: smallest score drawn (default 0.3)')
-    return parser.parse_args(argv)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the tool; 0 on success, 1 with the reason on stderr otherwise."""
-    from mmrest.utils import CheckpointError
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         result = infer(args.config, args.checkpoint, args.images, args.out_dir,
                        args.device, args.score_thr)

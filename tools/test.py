@@ -1,11 +1,6 @@
-"""Evaluate a checkpoint with an OpenMMLab config (detection, segmentation, classification).
-
-The scope comes from the config's ``default_scope``. The checkpoint is checked (CRC of
-every record) and loaded safely: a file whose unpickling could run code is refused.
-The metrics are printed and written to ``<work dir>/test_metrics.json`` (or
-``--metrics-out``) as ``{"config", "checkpoint", "metrics"}``.
-
-Examples::
+"""Evaluate a checkpoint with an OpenMMLab config (scope from its ``default_scope``). The
+checkpoint is checked and read safely; the metrics go to ``<work dir>/test_metrics.json``
+(or ``--metrics-out``) as ``{"config", "checkpoint", "metrics"}``.
 
     python tools/test.py configs/retinanet_rest_small_coco.py work_dirs/x/epoch_12.pth
     python tools/test.py CONFIG CKPT --out results.pkl --show-dir vis/
@@ -18,29 +13,23 @@ import os.path as osp
 import sys
 from typing import Any, Dict, List, Optional
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # mmrest of this clone
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Command line of the test tool (``argv`` defaults to ``sys.argv``)."""
     from mmrest.engine import add_common_tool_arguments, parse_tool_arguments
     parser = argparse.ArgumentParser(description='Evaluate a checkpoint')
-    parser.add_argument('config', help='test config file path')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
     parser.add_argument('--work-dir', help='the dir to save logs and metrics')
-    parser.add_argument(
-        '--out', type=str, help='dump the predictions to a pickle file (.pkl)')
+    parser.add_argument('--out', help='dump the predictions to a pickle file (.pkl)')
     parser.add_argument('--show', action='store_true', help='show the predictions')
-    parser.add_argument(
-        '--show-dir',
-        help='save pictures of the predictions into this folder (for detection, relative '
-        'to the timestamped folder in the work dir, as in mmdet)')
+    parser.add_argument('--show-dir', help='save pictures of the predictions here (for '
+                        'detection, relative to the timestamped folder of the work dir)')
     parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
-    parser.add_argument(
-        '--metrics-out', help='JSON file of the metrics (default: '
-        '<work dir>/test_metrics.json)')
+    parser.add_argument('--metrics-out', help='JSON file of the metrics (default: '
+                        '<work dir>/test_metrics.json)')
     add_common_tool_arguments(parser)
     args = parse_tool_arguments(parser, argv)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
@@ -56,34 +45,20 @@ def _enable_visualization(cfg, args: argparse.Namespace) -> None:
         raise ToolConfigError('--show/--show-dir: the config has no '
                               'default_hooks.visualization hook')
     hook_type = str(hook.get('type', '')).split('.')[-1]
-    if hook_type == 'VisualizationHook':  # mmpretrain
-        hook['enable'] = True
-        if args.show:
-            hook['show'] = True
-            hook['wait_time'] = args.wait_time
-        if args.show_dir:
-            hook['out_dir'] = args.show_dir
-        return
-    hook['draw'] = True
+    mmpretrain = hook_type == 'VisualizationHook'
+    hook['enable' if mmpretrain else 'draw'] = True
     if args.show:
-        hook['show'] = True
-        hook['wait_time'] = args.wait_time
-    if args.show_dir:
-        if hook_type == 'SegVisualizationHook':  # mmseg saves through the visualizer
-            cfg.visualizer['save_dir'] = args.show_dir
-        else:  # mmdet's DetVisualizationHook
-            hook['test_out_dir'] = args.show_dir
+        hook.update(show=True, wait_time=args.wait_time)
+    if args.show_dir and mmpretrain:
+        hook['out_dir'] = args.show_dir
+    elif args.show_dir and hook_type == 'SegVisualizationHook':
+        cfg.visualizer['save_dir'] = args.show_dir  # mmseg saves through the visualizer
+    elif args.show_dir:  # mmdet's DetVisualizationHook
+        hook['test_out_dir'] = args.show_dir
 
 
 def build_config(args: argparse.Namespace):
-    """Load the config and apply the command line to it.
-
-    Args:
-        args (argparse.Namespace): From :func:`parse_args`.
-
-    Returns:
-        Config: The config to build the runner from.
-    """
+    """The config of the runner: the file with the command line applied."""
     import mmrest  # noqa: F401  (registers mmrest.ResT, allows mmengine's checkpoint types)
     from mmrest.engine import checked_load_from, load_tool_config
 
@@ -99,14 +74,7 @@ def build_config(args: argparse.Namespace):
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Evaluate.
-
-    Args:
-        argv (list[str], optional): Command line. Defaults to None (``sys.argv``).
-
-    Returns:
-        dict: The metrics.
-    """
+    """Evaluate; returns the metrics."""
     args = parse_args(argv)
     from mmrest.engine import build_runner, check_data_config, init_cpu_distributed
     cfg = build_config(args)

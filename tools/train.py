@@ -1,34 +1,12 @@
-"""Train a detector, segmentor or classifier from an OpenMMLab config (with mmrest models).
-
-The scope (mmdet, mmseg or mmpretrain) comes from the config's ``default_scope``. On top
-of mmengine's runner, this tool
-
-* loads checkpoints safely on torch >= 2.6 (``import mmrest`` allows exactly the types
-  mmengine writes; see ``mmrest.utils.checkpoint``);
-* writes checkpoints atomically and keeps the previous one
-  (``mmrest.AtomicCheckpointHook``), and saves/restores the random generators
-  (``mmrest.RNGStateHook``), so a killed run resumes exactly;
-* ``--resume`` checks the checkpoint (CRC of every record, safe unpickling) and falls
-  back to the previous good one when the newest is damaged, saying which file is bad;
-  with nothing to resume yet, the config's ``load_from`` is loaded as without ``--resume``;
-* ``load_from`` at an ``http(s)://`` address is downloaded first and then read like a
-  local file (mmengine would unpickle the download with ``weights_only=False``);
-* checks the datasets of the config before building anything (paths, COCO JSON, a
-  sample of images);
-* ``--amp``: float16 autocast with loss scaling on CUDA, bfloat16 autocast on the CPU;
-  a config that asks for ``AmpOptimWrapper`` gets the CPU's bfloat16 wrapper on a machine
-  without CUDA;
-* ``--no-amp``: float32, mmengine's plain ``OptimWrapper`` on any device, also for a config
-  that asks for ``AmpOptimWrapper`` (e.g. the ResT V2 detectors; bfloat16 Mask R-CNN
-  training fails in mmcv's CPU ``nms``);
-* ``--launcher pytorch|slurm`` also works on CPU-only machines (gloo).
-
-Examples::
+"""Train a detector, segmentor or classifier from an OpenMMLab config (scope from its
+``default_scope``) with mmengine's runner, plus: safe checkpoint loading, atomic checkpoints
+and saved random generators (a killed run resumes exactly), ``--resume`` falling back to the
+previous good checkpoint, ``load_from`` downloads read safely, the datasets checked first,
+``--amp`` / ``--no-amp`` on any device, ``--launcher`` on CPU-only machines (gloo).
 
     python tools/train.py configs/retinanet_rest_small_coco.py
     python tools/train.py CONFIG --work-dir work_dirs/x --resume            # latest
     python tools/train.py CONFIG --resume work_dirs/x/iter_4000.pth --amp
-    python tools/train.py configs/mask_rcnn_restv2_tiny_3x_coco.py --no-amp    # fp32
     python tools/train.py CONFIG --cfg-options train_dataloader.batch_size=4
     bash tools/dist_train.sh CONFIG 8                                       # 8 GPUs
 """
@@ -38,55 +16,31 @@ import os.path as osp
 import sys
 from typing import List, Optional
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # mmrest of this clone
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Command line of the training tool (``argv`` defaults to ``sys.argv``)."""
     from mmrest.engine import add_common_tool_arguments, parse_tool_arguments
     parser = argparse.ArgumentParser(description='Train a model from an OpenMMLab config')
-    parser.add_argument('config', help='train config file path')
+    parser.add_argument('config')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
-    parser.add_argument(
-        '--resume',
-        nargs='?',
-        type=str,
-        const='auto',
-        help='resume from the given checkpoint; without a path, from the latest '
-        'checkpoint of the work dir (falling back to the previous good one if it is '
-        'damaged)')
+    parser.add_argument('--resume', nargs='?', const='auto', help='resume from this '
+                        'checkpoint; without a path, from the latest of the work dir (or '
+                        'the previous good one if it is damaged)')
     precision = parser.add_mutually_exclusive_group()
-    precision.add_argument(
-        '--amp',
-        action='store_true',
-        default=False,
-        help='automatic mixed precision: float16 (+loss scaling) on CUDA, bfloat16 on CPU')
-    precision.add_argument(
-        '--no-amp',
-        action='store_true',
-        default=False,
-        help='train in float32 with a plain OptimWrapper, also when the config asks for '
-        'AmpOptimWrapper (which without CUDA otherwise becomes bfloat16 autocast)')
-    parser.add_argument(
-        '--auto-scale-lr',
-        action='store_true',
-        help='scale the learning rate linearly with the total batch size '
-        '(auto_scale_lr.base_batch_size in the config)')
+    precision.add_argument('--amp', action='store_true', help='mixed precision: float16 '
+                           '(+loss scaling) on CUDA, bfloat16 on the CPU')
+    precision.add_argument('--no-amp', action='store_true', help='float32 with a plain '
+                           'OptimWrapper, also where the config asks for AmpOptimWrapper')
+    parser.add_argument('--auto-scale-lr', action='store_true', help='scale the learning '
+                        'rate with the total batch size (auto_scale_lr.base_batch_size)')
     add_common_tool_arguments(parser)
     return parse_tool_arguments(parser, argv)
 
 
 def build_config(args: argparse.Namespace):
-    """Load the config and apply the command line to it.
-
-    Args:
-        args (argparse.Namespace): From :func:`parse_args`.
-
-    Returns:
-        Config: The config to build the runner from.
-    """
+    """The config of the runner: the file with the command line applied."""
     import mmrest  # noqa: F401  (registers mmrest.ResT, allows mmengine's checkpoint types)
     from mmrest.engine import (apply_reliability_hooks, check_resume_path, checked_load_from,
                                checkpoint_templates, configure_amp, cpu_amp_config_fix,
@@ -106,8 +60,8 @@ def build_config(args: argparse.Namespace):
         from mmengine.logging import MMLogger
         disable_amp(cfg, logger=MMLogger.get_current_instance())  # logs what it changed
     elif cpu_amp_config_fix(cfg):
-        _info('AmpOptimWrapper needs a GPU: using mmrest.CPUAmpOptimWrapper (bfloat16 '
-              'autocast on cpu)')
+        _warn('AmpOptimWrapper needs a GPU: using mmrest.CPUAmpOptimWrapper (bfloat16 '
+              'autocast on cpu)', logging.INFO)
 
     if args.auto_scale_lr:
         scale = cfg.get('auto_scale_lr')
@@ -143,22 +97,12 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def _warn(msg: str) -> None:
+def _warn(msg: str, level: int = logging.WARNING) -> None:
     from mmengine.logging import print_log
-    print_log(msg, logger='current', level=logging.WARNING)
-
-
-def _info(msg: str) -> None:
-    from mmengine.logging import print_log
-    print_log(msg, logger='current', level=logging.INFO)
+    print_log(msg, logger='current', level=level)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Train.
-
-    Args:
-        argv (list[str], optional): Command line. Defaults to None (``sys.argv``).
-    """
     args = parse_args(argv)
     from mmrest.engine import build_runner, check_data_config, init_cpu_distributed
     cfg = build_config(args)

@@ -1,35 +1,18 @@
-"""Turn the metrics JSON that ``tools/test.py`` writes into rows of the README results table.
-
-``tools/test.py`` writes ``<work_dir>/test_metrics.json`` (or its ``--metrics-out`` file):
-``{"config": ..., "checkpoint": ..., "metrics": {...}}``; its ``metrics`` object is read.
-mmengine's runner (0.10.7) also writes the test metrics of a run to
-``<work_dir>/<timestamp>/<timestamp>.json``: one JSON object such as
-``{"coco/bbox_mAP": 0.403, "coco/bbox_mAP_50": 0.61, ..., "time": 0.09}`` (mmdet, AP as a
-fraction), ``{"aAcc": 81.2, "mIoU": 45.3, "mAcc": 56.1, ...}`` (mmseg, percent) or
-``{"accuracy/top1": 79.6, "accuracy/top5": 94.9, ...}`` (mmpretrain, percent); the
-``metrics`` object of ``test_metrics.json`` holds the same metric keys. The per-iteration
-``vis_data/*.json`` files of training runs are JSON lines; their last record that holds a
-metric is used.
-
-Usage::
+"""Rows of the README results table from the metrics of a test run.
 
     python tools/analysis/results_table.py CONFIG RESULT [CONFIG RESULT ...]
-    # e.g.
-    python tools/analysis/results_table.py configs/retinanet_rest_small_coco.py \\
-        work_dirs/retinanet_rest_small_coco
 
-``RESULT`` is the JSON file or a work directory (its ``test_metrics.json`` if there is
-one, else its newest ``<timestamp>/<timestamp>.json``). The rows have the README columns
-``| Method | Backbone | Config | Params | Paper | Reproduced here |``; the paper and
-parameter cells of the configs in this repository are filled in, the "Reproduced here"
-cell comes from the JSON (AP and mIoU in percent, one decimal; box / mask for Mask R-CNN).
+``RESULT`` is a JSON file or a work directory: its ``test_metrics.json`` (tools/test.py:
+``{"config", "checkpoint", "metrics"}``), else its newest ``<timestamp>/<timestamp>.json``
+(mmengine's runner: the metrics themselves). JSON-lines logs give their last record with a
+metric. COCO AP (mmdet's fractions) is printed in percent, mIoU and top-1 as they are.
 """
 import argparse
 import json
 import os
 import os.path as osp
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 HEADER = ('| Method | Backbone | Config | Params | Paper | Reproduced here |\n'
           '|---|---|---|---|---|---|')
@@ -65,9 +48,8 @@ KNOWN_CONFIGS: Dict[str, Tuple[str, str, str, str]] = {
     for row in (re.split(r' {2,}', line) for line in _KNOWN.strip().splitlines())}
 
 _TIMESTAMP = re.compile(r'^\d{8}_\d{6}$')
-
-#: The file ``tools/test.py`` writes into the work dir unless given ``--metrics-out``.
-TEST_METRICS_FILE = 'test_metrics.json'
+TEST_METRICS_FILE = 'test_metrics.json'  # tools/test.py's, unless --metrics-out
+METRICS = ('bbox_mAP', 'segm_mAP', 'mIoU', 'top1')
 
 
 class ResultsError(ValueError):
@@ -75,28 +57,13 @@ class ResultsError(ValueError):
 
 
 def find_result_json(path: str) -> str:
-    """Return ``path`` if it is a file, else the result file in that work directory.
-
-    In a work directory, ``test_metrics.json`` (written by ``tools/test.py``) is used when
-    it exists, else the newest ``<timestamp>/<timestamp>.json`` (written by mmengine's
-    runner).
-
-    Args:
-        path (str): A JSON file or a work directory.
-
-    Returns:
-        str: Path of the JSON file.
-
-    Raises:
-        ResultsError: If there is no such file.
-    """
+    """``path`` if it is a file, else the result file of that work directory."""
     if osp.isfile(path):
         return path
     if not osp.isdir(path):
         raise ResultsError(f'{path}: no such file or directory')
-    test_metrics = osp.join(path, TEST_METRICS_FILE)
-    if osp.isfile(test_metrics):
-        return test_metrics
+    if osp.isfile(osp.join(path, TEST_METRICS_FILE)):
+        return osp.join(path, TEST_METRICS_FILE)
     runs = sorted(d for d in os.listdir(path)
                   if _TIMESTAMP.match(d) and osp.isfile(osp.join(path, d, f'{d}.json')))
     if not runs:
@@ -106,58 +73,28 @@ def find_result_json(path: str) -> str:
     return osp.join(path, runs[-1], f'{runs[-1]}.json')
 
 
-def _metrics_of(record: dict) -> dict:
-    """The metrics of a record: the ``metrics`` object of a ``tools/test.py`` file, else
-    the record itself (mmengine's formats)."""
-    nested = record.get('metrics')
-    return nested if isinstance(nested, dict) else record
-
-
-def _has_metric(record: dict) -> bool:
-    return any(_metric_key(k) for k in record)
-
-
 def _metric_key(key: str) -> Optional[str]:
-    for name in ('bbox_mAP', 'segm_mAP', 'mIoU', 'top1'):
-        if key == name or key.endswith('/' + name):
-            return name
-    return None
+    return next((n for n in METRICS if key == n or key.endswith('/' + n)), None)
 
 
 def load_metrics(path: str) -> Dict[str, object]:
-    """Read the metrics written by ``tools/test.py`` or mmengine (or a JSON-lines log).
-
-    A ``tools/test.py`` file (``{"config", "checkpoint", "metrics"}``) gives its
-    ``metrics`` object; mmengine's files are read as they are.
-
-    Args:
-        path (str): A JSON file or a work directory (see :func:`find_result_json`).
-
-    Returns:
-        dict: The metrics record.
-
-    Raises:
-        ResultsError: If the file is not JSON or holds no box AP, mask AP, mIoU or top-1.
-    """
+    """The last record with a box AP, mask AP, mIoU or top-1 of a file (or work dir)."""
     file = find_result_json(path)
     with open(file, encoding='utf-8') as f:
         text = f.read()
-    records: List[dict] = []
     try:
         data = json.loads(text)
-        records = [data] if isinstance(data, dict) else [r for r in data if isinstance(r, dict)]
+        records = [data] if isinstance(data, dict) else data if isinstance(data, list) else []
     except json.JSONDecodeError:
+        records = []
         for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
             try:
-                record = json.loads(line)
+                records += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError as err:
                 raise ResultsError(f'{file}: line {n} is not JSON ({err})') from err
-            if isinstance(record, dict):
-                records.append(record)
-    records = [_metrics_of(r) for r in records]
-    with_metrics = [r for r in records if _has_metric(r)]
+    records = [r.get('metrics') if isinstance(r.get('metrics'), dict) else r
+               for r in records if isinstance(r, dict)]
+    with_metrics = [r for r in records if any(_metric_key(k) for k in r)]
     if not with_metrics:
         raise ResultsError(f'{file}: no coco/bbox_mAP, coco/segm_mAP, mIoU or accuracy/top1 '
                            f'in it (keys: {sorted(records[-1]) if records else []})')
@@ -165,47 +102,20 @@ def load_metrics(path: str) -> Dict[str, object]:
 
 
 def reproduced_cell(metrics: Dict[str, object]) -> str:
-    """The "Reproduced here" cell: percentages with one decimal.
-
-    COCO AP (fractions in mmdet's output) is multiplied by 100; mIoU and top-1 are already
-    percentages. Box and mask AP together read ``box / mask``.
-
-    Args:
-        metrics (dict): A record from :func:`load_metrics`.
-
-    Returns:
-        str: e.g. ``'40.3 box AP'``, ``'39.6 box / 37.2 mask AP'``, ``'45.2 mIoU'``,
-        ``'79.6 top-1'``.
-    """
-    found: Dict[str, float] = {}
-    for key, value in metrics.items():
-        name = _metric_key(key)
-        if name is not None and isinstance(value, (int, float)):
-            found[name] = float(value)
+    """E.g. ``'40.3 box AP'``, ``'39.6 box / 37.2 mask AP'``, ``'45.2 mIoU'``, ``'79.6 top-1'``."""
+    found = {_metric_key(k): float(v) for k, v in metrics.items()
+             if _metric_key(k) and isinstance(v, (int, float))}
     if 'bbox_mAP' in found and 'segm_mAP' in found:
-        return (f"{100 * found['bbox_mAP']:.1f} box / {100 * found['segm_mAP']:.1f} "
-                'mask AP')
-    if 'bbox_mAP' in found:
-        return f"{100 * found['bbox_mAP']:.1f} box AP"
-    if 'segm_mAP' in found:
-        return f"{100 * found['segm_mAP']:.1f} mask AP"
-    if 'mIoU' in found:
-        return f"{found['mIoU']:.1f} mIoU"
-    if 'top1' in found:
-        return f"{found['top1']:.1f} top-1"
+        return f"{100 * found['bbox_mAP']:.1f} box / {100 * found['segm_mAP']:.1f} mask AP"
+    for name, scale, unit in (('bbox_mAP', 100, 'box AP'), ('segm_mAP', 100, 'mask AP'),
+                              ('mIoU', 1, 'mIoU'), ('top1', 1, 'top-1')):
+        if name in found:
+            return f'{scale * found[name]:.1f} {unit}'
     raise ResultsError(f'no numeric box AP, mask AP, mIoU or top-1 in {metrics}')
 
 
 def table_row(config: str, metrics: Dict[str, object]) -> str:
-    """One README row for ``config`` with its reproduced result.
-
-    Args:
-        config (str): Path of the config that was tested.
-        metrics (dict): A record from :func:`load_metrics`.
-
-    Returns:
-        str: The Markdown row.
-    """
+    """The README row of ``config`` with its reproduced result."""
     stem = osp.splitext(osp.basename(config))[0]
     method, backbone, params, paper = KNOWN_CONFIGS.get(stem, ('-', '-', '-', '-'))
     return (f'| {method} | {backbone} | [{stem}]({config}) | {params} | {paper} | '
@@ -213,7 +123,6 @@ def table_row(config: str, metrics: Dict[str, object]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('pairs', nargs='+', metavar='CONFIG RESULT',
                         help='config path followed by its result JSON or work dir')

@@ -1,35 +1,16 @@
 """Export a ResT backbone, or a whole OpenMMLab model with a ResT backbone, to ONNX.
 
-Two modes::
-
-    # the backbone alone: maps of the four stages (strides 4, 8, 16, 32)
     python tools/deployment/export_onnx.py --arch small --checkpoint rest_small.pth \\
         --out work_dirs/onnx/rest_small.onnx
-    # a whole model from its config and a checkpoint written by tools/train.py
     python tools/deployment/export_onnx.py configs/retinanet_rest_small_coco.py \\
         --checkpoint work_dirs/retinanet/epoch_12.pth --out work_dirs/onnx/retinanet.onnx
 
-What a whole model exports (the model's ``tensor`` mode: raw outputs, no post-processing):
-
-* single-stage detectors (RetinaNet): the head's raw ``cls_score_i`` and ``bbox_pred_i``
-  of every pyramid level; box decoding and NMS run after ONNX Runtime, in numpy, with
-  ``onnx_pipeline.detection_postprocess`` (this folder);
-* two-stage detectors (Mask R-CNN): backbone and FPN (``fpn_i``); the RoI heads stay in
-  PyTorch (mmcv's RoIAlign has no ONNX form here);
-* segmentors (UperNet): the decode head's logits at 1/4 of the input size (``seg_logits``);
-  ``onnx_pipeline.segmentation_postprocess`` resizes them and takes the arg-max;
-* classifiers (mmpretrain): the logits (``logits``).
-
-Beside ``OUT.onnx`` it writes ``OUT.json``: what the numpy pre- and post-processing need
-(normalisation, test-time resize, anchors, box coder, test settings, class names).
-
-The input is ``input`` (N, 3, H, W), float32, normalised; batch, height and width are
-dynamic unless ``--static-shape H W``. Under export the ResT attention and
-``nn.AdaptiveAvgPool2d`` run shape-generic formulations, so the graph traced at
-``--trace-shape`` is right at every size. Checkpoints are read safely; a backbone
-checkpoint may be in any layout the backbone loads, a whole-model one must fit the config.
-
-Needs ``pip install -e .[deploy]`` (onnx, onnxruntime, onnxscript).
+A whole model exports its ``tensor`` mode (no post-processing): RetinaNet its raw
+``cls_score_i`` / ``bbox_pred_i``, Mask R-CNN backbone and FPN (``fpn_i``; mmcv's RoIAlign
+has no ONNX form here), UperNet ``seg_logits``, a classifier ``logits``. ``OUT.json`` beside
+``OUT.onnx`` holds what onnx_pipeline.py's numpy pre- and post-processing need. The input
+``input`` (N, 3, H, W) is float32, normalised; batch, height and width are dynamic unless
+``--static-shape H W``. Needs ``pip install -e .[deploy]``.
 """
 import argparse
 import copy
@@ -37,7 +18,7 @@ import json
 import os
 import os.path as osp
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO not in sys.path:
@@ -48,49 +29,32 @@ from torch import Tensor, nn  # noqa: E402
 
 from mmrest.utils.torch_compat import require_torch  # noqa: E402
 
-#: Example size the graph is traced at when height and width are dynamic. Any size works
-#: whose every feature map has at least 2 rows and columns (torch.export specialises a
-#: dimension that is 1 at trace time); this one does for strides up to 128 (RetinaNet's
-#: P7).
+#: Traced when height and width are dynamic: every map of strides up to 128 (RetinaNet's
+#: P7) has at least 2 rows and columns (torch.export specialises a size of 1).
 DEFAULT_TRACE_SHAPE = (256, 320)
-#: Batch of the example input. With 1, torch.export has to prove that no op depends on
-#: the batch being 1 (ResT does not: see ``mmrest.models.layers.embed.cpu_channels_last``);
-#: 2 spares the heads of other libraries that question.
+#: Batch of the example input: 2 spares other libraries' heads the proof that no op
+#: depends on a batch of 1.
 TRACE_BATCH = 2
-#: The oldest torch whose ``torch.onnx.export(dynamo=True)`` takes dynamic shapes as used
-#: here, and the feature's name in the message on an older one.
 ONNX_EXPORT_NEEDS = ('2.6', 'ONNX export (torch.onnx.export with dynamo=True)')
 
 
 class ShapeGenericAdaptiveAvgPool2d(nn.Module):
-    """``nn.AdaptiveAvgPool2d`` written with ops that follow the input size under export.
-
-    ``torch.onnx.export`` turns ``adaptive_avg_pool2d`` into gathers with indices computed
-    at the traced size, so the graph reads the wrong bins (or out of range) at any other
-    size. Here bin ``i`` of ``n`` over a length ``L`` is ``[floor(i L / n), ceil((i + 1) L /
-    n))``, as in PyTorch, written as an averaging matrix built from ``arange(L)``; the
-    pooling is ``P_h @ x @ P_w^T``.
-
-    Args:
-        output_size (int | tuple[int | None, int | None]): As for
-            ``nn.AdaptiveAvgPool2d``.
-    """
+    """``nn.AdaptiveAvgPool2d`` as ``P_h @ x @ P_w^T`` with averaging matrices built from
+    ``arange`` (bin ``i`` of ``n`` over ``L``: ``[floor(i L / n), ceil((i + 1) L / n))``):
+    ``torch.onnx.export`` writes the original with indices of the traced size."""
 
     def __init__(self, output_size) -> None:
         super().__init__()
-        if isinstance(output_size, int):
-            output_size = (output_size, output_size)
-        self.output_size = tuple(output_size)
+        self.output_size = (output_size, ) * 2 if isinstance(output_size, int) else \
+            tuple(output_size)
 
     @staticmethod
     def _pool_matrix(length, bins: Optional[int], like: Tensor) -> Tensor:
-        if bins is None:
-            bins = length
+        bins = length if bins is None else bins
         i = torch.arange(bins, device=like.device)
-        start = (i * length) // bins
-        end = ((i + 1) * length + bins - 1) // bins
-        j = torch.arange(length, device=like.device)
-        inside = ((j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])).to(like.dtype)
+        start, end = (i * length) // bins, ((i + 1) * length + bins - 1) // bins
+        j = torch.arange(length, device=like.device)[None, :]
+        inside = ((j >= start[:, None]) & (j < end[:, None])).to(like.dtype)
         return inside / inside.sum(1, keepdim=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -100,14 +64,7 @@ class ShapeGenericAdaptiveAvgPool2d(nn.Module):
 
 
 def make_export_friendly(model: nn.Module) -> List[str]:
-    """Replace, in place, the modules whose ONNX form holds trace-time sizes.
-
-    Args:
-        model (nn.Module): The model to export.
-
-    Returns:
-        list[str]: Names of the replaced modules.
-    """
+    """Replace in place the modules whose ONNX form holds trace-time sizes; their names."""
     replaced = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -126,50 +83,25 @@ def _flatten(out: Any) -> List[Tensor]:
 
 
 class TensorOutputs(nn.Module):
-    """``input -> tuple of tensors`` around one method of a model (its raw outputs).
-
-    Args:
-        model (nn.Module): The model.
-        method (str): The method called with the input batch, e.g. ``'_forward'``.
-    """
+    """``input -> tuple of tensors`` of one method of a model (its raw outputs)."""
 
     def __init__(self, model: nn.Module, method: str) -> None:
         super().__init__()
-        self.model = model
-        self.method = method
+        self.model, self.method = model, method
 
     def forward(self, input: Tensor) -> Tuple[Tensor, ...]:  # noqa: A002 (ONNX name)
         return tuple(_flatten(getattr(self.model, self.method)(input)))
 
 
-class ExportSpec:
-    """What to export: the module, its output names and the post-processing metadata.
-
-    Args:
-        module (nn.Module): ``input (N, 3, H, W) -> tuple of tensors``, in eval mode.
-        output_names (list[str]): One name per output.
-        meta (dict): JSON-able metadata written beside the ONNX file.
-    """
-
-    def __init__(self, module: nn.Module, output_names: List[str], meta: dict) -> None:
-        self.module = module
-        self.output_names = output_names
-        self.meta = meta
+class ExportSpec(NamedTuple):
+    module: nn.Module  # input (N, 3, H, W) -> tuple of tensors, eval mode
+    output_names: List[str]
+    meta: dict  # JSON-able, written beside the ONNX file
 
 
-# ------------------------------------------------------------------------ backbone
 def backbone_spec(arch: str, checkpoint: Optional[str]) -> ExportSpec:
-    """A ResT backbone (all four stages), with weights of any layout it loads.
-
-    Args:
-        arch (str): An arch name of ``mmrest.models`` (e.g. ``'small'``) or a backbone type
-            and arch, ``'ResTV2:small'``, where other backbones are registered.
-        checkpoint (str, optional): Weights; None keeps the random initialisation (the
-            caller must ask for that explicitly).
-
-    Returns:
-        ExportSpec: The backbone, outputs ``stage1``-``stage4``.
-    """
+    """A backbone of ``mmrest.models`` (``'small'``: ResT; ``'ResTV2:small'``), all four
+    stages, with weights of any layout it loads (None: random, asked for explicitly)."""
     import mmrest.models as models
     type_name, _, arch_name = arch.rpartition(':')
     cls = getattr(models, type_name or 'ResT', None)
@@ -180,102 +112,74 @@ def backbone_spec(arch: str, checkpoint: Optional[str]) -> ExportSpec:
         model.load_pretrained(checkpoint)
     else:
         model.init_weights()
-    model.eval()
     names = [f'stage{i + 1}' for i in range(4)]
     meta = dict(task='backbone', arch=arch, checkpoint=checkpoint, outputs=names,
                 strides=[4, 8, 16, 32], embed_dims=list(model.embed_dims))
-    return ExportSpec(TensorOutputs(model, 'forward'), names, meta)
+    return ExportSpec(TensorOutputs(model.eval(), 'forward'), names, meta)
 
 
-# ---------------------------------------------------------------------- whole model
 def _to_builtin(value: Any) -> Any:
     """ConfigDicts, tuples, tensors and numpy values as JSON-able builtins."""
     if isinstance(value, dict):
         return {str(k): _to_builtin(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_to_builtin(v) for v in value]
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if hasattr(value, 'tolist'):  # numpy arrays and scalars
-        return value.tolist()
-    return value
+    return value.tolist() if hasattr(value, 'tolist') else value
 
 
-def _input_meta(cfg, model: nn.Module) -> dict:
-    """Normalisation and padding of the data preprocessor, and the test pipeline."""
+def _model_meta(cfg, checkpoint_meta: dict) -> dict:
+    """Normalisation, padding and test pipeline; class names and palette from the
+    checkpoint, else from the config's test set."""
     pre = cfg.model.get('data_preprocessor') or cfg.get('data_preprocessor') or {}
-    pipeline = cfg.test_dataloader.dataset.pipeline if cfg.get('test_dataloader') else []
-    return dict(
-        mean=_to_builtin(pre.get('mean')),
-        std=_to_builtin(pre.get('std')),
-        bgr_to_rgb=bool(pre.get('bgr_to_rgb', pre.get('to_rgb', False))),
-        pad_size_divisor=int(pre.get('pad_size_divisor') or pre.get('size_divisor') or 1),
-        pad_value=float(pre.get('pad_value', pre.get('pad_val', 0))),
-        test_pipeline=_to_builtin(pipeline))
-
-
-def _dataset_meta(cfg, checkpoint_meta: dict) -> dict:
-    """Class names (and palette) from the checkpoint, else from the config's test set."""
-    meta = dict(checkpoint_meta.get('dataset_meta') or {})
-    if not meta.get('classes') and cfg.get('test_dataloader'):
+    test = cfg.get('test_dataloader')
+    classes = dict(checkpoint_meta.get('dataset_meta') or {})
+    if not classes.get('classes') and test:
         from mmengine.registry import DATASETS
-        dataset_cfg = copy.deepcopy(cfg.test_dataloader.dataset)
-        meta = dict(dataset_cfg.get('metainfo') or {})
-        if not meta.get('classes'):
-            dataset_cls = DATASETS.get(dataset_cfg.type)
-            meta = dict(getattr(dataset_cls, 'METAINFO', {}) or {})
-    return dict(classes=_to_builtin(meta.get('classes')),
-                palette=_to_builtin(meta.get('palette')))
+        classes = dict(test.dataset.get('metainfo') or {})
+        if not classes.get('classes'):
+            classes = dict(getattr(DATASETS.get(test.dataset.type), 'METAINFO', {}) or {})
+    return dict(
+        input=dict(mean=_to_builtin(pre.get('mean')), std=_to_builtin(pre.get('std')),
+                   bgr_to_rgb=bool(pre.get('bgr_to_rgb', pre.get('to_rgb', False))),
+                   pad_size_divisor=int(pre.get('pad_size_divisor') or pre.get('size_divisor')
+                                        or 1),
+                   pad_value=float(pre.get('pad_value', pre.get('pad_val', 0))),
+                   test_pipeline=_to_builtin(test.dataset.pipeline if test else [])),
+        classes=_to_builtin(classes.get('classes')), palette=_to_builtin(classes.get('palette')))
 
 
 def _retinanet_meta(head: nn.Module) -> dict:
     """Anchors, box coder and test settings of a dense anchor head, for numpy decoding."""
-    coder = head.bbox_coder
+    coder, test_cfg = head.bbox_coder, _to_builtin(head.test_cfg)
     if type(coder).__name__ != 'DeltaXYWHBBoxCoder':
         raise NotImplementedError(f'post-processing of {type(coder).__name__} boxes is not '
                                   'implemented (DeltaXYWHBBoxCoder is)')
-    test_cfg = _to_builtin(head.test_cfg)
     if test_cfg.get('nms', {}).get('type', 'nms') != 'nms':
         raise NotImplementedError(f"NMS type {test_cfg['nms']['type']!r} is not implemented "
                                   "('nms' is)")
     gen = head.prior_generator
-    return dict(
-        num_classes=int(head.num_classes),
-        use_sigmoid_cls=bool(head.use_sigmoid_cls),
-        strides=[list(map(float, s)) for s in gen.strides],
-        base_anchors=[a.tolist() for a in gen.base_anchors],
-        bbox_coder=dict(means=list(map(float, coder.means)),
-                        stds=list(map(float, coder.stds)),
-                        clip_border=bool(coder.clip_border),
-                        add_ctr_clamp=bool(coder.add_ctr_clamp),
-                        ctr_clamp=float(coder.ctr_clamp),
-                        wh_ratio_clip=16 / 1000),
-        test_cfg=test_cfg)
+    return dict(num_classes=int(head.num_classes), use_sigmoid_cls=bool(head.use_sigmoid_cls),
+                strides=[list(map(float, s)) for s in gen.strides],
+                base_anchors=[a.tolist() for a in gen.base_anchors],
+                bbox_coder=dict(means=list(map(float, coder.means)),
+                                stds=list(map(float, coder.stds)),
+                                clip_border=bool(coder.clip_border),
+                                add_ctr_clamp=bool(coder.add_ctr_clamp),
+                                ctr_clamp=float(coder.ctr_clamp), wh_ratio_clip=16 / 1000),
+                test_cfg=test_cfg)
 
 
-def config_spec(config, checkpoint: Optional[str],
-                cfg_options: Optional[dict] = None) -> ExportSpec:
-    """A whole model from an OpenMMLab config (see the module docstring for what it
-    outputs), with the weights of ``checkpoint`` loaded strictly.
-
-    Args:
-        config (str | Config): Config file or object (its ``default_scope`` picks mmdet,
-            mmseg or mmpretrain).
-        checkpoint (str, optional): Checkpoint of the whole model; None keeps the random
-            initialisation (the caller must ask for that explicitly).
-        cfg_options (dict, optional): Overrides merged into the config. Defaults to None.
-
-    Returns:
-        ExportSpec: The model's raw outputs and the post-processing metadata.
-    """
+def config_spec(config, checkpoint: Optional[str], cfg_options: Optional[dict] = None
+                ) -> ExportSpec:
+    """The whole model of a config (file or Config; its ``default_scope`` mmdet, mmseg or
+    mmpretrain) with the weights of ``checkpoint`` loaded strictly (None: random)."""
     import mmrest  # noqa: F401  (the ResT registry and safe checkpoint loading)
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
     from mmengine.runner import load_checkpoint
 
     cfg = copy.deepcopy(config) if isinstance(config, Config) else Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg.merge_from_dict(cfg_options or {})
     scope = cfg.get('default_scope', None)
     if scope not in ('mmdet', 'mmseg', 'mmpretrain'):
         raise ValueError(f"{config}: default_scope must be 'mmdet', 'mmseg' or "
@@ -284,74 +188,45 @@ def config_spec(config, checkpoint: Optional[str],
     model_cfg = copy.deepcopy(cfg.model)
     if scope == 'mmpretrain':
         model_cfg.setdefault('data_preprocessor', cfg.get('data_preprocessor', None))
-    # the checkpoint holds every weight: no pretrained backbone file is read
     if isinstance(model_cfg.get('backbone'), dict):
-        model_cfg.backbone.init_cfg = None
+        model_cfg.backbone.init_cfg = None  # the checkpoint holds every weight
     model = MODELS.build(model_cfg)
     ckpt_meta: dict = {}
-    if checkpoint is not None:
-        if not osp.isfile(checkpoint):
-            raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    if checkpoint is None:
+        model.init_weights()
+    elif not osp.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    else:
         loaded = load_checkpoint(model, checkpoint, map_location='cpu', strict=True,
                                  logger='current')
         ckpt_meta = dict(loaded.get('meta') or {}) if isinstance(loaded, dict) else {}
-    else:
-        model.init_weights()
     model.eval()
-
-    meta: Dict[str, Any] = dict(config=cfg.filename, checkpoint=checkpoint,
-                                scope=scope, model=type(model).__name__,
-                                input=_input_meta(cfg, model), **_dataset_meta(cfg, ckpt_meta))
+    meta = dict(config=cfg.filename, checkpoint=checkpoint, scope=scope,
+                model=type(model).__name__, **_model_meta(cfg, ckpt_meta))
     if scope == 'mmdet' and hasattr(model, 'roi_head'):
-        levels = len(model.extract_feat(torch.zeros(1, 3, 64, 64)))
-        names = [f'fpn_{i}' for i in range(levels)]
-        meta.update(task='features', outputs=names)
-        return ExportSpec(TensorOutputs(model, 'extract_feat'), names, meta)
-    if scope == 'mmdet':
-        head = model.bbox_head
-        levels = len(head.prior_generator.strides)
-        names = [f'cls_score_{i}' for i in range(levels)] + \
-            [f'bbox_pred_{i}' for i in range(levels)]
-        meta.update(task='detection', outputs=names, **_retinanet_meta(head))
-        return ExportSpec(TensorOutputs(model, '_forward'), names, meta)
-    if scope == 'mmseg':
+        names = [f'fpn_{i}' for i in range(len(model.extract_feat(torch.zeros(1, 3, 64, 64))))]
+        method, task = 'extract_feat', 'features'
+    elif scope == 'mmdet':
+        levels = len(model.bbox_head.prior_generator.strides)
+        names = [f'{o}_{i}' for o in ('cls_score', 'bbox_pred') for i in range(levels)]
+        method, task = '_forward', 'detection'
+        meta.update(_retinanet_meta(model.bbox_head))
+    elif scope == 'mmseg':
         head = model.decode_head
-        meta.update(task='segmentation', outputs=['seg_logits'],
-                    num_classes=int(head.num_classes),
-                    align_corners=bool(head.align_corners),
+        names, method, task = ['seg_logits'], '_forward', 'segmentation'
+        meta.update(num_classes=int(head.num_classes), align_corners=bool(head.align_corners),
                     threshold=float(getattr(head, 'threshold', 0.3) or 0.3))
-        return ExportSpec(TensorOutputs(model, '_forward'), ['seg_logits'], meta)
-    meta.update(task='classification', outputs=['logits'])
-    return ExportSpec(TensorOutputs(model, 'forward'), ['logits'], meta)
+    else:
+        names, method, task = ['logits'], 'forward', 'classification'
+    meta.update(task=task, outputs=names)
+    return ExportSpec(TensorOutputs(model, method), names, meta)
 
 
-# --------------------------------------------------------------------------- export
-def export_onnx(spec: ExportSpec,
-                out: str,
-                trace_shape: Sequence[int] = DEFAULT_TRACE_SHAPE,
-                dynamic_hw: bool = True,
-                opset: Optional[int] = None,
+def export_onnx(spec: ExportSpec, out: str, trace_shape: Sequence[int] = DEFAULT_TRACE_SHAPE,
+                dynamic_hw: bool = True, opset: Optional[int] = None,
                 trace_batch: int = TRACE_BATCH) -> str:
-    """Export ``spec`` to ``out`` (plus ``out`` with ``.json`` for the metadata).
-
-    The model is deep-copied before the export-only module replacements
-    (:func:`make_export_friendly`); ``spec.module`` is left as it was.
-
-    Args:
-        spec (ExportSpec): From :func:`backbone_spec` or :func:`config_spec`.
-        out (str): The ``.onnx`` file to write.
-        trace_shape (Sequence[int]): (H, W) of the example input. Defaults to
-            :data:`DEFAULT_TRACE_SHAPE`.
-        dynamic_hw (bool): Dynamic height and width (the batch is always dynamic).
-            Defaults to True.
-        opset (int, optional): ONNX opset; None takes the exporter's default.
-            Defaults to None.
-        trace_batch (int): Batch of the example input (the batch stays dynamic).
-            Defaults to :data:`TRACE_BATCH`.
-
-    Returns:
-        str: ``out``.
-    """
+    """Export ``spec`` to ``out`` and its metadata to ``out`` with ``.json``; a copy of the
+    model gets the replacements of :func:`make_export_friendly`. The batch is dynamic."""
     require_torch(*ONNX_EXPORT_NEEDS)
     import onnx
     from torch.export import Dim
@@ -359,34 +234,25 @@ def export_onnx(spec: ExportSpec,
     module = copy.deepcopy(spec.module).eval()
     replaced = make_export_friendly(module)
     h, w = (int(v) for v in trace_shape)
-    example = torch.randn(trace_batch, 3, h, w)
-    axes = {0: Dim('batch')}
-    if dynamic_hw:
-        axes.update({2: Dim('height'), 3: Dim('width')})
+    axes = {0: Dim('batch'), **({2: Dim('height'), 3: Dim('width')} if dynamic_hw else {})}
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
     with torch.no_grad():
         program = torch.onnx.export(
-            module, (example, ),
-            dynamo=True,
-            input_names=['input'],
-            output_names=list(spec.output_names),
-            dynamic_shapes=(axes, ),
-            opset_version=opset,
-            external_data=False,
-            verbose=False)
+            module, (torch.randn(trace_batch, 3, h, w), ), dynamo=True, input_names=['input'],
+            output_names=list(spec.output_names), dynamic_shapes=(axes, ),
+            opset_version=opset, external_data=False, verbose=False)
     program.save(out)
     onnx.checker.check_model(out, full_check=True)
-    model = onnx.load(out)
+    opset_used = next(o.version for o in onnx.load(out).opset_import if o.domain == '')
     meta = dict(spec.meta, onnx=osp.basename(out), trace_shape=[h, w], dynamic_hw=dynamic_hw,
-                opset=int(next(o.version for o in model.opset_import if o.domain == '')),
-                replaced_for_export=replaced)
+                opset=int(opset_used), replaced_for_export=replaced)
     with open(osp.splitext(out)[0] + '.json', 'w', encoding='utf-8') as f:
         json.dump(meta, f, indent=1)
     return out
 
 
 def describe_onnx(path: str) -> str:
-    """Inputs, outputs (dtype and shape, dynamic axes by name) and opset of an ONNX file."""
+    """Inputs, outputs (dtype, shape with dynamic axes by name) and opset of an ONNX file."""
     import onnx
     model = onnx.load(path, load_external_data=False)
 
@@ -399,98 +265,63 @@ def describe_onnx(path: str) -> str:
     lines = [f'{path}: opset {next(o.version for o in model.opset_import if o.domain == "")}'
              ', onnx.checker: ok']
     for title, values in (('inputs', model.graph.input), ('outputs', model.graph.output)):
-        lines.append(f'{title}:')
-        for v in values:
-            lines.append(f'  {v.name}: {dtype(v)} [{", ".join(shape(v))}]')
-    dyn = []
-    for v in model.graph.input:
-        named = [f'{i}={d}' for i, d in enumerate(shape(v)) if not d.isdigit()]
-        if named:
-            dyn.append(f'{v.name}: ' + ', '.join(named))
-    lines.append('dynamic axes: ' + ('; '.join(dyn) if dyn else 'none'))
-    return '\n'.join(lines)
+        lines += [f'{title}:'] + [f'  {v.name}: {dtype(v)} [{", ".join(shape(v))}]'
+                                  for v in values]
+    named = {v.name: [f'{i}={d}' for i, d in enumerate(shape(v)) if not d.isdigit()]
+             for v in model.graph.input}
+    dyn = '; '.join(f'{name}: ' + ', '.join(axes) for name, axes in named.items() if axes)
+    return '\n'.join(lines + [f'dynamic axes: {dyn or "none"}'])
 
 
-# ------------------------------------------------------------------------------ CLI
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Command line (see the module docstring).
-
-    Args:
-        argv (list[str], optional): Arguments; None reads ``sys.argv``. Defaults to None.
-
-    Returns:
-        argparse.Namespace: The arguments.
-    """
     from mmengine.config import DictAction
-    parser = argparse.ArgumentParser(
-        description='Export a ResT backbone or a whole OpenMMLab model with a ResT '
-        'backbone to ONNX (dynamic batch, height and width by default).')
-    parser.add_argument('config', nargs='?', help='config of a whole model (mmdet, mmseg '
-                        'or mmpretrain); omit it and give --arch for the backbone alone')
-    parser.add_argument('--arch', help="backbone arch, e.g. 'small' (ResT) or "
-                        "'ResTV2:small' where that backbone exists")
-    parser.add_argument('--checkpoint', help='weights: any layout the backbone loads '
-                        '(--arch), or a checkpoint of the whole model (config)')
-    parser.add_argument('--random-weights', action='store_true',
-                        help='export without a checkpoint (random weights; for tests and '
-                        'timing only)')
-    parser.add_argument('--out', help='output .onnx file (default: work_dirs/onnx/'
-                        '<config or arch name>.onnx)')
-    parser.add_argument('--static-shape', nargs=2, type=int, metavar=('H', 'W'),
-                        help='fixed input height and width (the batch stays dynamic)')
-    parser.add_argument('--trace-shape', nargs=2, type=int, metavar=('H', 'W'),
-                        default=list(DEFAULT_TRACE_SHAPE),
-                        help='example size the graph is traced at (dynamic shapes only)')
-    parser.add_argument('--trace-batch', type=int, default=TRACE_BATCH,
-                        help='batch of the example input (the batch stays dynamic)')
-    parser.add_argument('--opset', type=int, default=None,
-                        help='ONNX opset (default: the exporter\'s)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
-                        help='override config settings, key=value (mmengine syntax)')
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    add = parser.add_argument
+    add('config', nargs='?', help='config of a whole model; without it, --arch')
+    add('--arch', help="the backbone alone: 'small' (ResT) or 'ResTV2:small'")
+    add('--checkpoint', help='weights: any layout the backbone loads, or the whole model\'s')
+    add('--random-weights', action='store_true', help='no checkpoint (tests and timing)')
+    add('--out', help='the .onnx file (default: work_dirs/onnx/<config or arch>.onnx)')
+    add('--static-shape', nargs=2, type=int, metavar=('H', 'W'), help='fixed height, width')
+    add('--trace-shape', nargs=2, type=int, metavar=('H', 'W'), default=DEFAULT_TRACE_SHAPE,
+        help='example size traced (dynamic shapes)')
+    add('--trace-batch', type=int, default=TRACE_BATCH, help='batch of the example input')
+    add('--opset', type=int, help="ONNX opset (default: the exporter's)")
+    add('--cfg-options', nargs='+', action=DictAction, help='config overrides, key=value')
     args = parser.parse_args(argv)
     if (args.config is None) == (args.arch is None):
         parser.error('give either a CONFIG or --arch')
-    if args.checkpoint is None and not args.random_weights:
-        parser.error('--checkpoint is required (or --random-weights to export random '
-                     'weights on purpose)')
-    if args.checkpoint is not None and args.random_weights:
-        parser.error('--checkpoint and --random-weights exclude each other')
+    if (args.checkpoint is None) != args.random_weights:
+        parser.error('--checkpoint is required (or --random-weights to export random weights '
+                     'on purpose), not both')
     if args.checkpoint is not None and not osp.isfile(args.checkpoint):
         parser.error(f'--checkpoint: no such file: {args.checkpoint}')
-    for opt, shape in (('--static-shape', args.static_shape),
-                       ('--trace-shape', args.trace_shape)):
-        if shape is not None and min(shape) < 1:
-            parser.error(f'{opt} needs positive H and W, got {shape}')
-    if args.trace_batch < 1:
-        parser.error(f'--trace-batch must be >= 1, got {args.trace_batch}')
-    if args.out is None:
-        name = (osp.splitext(osp.basename(args.config))[0] if args.config
-                else 'rest_' + args.arch.replace(':', '_').lower())
-        args.out = osp.join('work_dirs', 'onnx', name + '.onnx')
+    if min(list(args.static_shape or [1]) + list(args.trace_shape) + [args.trace_batch]) < 1:
+        parser.error('--static-shape, --trace-shape and --trace-batch need positive sizes')
+    name = (osp.splitext(osp.basename(args.config))[0] if args.config
+            else 'rest_' + args.arch.replace(':', '_').lower())
+    args.out = args.out or osp.join('work_dirs', 'onnx', name + '.onnx')
     return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the export; returns the exit status (1 with the reason on stderr where the
-    model cannot be built or its checkpoint is refused)."""
+    """Export; 1 with the reason on stderr where the model or its checkpoint is refused."""
     import pickle
 
     from mmrest.utils import CheckpointError
     args = parse_args(argv)
     try:
         require_torch(*ONNX_EXPORT_NEEDS)
-        if args.config is not None:
-            spec = config_spec(args.config, args.checkpoint, args.cfg_options)
-        else:
-            spec = backbone_spec(args.arch, args.checkpoint)
+        spec = (config_spec(args.config, args.checkpoint, args.cfg_options) if args.config
+                else backbone_spec(args.arch, args.checkpoint))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, CheckpointError,
             pickle.UnpicklingError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f'export_onnx.py: error: {type(err).__name__}: {message}', file=sys.stderr)
         return 1
-    shape = args.static_shape or args.trace_shape
-    export_onnx(spec, args.out, trace_shape=shape, dynamic_hw=args.static_shape is None,
-                opset=args.opset, trace_batch=args.trace_batch)
+    export_onnx(spec, args.out, trace_shape=args.static_shape or args.trace_shape,
+                dynamic_hw=args.static_shape is None, opset=args.opset,
+                trace_batch=args.trace_batch)
     print(describe_onnx(args.out))
     print(f'metadata for pre- and post-processing: {osp.splitext(args.out)[0]}.json')
     return 0

@@ -1,32 +1,14 @@
-"""Pre- and post-processing around a model exported by ``export_onnx.py``, in numpy.
+"""Pre- and post-processing around a model exported by ``export_onnx.py``, in numpy and
+OpenCV (no torch, mmcv or mmdet at deployment), with the settings of the ``.json`` beside the
+``.onnx`` file: :func:`preprocess` (keep-ratio ``Resize`` as ``mmcv.imrescale``, channel
+order, normalisation, padding), :func:`detection_postprocess` (mmdet's ``predict_by_feat``
+of RetinaNet-style heads: score threshold, ``nms_pre``, delta decoding, rescaling,
+``min_bbox_size``, class-aware NMS, ``max_per_img``) and :func:`segmentation_postprocess`
+(mmseg's resize of the logits, crop of the padding, arg-max)::
 
-The exported graph holds the network only (``tensor`` mode). This module does, with numpy
-and OpenCV (no torch, mmcv or mmdet needed at deployment), what the OpenMMLab pipelines do
-around it, reading the settings from the ``.json`` file written beside the ``.onnx`` file:
-
-* :func:`preprocess`: the test pipeline's keep-ratio ``Resize`` (as ``mmcv.imrescale``:
-  OpenCV bilinear), channel order, normalisation and padding of the data preprocessor;
-* :func:`detection_postprocess`: RetinaNet-style dense heads, as mmdet's
-  ``predict_by_feat``: per level the sigmoid scores above ``score_thr``, the ``nms_pre``
-  best (anchor, class) pairs, delta decoding against the anchors (clipped to the image),
-  rescaling to the original image, ``min_bbox_size``, class-aware NMS (mmcv's offset
-  trick and IoU rule) and ``max_per_img``;
-* :func:`segmentation_postprocess`: as mmseg's decode head and ``postprocess_result``:
-  bilinear resize of the logits to the network input, crop of the padding, bilinear
-  resize to the original image, arg-max over the classes.
-
-``tests/test_onnx_export.py`` runs both on ONNX Runtime's outputs and compares them with
-mmdet's and mmseg's own predictions from the same raw outputs.
-
-Example::
-
-    import cv2, onnxruntime as ort
-    from onnx_pipeline import load_meta, preprocess, detection_postprocess
     meta = load_meta('work_dirs/onnx/retinanet.onnx')
-    sess = ort.InferenceSession('work_dirs/onnx/retinanet.onnx')
     batch, info = preprocess(cv2.imread('photo.jpg'), meta)
-    outputs = sess.run(None, {'input': batch})
-    dets = detection_postprocess(outputs, meta, [info])[0]  # bboxes, scores, labels
+    dets = detection_postprocess(sess.run(None, {'input': batch}), meta, [info])[0]
 """
 import json
 import os.path as osp
@@ -63,20 +45,9 @@ def rescale_size(w: int, h: int, scale: Sequence[int]) -> Tuple[int, int]:
 
 
 def preprocess(img: np.ndarray, meta: dict) -> Tuple[np.ndarray, Dict[str, tuple]]:
-    """One BGR ``uint8`` image (H, W, 3) -> the network input (1, 3, H', W') and its info.
-
-    Args:
-        img (np.ndarray): The image, BGR as ``cv2.imread`` gives it.
-        meta (dict): From :func:`load_meta`.
-
-    Returns:
-        tuple[np.ndarray, dict]: The float32 input and ``ori_shape``, ``img_shape`` (after
-        the resize), ``pad_shape`` (after the padding), ``scale_factor`` (w, h).
-
-    Raises:
-        NotImplementedError: For a test-pipeline transform other than a keep-ratio
-            ``Resize`` and the loading and packing steps.
-    """
+    """A BGR ``uint8`` image (H, W, 3) -> the float32 input (1, 3, H', W') and
+    ``ori_shape``, ``img_shape`` (resized), ``pad_shape``, ``scale_factor`` (w, h);
+    ``NotImplementedError`` for a test transform other than a keep-ratio ``Resize``."""
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f'expected a (H, W, 3) BGR image, got shape {img.shape}')
     settings = meta['input']
@@ -192,21 +163,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def detection_postprocess(outputs: Sequence[np.ndarray], meta: dict,
                           img_infos: Sequence[dict],
                           rescale: bool = True) -> List[Dict[str, np.ndarray]]:
-    """Raw RetinaNet outputs -> boxes, scores and labels per image (see module docstring).
-
-    Args:
-        outputs (Sequence[np.ndarray]): ``cls_score_0..L-1`` then ``bbox_pred_0..L-1``,
-            each (N, A * C, h, w) / (N, A * 4, h, w), in the order ONNX Runtime returns
-            them.
-        meta (dict): From :func:`load_meta` (task ``'detection'``).
-        img_infos (Sequence[dict]): Per image, ``img_shape`` (h, w after the resize, before
-            the padding) and, with ``rescale``, ``scale_factor`` (w, h).
-        rescale (bool): Boxes in original-image pixels. Defaults to True.
-
-    Returns:
-        list[dict]: Per image ``bboxes`` (n, 4) float32 x1y1x2y2, ``scores`` (n,) and
-        ``labels`` (n,) int64, best score first.
-    """
+    """``cls_score_0..L-1`` and ``bbox_pred_0..L-1`` (ONNX Runtime's order) -> per image
+    ``bboxes`` (n, 4) x1y1x2y2, ``scores`` and ``labels``, best first; ``img_infos`` from
+    :func:`preprocess` (``img_shape``, and ``scale_factor`` with ``rescale``)."""
     if meta.get('task') != 'detection':
         raise ValueError(f"expected the metadata of a detection export, got task "
                          f"{meta.get('task')!r}")
@@ -286,18 +245,8 @@ def resize_bilinear(x: np.ndarray, size: Tuple[int, int],
 
 def segmentation_postprocess(seg_logits: np.ndarray, meta: dict,
                              img_infos: Sequence[dict]) -> List[Dict[str, np.ndarray]]:
-    """Raw decode-head logits -> per-image logits and label map at the original size.
-
-    Args:
-        seg_logits (np.ndarray): (N, C, h, w), the ``seg_logits`` output.
-        meta (dict): From :func:`load_meta` (task ``'segmentation'``).
-        img_infos (Sequence[dict]): Per image, ``pad_shape`` (the network input's h, w),
-            ``img_shape`` (the image inside it, at the top left) and ``ori_shape``.
-
-    Returns:
-        list[dict]: Per image ``seg_logits`` (C, H, W) and ``sem_seg`` (H, W) int64 at
-        ``ori_shape``.
-    """
+    """``seg_logits`` (N, C, h, w) -> per image ``seg_logits`` (C, H, W) and ``sem_seg``
+    (H, W) at ``ori_shape``; ``img_infos`` from :func:`preprocess`."""
     if meta.get('task') != 'segmentation':
         raise ValueError(f"expected the metadata of a segmentation export, got task "
                          f"{meta.get('task')!r}")
