@@ -6,13 +6,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .emsa_ops import (INSTANCE_NORM_EPS, autocast_dtype, emsa_dense, emsa_lean, emsa_reference,
-                       trace_friendly)
+from .emsa_ops import autocast_dtype, emsa_dense, emsa_lean, emsa_reference, trace_friendly
 
-#: The values of ``attn_impl``: ``'lean'`` (:func:`~.emsa_ops.emsa_lean`, memory-lean),
-#: ``'dense'`` (:func:`~.emsa_ops.emsa_dense`, materialised scores, what ``'lean'`` runs
-#: while a graph is recorded) and ``'reference'`` (:func:`~.emsa_ops.emsa_reference`).
-#: ``'fused'``, the former name of ``'lean'``, is accepted for it.
+#: The values of ``attn_impl`` (:mod:`.emsa_ops`); ``'fused'``, the former name of
+#: ``'lean'``, is accepted for it.
 ATTN_IMPLS = ('lean', 'dense', 'reference')
 
 
@@ -91,7 +88,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, impl: str = 'lean',
     weight = None if transform is None else transform.weight
     bias = None if transform is None else transform.bias
     if impl == 'dense' or trace_friendly():
-        return emsa_dense(q, k, v, scale, weight, INSTANCE_NORM_EPS, bias)
+        return emsa_dense(q, k, v, scale, weight, bias)
     return emsa_lean(q, k, v, scale, weight, bias)
 
 
