@@ -1,14 +1,6 @@
-"""Stage-wise learning-rate decay for ResT and ResT V2 backbones.
-
-The authors' UperNet recipes for ResT V2 small and base (https://github.com/wofmanaf/ResT,
-``semantic_segmentation/configs/ResTv2``) train with a learning rate that decays by a
-factor per backbone stage from the heads down (``decay_rate=0.9``,
-``decay_type='stage_wise'``). :class:`ResTLearningRateDecayOptimWrapperConstructor` does
-that for the parameter names of :class:`mmrest.models.ResT` and
-:class:`mmrest.models.ResTV2`; every other ``paramwise_cfg`` rule of mmengine's
-:class:`~mmengine.optim.DefaultOptimWrapperConstructor` (``custom_keys``,
-``norm_decay_mult``, ``flat_decay_mult``, ...) applies as usual, and the stage's factor
-multiplies the learning rate it gives.
+"""Stage-wise learning-rate decay of the authors' ResT V2 UperNet recipes
+(https://github.com/wofmanaf/ResT, ``semantic_segmentation/configs/ResTv2``), on top of
+every other ``paramwise_cfg`` rule of mmengine's ``DefaultOptimWrapperConstructor``.
 """
 import re
 from typing import List, Optional
@@ -90,14 +82,8 @@ class ResTLearningRateDecayOptimWrapperConstructor(DefaultOptimWrapperConstructo
 
     def add_params(self, params: List[dict], module: nn.Module, prefix: str = '',
                    is_dcn_module: Optional[bool] = None) -> None:
-        """mmengine's parameter groups, with the stage's factor applied to their lr.
-
-        Args:
-            params (list[dict]): The parameter groups, appended to in place.
-            module (nn.Module): The model (or, in the recursion, a submodule).
-            prefix (str): The module's name in the model. Defaults to ''.
-            is_dcn_module (bool, optional): As in mmengine. Defaults to None.
-        """
+        """mmengine's parameter groups (appended to ``params``), with the stage's factor
+        applied to their lr."""
         start = len(params)
         super().add_params(params, module, prefix, is_dcn_module)
         if prefix:  # a submodule: the whole model's call below scales its groups
