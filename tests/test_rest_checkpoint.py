@@ -8,7 +8,7 @@ from typing import Callable, Dict
 
 import pytest
 import torch
-from _tools import load_script
+from _tools import WritesMarker, load_script
 from reference_rest import ARCHS, reference_features
 from torch import nn
 
@@ -291,18 +291,8 @@ def test_truncated_and_missing_files(tmp_path, authors_weights, capsys):
 
 
 # ---------------------------------------------------------------- malicious pickles
-class _Payload:
-    """Unpickling this object runs ``exec``, which writes a marker file."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f'open({self.marker!r}, "w").write("pwned")', ))
-
-
 def _evil_checkpoint(path: str, marker: str, sd: Dict[str, torch.Tensor]) -> None:
-    torch.save({'model': {**sd, 'stem.conv1.weight': _Payload(marker)}}, path)
+    torch.save({'model': {**sd, 'stem.conv1.weight': WritesMarker(marker)}}, path)
 
 
 def test_payload_runs_under_unsafe_loading(tmp_path, authors_weights):
