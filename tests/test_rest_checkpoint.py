@@ -8,6 +8,7 @@ from typing import Callable, Dict
 
 import pytest
 import torch
+from _backbone_helpers import backbone_part, double
 from _tools import WritesMarker, load_script
 from reference_rest import ARCHS, reference_features
 from torch import nn
@@ -23,10 +24,6 @@ CLI = osp.join(REPO, 'tools', 'model_converters', 'rest_to_mmrest.py')
 
 
 cli = load_script('tools/model_converters/rest_to_mmrest.py')
-
-
-def backbone_part(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if not k.startswith('head.')}
 
 
 # Each layout: how a ResT with the authors' state dict ``sd`` is saved by its tool.
@@ -65,7 +62,7 @@ def assert_matches_reference(model: ResT, sd: Dict[str, torch.Tensor],
     The model is converted to float64 in place.
     """
     model.eval().double()
-    sd = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    sd = double(sd)
     x = torch.randn(1, 3, 57, 83, generator=torch.Generator().manual_seed(11),
                     dtype=torch.float64)
     with torch.no_grad():

@@ -5,10 +5,10 @@ from typing import List
 
 import pytest
 import torch
-from _backbone_helpers import (ATTN_IMPLS, attn_impl_results, check_as_accurate_as_the_oracle,
-                               check_authors_param_count, check_output_shapes)
-from _restv2_helpers import (ARCHS, backbone_part, double, eval_model,
-                             model_with_authors_weights)
+from _backbone_helpers import (ATTN_IMPLS, attn_impl_results, backbone_part,
+                               check_as_accurate_as_the_oracle, check_authors_param_count,
+                               check_output_shapes, double)
+from _restv2_helpers import ARCHS, eval_model, model_with_authors_weights
 from reference_rest_v2 import ARCHS as REF_ARCHS
 from reference_rest_v2 import attention as reference_attention
 from reference_rest_v2 import random_authors_state_dict, reference_features
