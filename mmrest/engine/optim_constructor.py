@@ -19,15 +19,10 @@ _STAGE_KEY = re.compile(r'^(?:patch_embed_|patch_|stage|norm)(\d)\.')
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class ResTLearningRateDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
-    """Stage-wise learning-rate decay for models with a ResT / ResT V2 ``backbone``.
-
-    Each parameter gets a stage id: ``backbone.stem.*`` 0; stage i (1-4) its patch
-    embedding (``backbone.patch_embed_{i}`` / ``backbone.patch_{i}``), its blocks
-    ``backbone.stage{i}`` and its output norm (``backbone.norm{i}``, and
-    ``backbone.norm`` for stage 4); everything outside the backbone (neck, heads) 5.
-    Its learning rate is that of the other rules times
-    ``decay_rate ** (5 - stage id)``: the heads keep the base rate, stage 4 gets 0.9 of
-    it with ``decay_rate=0.9``, ..., the stem 0.9 ** 5.
+    """Stage-wise learning-rate decay for models with a ResT / ResT V2 ``backbone``: the lr
+    of the other rules times ``decay_rate ** (5 - stage id)``, the stem's id 0, stage i's
+    (its patch embedding, blocks and output norm) i, the rest of the model's (neck,
+    heads) 5.
 
     Args:
         optim_wrapper_cfg (dict): The optimizer wrapper config, as for mmengine's

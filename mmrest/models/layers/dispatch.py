@@ -60,27 +60,11 @@ def stem_layout(x: Tensor) -> Tensor:
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, impl: str = 'lean',
            transform: Optional[nn.Module] = None, attn_drop: float = 0.,
            training: bool = False) -> Tensor:
-    """The attention core of EMSA and EMSAv2, as ``impl`` names it.
-
+    """The attention core of EMSA and EMSAv2 (arguments and result as
+    :func:`~.emsa_ops.emsa_reference`), as ``impl`` (one of :data:`ATTN_IMPLS`) names it.
     The reference also runs for attention dropout while training and for a head-mixing
-    module that is not a plain hook-free ``nn.Conv2d``. While a graph is recorded,
-    ``'lean'`` runs as ``'dense'``.
-
-    Args:
-        q (Tensor): Queries (B, heads, N, head_dim).
-        k (Tensor): Keys (B, heads, M, head_dim).
-        v (Tensor): Values (B, heads, M, head_dim).
-        scale (float): Multiplier of the scores ``q @ k^T``.
-        impl (str): One of :data:`ATTN_IMPLS`. Defaults to 'lean'.
-        transform (nn.Module, optional): The head-mixing 1x1 conv (heads -> heads), after
-            which the attention map is instance-normalised; None for plain softmax
-            attention. Defaults to None.
-        attn_drop (float): Dropout on the attention map. Defaults to 0.
-        training (bool): Whether dropout is active. Defaults to False.
-
-    Returns:
-        Tensor: Output (B, heads, N, head_dim).
-    """
+    ``transform`` that is not a plain hook-free ``nn.Conv2d``; while a graph is recorded,
+    ``'lean'`` runs as ``'dense'``."""
     if (impl == 'reference' or (training and attn_drop > 0)
             or (transform is not None and not runs_as_written(transform, nn.Conv2d))):
         return emsa_reference(q, k, v, scale, attn_drop=attn_drop, training=training,
