@@ -155,10 +155,11 @@ def test_restv2_whole_backbone_on_meta(many_threads, arch, attn_impl, grad):
 
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
 @pytest.mark.parametrize('batch', [1, 2])
-def test_cpu_outputs_are_contiguous_nchw(batch, train):
+@pytest.mark.parametrize('cls, arch', [(ResT, 'lite'), (ResTV2, 'tiny')])
+def test_cpu_outputs_are_contiguous_nchw(cls, arch, batch, train):
     """The CPU path computes in channels-last internally; what it returns is plain NCHW
     (as mmdet's backbones return), in eval and train mode, at batch 1 and 2."""
-    model = ResT('lite', drop_path_rate=0.)
+    model = cls(arch, drop_path_rate=0.)
     model.train(train)
     with torch.set_grad_enabled(train):
         outs = model(torch.randn(batch, 3, 65, 97))

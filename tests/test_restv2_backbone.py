@@ -37,15 +37,6 @@ def test_output_shapes_square_odd_and_non_square(arch):
         assert all(o.is_contiguous() for o in outs)
 
 
-@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
-@pytest.mark.parametrize('batch', [1, 2])
-def test_outputs_are_contiguous_nchw(batch, train):
-    model = ResTV2('tiny', drop_path_rate=0.).train(train)
-    with torch.set_grad_enabled(train):
-        outs = model(torch.randn(batch, 3, 65, 97))
-    assert all(o.is_contiguous() for o in outs)
-
-
 @pytest.mark.parametrize('arch', ARCHS)
 def test_parameter_counts_match_authors(arch):
     check_authors_param_count(ResTV2, arch, REF_ARCHS[arch]['embed_dims'],
