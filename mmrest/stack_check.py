@@ -1,10 +1,6 @@
-"""The check of the installed stack that ``import mmrest`` runs first.
-
-mmrest installs into an OpenMMLab environment as it is (``pip install .`` installs none of
-torch, mmcv or mmengine, as mmdet's ``setup.py`` does; ``requirements/mminstall.txt``
-lists them for ``mim``). So what it needs is checked here, at import, with one line naming
-what was found and what is needed, instead of an ``AttributeError`` from deep inside.
-"""
+"""The check of the installed stack that ``import mmrest`` runs first: ``pip install .``
+installs none of torch, mmcv or mmengine (as mmdet's), so an unsupported one gets one line
+naming what was found and what is needed instead of an error from deep inside."""
 import importlib
 from typing import Dict, Optional, Tuple
 
@@ -32,15 +28,8 @@ def version_tuple(version: str) -> Tuple[int, ...]:
 
 
 def stack_problem(name: str, version: Optional[str]) -> Optional[str]:
-    """The one-line problem with ``name`` at ``version`` (None: not installed), if any.
-
-    Args:
-        name (str): A key of :data:`REQUIREMENTS`.
-        version (str, optional): The installed version, None if it is not installed.
-
-    Returns:
-        str | None: The message, or None where the version is supported.
-    """
+    """The one-line problem with ``name`` (a key of :data:`REQUIREMENTS`) at ``version``
+    (None: not installed), or None where it is supported."""
     low, high, how = REQUIREMENTS[name]
     needed = f'{name}>={low},<{high}'
     if version is None:
@@ -51,11 +40,8 @@ def stack_problem(name: str, version: Optional[str]) -> Optional[str]:
 
 
 def check_stack() -> None:
-    """Check that torch, mmengine and mmcv are installed in supported versions.
-
-    Raises:
-        ImportError: One line naming what was found and what is needed.
-    """
+    """Raise ``ImportError`` (one line) unless torch, mmengine and mmcv are installed in
+    supported versions."""
     for name in REQUIREMENTS:
         try:
             version: Optional[str] = importlib.import_module(name).__version__
@@ -68,15 +54,9 @@ def check_stack() -> None:
 
 def resolve_renamed_toolboxes() -> None:
     """Let mmengine find the configs of toolboxes installed under other distribution
-    names, e.g. ``mmseg::`` bases with the OneDL fork's ``onedl-mmsegmentation``.
-
-    mmengine maps a config scope to a distribution name (``mmseg`` -> ``mmsegmentation``,
-    in ``mmengine.config.utils.MODULE2PACKAGE``) and raises ``mmsegmentation is not
-    installed`` where no distribution has that name. Where the distribution is missing
-    but the module itself is importable, the scope is mapped to the module instead, which
-    mmengine then finds by its import path. Scopes that resolve already are left as they
-    are.
-    """
+    names (``mmseg::`` bases with the OneDL fork's ``onedl-mmsegmentation``): a scope
+    whose distribution (``MODULE2PACKAGE``) is missing but whose module imports is mapped
+    to the module."""
     from importlib import metadata
     from importlib.util import find_spec
 

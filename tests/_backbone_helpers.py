@@ -1,11 +1,20 @@
-"""Checks shared by the ResT and ResT V2 backbone tests (tests/test_backbones.py,
-tests/test_rest_backbone.py, tests/test_restv2_backbone.py)."""
+"""Checks and state-dict helpers shared by the ResT and ResT V2 tests."""
 import math
 from typing import Callable, Dict, List, Sequence
 
 import torch
 
 ATTN_IMPLS = ('lean', 'dense', 'reference')
+
+
+def backbone_part(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The state dict without the classification head."""
+    return {k: v for k, v in sd.items() if not k.startswith('head.')}
+
+
+def double(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Float tensors of a state dict in float64 (others unchanged)."""
+    return {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
 
 
 def expected_shapes(dims: Sequence[int], batch: int, h: int, w: int,

@@ -8,6 +8,7 @@ import functools
 from typing import Dict, Tuple
 
 import torch
+from _backbone_helpers import backbone_part
 from reference_rest_v2 import random_authors_state_dict
 
 from mmrest.models import ResTV2
@@ -21,16 +22,6 @@ def authors_state_dict(arch: str, seed: int = 0, out_norms: Tuple[int, ...] = ()
     """Random weights in the authors' layout (see ``reference_rest_v2``)."""
     return random_authors_state_dict(arch, num_classes=num_classes, seed=seed,
                                      out_norms=out_norms)
-
-
-def backbone_part(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The state dict without the classification head."""
-    return {k: v for k, v in sd.items() if not k.startswith('head.')}
-
-
-def double(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Float tensors of a state dict in float64 (others unchanged)."""
-    return {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
 
 
 @functools.lru_cache(maxsize=2)  # a few archs at a time: large weighs ~0.35 GB

@@ -1,4 +1,5 @@
-"""The repository's scripts as modules, for the tests that call their functions."""
+"""The repository's scripts as modules, for the tests that call their functions, and a
+pickle payload for the tests of safe loading."""
 import functools
 import importlib.util
 import os.path as osp
@@ -24,3 +25,13 @@ def load_script(path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class WritesMarker:
+    """Unpickling this calls ``exec`` with code that creates the file ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f'open({self.marker!r}, "w").write("pwned")', ))

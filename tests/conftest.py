@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Tuple
 
 import pytest
 import torch
+from _backbone_helpers import backbone_part
 from reference_rest import random_authors_state_dict
 
 from mmrest.models import ResT
@@ -182,8 +183,7 @@ def rest_with_authors_weights(
         model = ResT(arch=arch, **kwargs)
         out_norms = tuple(i for i in model.out_indices if i < 3)
         sd = authors_weights(arch, seed=seed, out_norms=out_norms)
-        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith('head.')},
-                              strict=True)
+        model.load_state_dict(backbone_part(sd), strict=True)
         return model.eval(), sd
 
     return make
@@ -204,17 +204,6 @@ def eval_rest() -> Callable[[str], ResT]:
     For shape and finiteness checks only: do not train or modify the returned model.
     """
     return _eval_rest
-
-
-def double_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Float tensors of a state dict in float64 (others unchanged)."""
-    return {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
-
-
-@pytest.fixture(scope='session')
-def to_double() -> Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
-    """The function :func:`double_state_dict`."""
-    return double_state_dict
 
 
 @contextlib.contextmanager

@@ -27,27 +27,17 @@ import torch
 
 from _engine_helpers import (PYTHON, TEST, demo_config_text, make_shapes_data, run,
                              tool_env, train_cmd, write_config)
-from _tools import load_script
+from _tools import WritesMarker, load_script
 
 from mmrest.utils import torch_allowlist_usable
 
 pytestmark = pytest.mark.stack
 
 
-class _WritesMarker:
-    """Unpickling this calls ``exec`` with code that creates a file."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f'open({self.marker!r}, "w").write("pwned")', ))
-
-
 def _malicious_checkpoint(path: str, marker: str) -> str:
     """A checkpoint that looks like an mmengine one, with the payload in ``meta``."""
     torch.save(
-        dict(meta=dict(iter=3, epoch=0, payload=_WritesMarker(marker)),
+        dict(meta=dict(iter=3, epoch=0, payload=WritesMarker(marker)),
              state_dict={'backbone.patch_embed_1.proj.weight': torch.zeros(2)}), path)
     return path
 
@@ -83,7 +73,7 @@ def test_payload_is_real_under_plain_pickle(tmp_path):
     marker = str(tmp_path / 'CONTROL')
     blob = str(tmp_path / 'blob.pkl')
     with open(blob, 'wb') as f:
-        pickle.dump(_WritesMarker(marker), f)
+        pickle.dump(WritesMarker(marker), f)
     code = f'import pickle; pickle.load(open({blob!r}, "rb"))'
     subprocess.run([sys.executable, '-c', code], check=True, timeout=60)
     assert osp.isfile(marker)

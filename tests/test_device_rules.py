@@ -1,22 +1,25 @@
-"""Device rules of the backbone, proved without a GPU on the ``meta`` device.
+"""Device rules of ResT and ResT V2, proved without a GPU on the ``meta`` device.
 
 Tensors of the ``meta`` device carry shapes, dtypes and devices but no data, so a whole
 forward and backward pass runs in milliseconds and any tensor created on the CPU by
 mistake (e.g. a bare ``torch.zeros``) shows up as a device mismatch or a CPU gradient,
 exactly as it would on a GPU. The tests run with 32 intra-op threads, the setting of a
-GPU node. Every ``attn_impl`` runs, the lean kernel with one block of scores per layer and
-with many.
+GPU node. Every arch and ``attn_impl`` runs, the lean kernel with one block of scores per
+layer and with many, and training with gradient checkpointing and a frozen stage.
 """
 from typing import Dict, List
 
 import pytest
 import torch
 
-from mmrest.models import ResT
+from mmrest.models import ResT, ResTV2
 from mmrest.models.layers import dispatch, emsa_ops
 
 ARCHS = ('lite', 'small', 'base', 'large')
+V2_ARCHS = ('tiny', 'small', 'base', 'large')
 META = torch.device('meta')
+#: What ``frozen_stages=1`` freezes.
+FROZEN = ('stem.', 'stage1.', 'norm1.')
 
 #: (attn_impl, score blocks) of each case; ``'default'`` leaves the block size alone.
 BRANCHES = {
@@ -48,14 +51,16 @@ class Spy:
         return wrapper
 
 
-def meta_rest(arch: str, attn_impl: str) -> ResT:
+def meta_model(cls, arch: str, **kwargs):
     with torch.device(META):
-        model = ResT(arch=arch, attn_impl=attn_impl, drop_path_rate=0.1)
+        model = cls(arch, drop_path_rate=0.1, **kwargs)
     assert all(p.device == META for p in model.parameters())
     return model
 
 
-def check_forward_backward(model: ResT, grad: bool, shape=(2, 3, 67, 90)) -> None:
+def check_forward_backward(model, grad: bool, shape=(2, 3, 67, 90), frozen=()) -> None:
+    """Maps and gradients stay on the meta device; parameters of ``frozen`` (name
+    prefixes) get no gradient."""
     x = torch.empty(shape, device=META)
     model.train(grad)
     with torch.set_grad_enabled(grad):
@@ -71,12 +76,13 @@ def check_forward_backward(model: ResT, grad: bool, shape=(2, 3, 67, 90)) -> Non
         assert all(out.grad_fn is None for out in outs)
         return
     sum(out.sum() for out in outs).backward()
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if not n.startswith(frozen)}
     missing = [n for n, p in params.items() if p.grad is None]
     # the mixing bias cancels in the softmax: it gets an exact zero gradient, not None
     assert not missing, missing[:5]
     wrong = [n for n, p in params.items() if p.grad.device != META]
     assert not wrong, wrong[:5]
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(frozen))
 
 
 @pytest.mark.parametrize('grad', [True, False], ids=['grad', 'no-grad'])
@@ -88,7 +94,7 @@ def test_whole_backbone_on_meta(many_threads, monkeypatch, arch, branch, grad):
         monkeypatch.setattr(emsa_ops, 'CPU_BLOCK_BYTES', 4096)
         monkeypatch.setattr(emsa_ops, 'ACCELERATOR_BLOCK_BYTES', 4096)
     spy = Spy(monkeypatch)
-    check_forward_backward(meta_rest(arch, impl), grad)
+    check_forward_backward(meta_model(ResT, arch, attn_impl=impl), grad)
     calls = spy.calls
     # head mixing (stages 2-4) takes the blocked kernel with 'lean' only
     assert bool(calls['_emsa_transform_forward']) == (impl == 'lean')
@@ -133,23 +139,27 @@ def test_autocast_helpers_accept_devices_without_autocast():
 @pytest.mark.parametrize('arch', ARCHS)
 def test_meta_training_step_with_checkpointing_and_frozen_stages(many_threads, arch):
     """``with_cp`` and ``frozen_stages`` do not move anything off the input's device."""
-    with torch.device(META):
-        model = ResT(arch=arch, with_cp=True, frozen_stages=1)
-    model.train()
-    outs = model(torch.empty(1, 3, 64, 64, device=META))
-    sum(o.sum() for o in outs).backward()
-    for name, p in model.named_parameters():
-        frozen = name.startswith(('stem.', 'stage1.', 'norm1.'))
-        assert (p.grad is None) == frozen, name
-        assert frozen or p.grad.device == META
+    model = meta_model(ResT, arch, with_cp=True, frozen_stages=1)
+    check_forward_backward(model, True, (1, 3, 64, 64), frozen=FROZEN)
+
+
+@pytest.mark.parametrize('grad', [True, False], ids=['grad', 'no-grad'])
+@pytest.mark.parametrize('attn_impl', ['lean', 'dense', 'reference'])
+@pytest.mark.parametrize('arch', V2_ARCHS)
+def test_restv2_whole_backbone_on_meta(many_threads, arch, attn_impl, grad):
+    # training: with gradient checkpointing and stage 1 frozen
+    model = meta_model(ResTV2, arch, attn_impl=attn_impl, with_cp=grad,
+                       frozen_stages=1 if grad else -1)
+    check_forward_backward(model, grad, frozen=FROZEN if grad else ())
 
 
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
 @pytest.mark.parametrize('batch', [1, 2])
-def test_cpu_outputs_are_contiguous_nchw(batch, train):
+@pytest.mark.parametrize('cls, arch', [(ResT, 'lite'), (ResTV2, 'tiny')])
+def test_cpu_outputs_are_contiguous_nchw(cls, arch, batch, train):
     """The CPU path computes in channels-last internally; what it returns is plain NCHW
     (as mmdet's backbones return), in eval and train mode, at batch 1 and 2."""
-    model = ResT('lite', drop_path_rate=0.)
+    model = cls(arch, drop_path_rate=0.)
     model.train(train)
     with torch.set_grad_enabled(train):
         outs = model(torch.randn(batch, 3, 65, 97))

@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import mmrest.models.layers.norm_mlp as norm_mlp_module
-from mmrest.models.layers import ResTBlock
+from mmrest.models.layers import EMSA, PreNormBlock
 from mmrest.models.layers.block import Mlp
 from mmrest.models.layers.dispatch import blocked_norm_mlp
 from mmrest.models.layers.norm_mlp import NormMlpFunction, norm_mlp
@@ -239,7 +239,8 @@ def test_block_trains_like_its_modules(sr_ratio, heads, attn_impl):
     """The block takes the blocked path whatever its attention, and computes its modules'
     function, values and gradients (float64)."""
     torch.manual_seed(0)
-    block = ResTBlock(32, heads, sr_ratio=sr_ratio, attn_impl=attn_impl).double().train()
+    block = PreNormBlock(32, EMSA(32, heads, sr_ratio=sr_ratio, attn_impl=attn_impl))
+    block = block.double().train()
     x = torch.randn(2, 6 * 5, 32, dtype=torch.float64, requires_grad=True)
     calls = []
     original = NormMlpFunction.apply
@@ -302,7 +303,7 @@ def test_modules_with_hooks_are_called(hooked):
     """The blocked path calls none of its modules: not where one has a forward hook (in
     inference) or a backward hook (in training), which then run as for the modules."""
     torch.manual_seed(0)
-    block = ResTBlock(32, 2, sr_ratio=2).eval()
+    block = PreNormBlock(32, EMSA(32, 2, sr_ratio=2)).eval()
     x = torch.randn(1, 7 * 11, 32)
     with torch.no_grad():
         hook = KeepOutput()

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 from _backbone_helpers import (ATTN_IMPLS, attn_impl_results, check_as_accurate_as_the_oracle,
-                               check_authors_param_count, check_output_shapes, shapes)
+                               check_authors_param_count, check_output_shapes, double, shapes)
 from reference_rest import ARCHS, reference_features
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -66,15 +66,14 @@ def test_aliases_mean_what_they_mean_in_mmpretrain(alias, arch):
 # ----------------------------------------------------------------------------- values
 @pytest.mark.parametrize('attn_impl', ATTN_IMPLS)
 @pytest.mark.parametrize('arch', ALL_ARCHS)
-def test_features_match_reference_float64(rest_with_authors_weights, to_double, arch,
-                                          attn_impl):
+def test_features_match_reference_float64(rest_with_authors_weights, arch, attn_impl):
     model, sd = rest_with_authors_weights(arch, attn_impl=attn_impl)
     model.double()
     shape = (1, 3, 33, 41) if arch == 'large' else (2, 3, 65, 47)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
         outs = model(x)
-    refs = reference_features(to_double(sd), x, ARCHS[arch]['depths'], out_norms=(0, 1, 2))
+    refs = reference_features(double(sd), x, ARCHS[arch]['depths'], out_norms=(0, 1, 2))
     for i, (out, ref) in enumerate(zip(outs, refs)):
         assert out.dtype == torch.float64
         err = (out - ref).abs().max().item()
@@ -83,8 +82,8 @@ def test_features_match_reference_float64(rest_with_authors_weights, to_double, 
 
 @pytest.mark.parametrize('attn_impl', ATTN_IMPLS)
 @pytest.mark.parametrize('arch', ['lite', 'small'])
-def test_features_float32_224_as_accurate_as_the_oracle(rest_with_authors_weights, to_double,
-                                                         arch, attn_impl):
+def test_features_float32_224_as_accurate_as_the_oracle(rest_with_authors_weights, arch,
+                                                        attn_impl):
     """float32 maps at 224x224 are about as close to the float64 truth as the oracle's.
 
     Through the depth of a random network float32 rounding alone reaches a few 1e-4 on
@@ -98,7 +97,7 @@ def test_features_float32_224_as_accurate_as_the_oracle(rest_with_authors_weight
     with torch.no_grad():
         outs = model(x)
         oracle32 = reference_features(sd, x, depths, out_norms=(0, 1, 2))
-        truth = reference_features(to_double(sd), x.double(), depths, out_norms=(0, 1, 2))
+        truth = reference_features(double(sd), x.double(), depths, out_norms=(0, 1, 2))
     check_as_accurate_as_the_oracle(outs, oracle32, truth, 2e-3)
 
 
@@ -121,7 +120,7 @@ def test_attn_impls_agree_in_training_mode(rest_with_authors_weights):
 
 
 @pytest.mark.parametrize('out_indices', [(0, 1, 2, 3), (1, 2, 3), (1, 3)])
-def test_out_norm_in_main_path(rest_with_authors_weights, to_double, out_indices):
+def test_out_norm_in_main_path(rest_with_authors_weights, out_indices):
     """True: the next stage consumes the normalised map; False: output-only norms."""
     main, sd = rest_with_authors_weights('lite', out_indices=out_indices,
                                          out_norm_in_main_path=True)
@@ -144,7 +143,7 @@ def test_out_norm_in_main_path(rest_with_authors_weights, to_double, out_indices
     # With output-only norms, the main path is the plain (classification) backbone.
     assert torch.equal(out_side[-1], out_plain[-1])
     out_norms = tuple(i for i in out_indices if i < 3)
-    sd64 = to_double(sd)
+    sd64 = double(sd)
     for main_path, outs in ((True, out_main), (False, out_side)):
         refs = reference_features(sd64, x, ARCHS['lite']['depths'], out_norms=out_norms,
                                   main_path=main_path)

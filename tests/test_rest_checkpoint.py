@@ -8,7 +8,8 @@ from typing import Callable, Dict
 
 import pytest
 import torch
-from _tools import load_script
+from _backbone_helpers import backbone_part, double
+from _tools import WritesMarker, load_script
 from reference_rest import ARCHS, reference_features
 from torch import nn
 
@@ -23,10 +24,6 @@ CLI = osp.join(REPO, 'tools', 'model_converters', 'rest_to_mmrest.py')
 
 
 cli = load_script('tools/model_converters/rest_to_mmrest.py')
-
-
-def backbone_part(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if not k.startswith('head.')}
 
 
 # Each layout: how a ResT with the authors' state dict ``sd`` is saved by its tool.
@@ -65,7 +62,7 @@ def assert_matches_reference(model: ResT, sd: Dict[str, torch.Tensor],
     The model is converted to float64 in place.
     """
     model.eval().double()
-    sd = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    sd = double(sd)
     x = torch.randn(1, 3, 57, 83, generator=torch.Generator().manual_seed(11),
                     dtype=torch.float64)
     with torch.no_grad():
@@ -291,18 +288,8 @@ def test_truncated_and_missing_files(tmp_path, authors_weights, capsys):
 
 
 # ---------------------------------------------------------------- malicious pickles
-class _Payload:
-    """Unpickling this object runs ``exec``, which writes a marker file."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f'open({self.marker!r}, "w").write("pwned")', ))
-
-
 def _evil_checkpoint(path: str, marker: str, sd: Dict[str, torch.Tensor]) -> None:
-    torch.save({'model': {**sd, 'stem.conv1.weight': _Payload(marker)}}, path)
+    torch.save({'model': {**sd, 'stem.conv1.weight': WritesMarker(marker)}}, path)
 
 
 def test_payload_runs_under_unsafe_loading(tmp_path, authors_weights):

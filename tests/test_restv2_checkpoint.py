@@ -5,7 +5,8 @@ from typing import Callable, Dict
 
 import pytest
 import torch
-from _restv2_helpers import authors_state_dict, backbone_part, double
+from _backbone_helpers import backbone_part, double
+from _restv2_helpers import authors_state_dict
 from _tools import load_script
 from reference_rest import random_authors_state_dict as random_v1_state_dict
 from reference_rest_v2 import reference_features, reference_logits
@@ -17,6 +18,7 @@ from mmrest.utils import CheckpointError
 
 cli = load_script('tools/model_converters/rest_to_mmrest.py')
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures('one_intra_op_thread')]
+
 
 def authors_output_norms(sd: Dict[str, torch.Tensor], style: str) -> Dict[str, torch.Tensor]:
     """Our ``norm1``-``norm3`` and ``norm`` renamed as the authors' downstream backbones

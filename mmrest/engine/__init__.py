@@ -1,16 +1,7 @@
-"""Reliability and safety for mmengine training runs of mmrest models.
-
-Used by ``tools/train.py`` and ``tools/test.py``; with a runner of your own::
-
-    import mmrest                   # resume / load_from work on torch >= 2.6, safely
-    from mmrest.engine import apply_reliability_hooks
-    apply_reliability_hooks(cfg)    # atomic checkpoints + RNG state (before building)
-    runner = Runner.from_cfg(cfg)
-
-Importing this module registers ``mmrest.AtomicCheckpointHook``, ``mmrest.RNGStateHook``,
-``mmrest.PlainParamGroupsHook`` and ``mmrest.CPUAmpOptimWrapper`` in the registries of
-:mod:`mmrest.registry` (which import it lazily), and the atomic file backend
-``'mmrest_atomic_local'`` among mmengine's file backends. Nothing else.
+"""Reliability and safety for mmengine training runs of mmrest models (``tools/train.py``,
+``tools/test.py``); with a runner of your own, call :func:`apply_reliability_hooks` on the
+config before building it. Importing it registers mmrest's hooks and optimizer wrapper
+(:mod:`mmrest.registry` imports it lazily) and the atomic file backend.
 """
 from ..utils.checkpoint import setup_safe_loading
 from .amp import CPUAmpOptimWrapper, configure_amp, cpu_amp_config_fix, disable_amp

@@ -1,18 +1,7 @@
-"""Mixed precision: ``--amp`` / ``--no-amp`` rewriting of a config, and bfloat16 autocast
-on the CPU.
-
-:func:`configure_amp` turns on mixed precision in a config's ``optim_wrapper`` (mmengine's
-``AmpOptimWrapper`` on CUDA, :class:`CPUAmpOptimWrapper` on the CPU);
-:func:`disable_amp` turns it off (mmengine's float32 ``OptimWrapper`` on any device);
-:func:`cpu_amp_config_fix` moves a config that asks for ``AmpOptimWrapper`` to the CPU
-wrapper on a machine without CUDA.
-
-mmengine 0.10.7's ``AmpOptimWrapper`` refuses to run without a GPU (an assertion in its
-constructor), although its ``autocast`` helper supports the CPU with bfloat16.
-:class:`CPUAmpOptimWrapper` is the CPU counterpart: the forward pass (``train_step`` runs
-it inside ``optim_context``) is autocast to bfloat16, the backward pass follows the
-autocast graph, parameters, gradients and optimizer state stay float32. No loss scaling:
-bfloat16 has float32's exponent range.
+"""Mixed precision: ``--amp`` / ``--no-amp`` rewriting of a config's ``optim_wrapper``, and
+bfloat16 autocast on the CPU, where mmengine's ``AmpOptimWrapper`` refuses to run
+(:class:`CPUAmpOptimWrapper`: the forward pass autocast to bfloat16, parameters, gradients
+and optimizer state float32, no loss scaling).
 """
 from contextlib import contextmanager
 from typing import Any, Optional, Tuple, Union
@@ -54,23 +43,15 @@ class CPUAmpOptimWrapper(OptimWrapper):
 
     @contextmanager
     def optim_context(self, model: nn.Module):
-        """Gradient-accumulation context of ``OptimWrapper`` plus bfloat16 autocast.
-
-        Args:
-            model (nn.Module): The model being trained.
-        """
+        """Gradient-accumulation context of ``OptimWrapper`` plus bfloat16 autocast."""
         with super().optim_context(model), torch.autocast(
                 device_type='cpu', dtype=self.cast_dtype):
             yield
 
 
 def _known_wrapper(cfg: Any, flag: str, action: str) -> Tuple[dict, str]:
-    """``cfg.optim_wrapper`` and its type, if ``flag`` can rewrite it.
-
-    Raises:
-        ToolConfigError: If there is no ``optim_wrapper`` dict, or its type is not one of
-            ``OptimWrapper``, ``AmpOptimWrapper`` and ``CPUAmpOptimWrapper``.
-    """
+    """``cfg.optim_wrapper`` and its type; ``ToolConfigError`` unless ``flag`` can
+    rewrite it (a dict of one of :data:`_KNOWN_WRAPPERS`)."""
     wrapper = cfg.get('optim_wrapper')
     if not isinstance(wrapper, dict):
         raise ToolConfigError(f'{flag}: the config has no optim_wrapper dict to {action} '
@@ -84,12 +65,9 @@ def _known_wrapper(cfg: Any, flag: str, action: str) -> Tuple[dict, str]:
 
 
 def configure_amp(cfg: Any, device: Optional[str] = None, logger=None) -> str:
-    """Turn on automatic mixed precision in ``cfg.optim_wrapper``.
-
-    On CUDA: mmengine's ``AmpOptimWrapper`` with dynamic loss scaling and the config's
-    ``dtype`` (float16 unless the config says otherwise). On the CPU:
-    ``mmrest.CPUAmpOptimWrapper`` (bfloat16 autocast; the CPU has no float16 autocast in
-    mmengine); a config asking for another dtype on the CPU is an error.
+    """Turn on mixed precision in ``cfg.optim_wrapper``: mmengine's ``AmpOptimWrapper``
+    (dynamic loss scaling, the config's ``dtype`` or float16) on CUDA,
+    ``mmrest.CPUAmpOptimWrapper`` (bfloat16 only) on the CPU.
 
     Args:
         cfg (Config): The config, modified in place.
@@ -129,13 +107,9 @@ def configure_amp(cfg: Any, device: Optional[str] = None, logger=None) -> str:
 
 
 def disable_amp(cfg: Any, logger=None) -> bool:
-    """Turn off automatic mixed precision in ``cfg.optim_wrapper``, on any device.
-
-    An ``AmpOptimWrapper`` or ``mmrest.CPUAmpOptimWrapper`` becomes mmengine's float32
-    ``OptimWrapper``, and the arguments only the AMP wrappers take (``loss_scale``,
-    ``dtype``, ``use_fsdp``) are dropped; the optimizer, ``clip_grad``,
-    ``accumulative_counts`` and the constructor's settings are kept. A config that is
-    already float32 is left as it is.
+    """Turn off mixed precision in ``cfg.optim_wrapper``: an AMP wrapper becomes
+    mmengine's float32 ``OptimWrapper`` without the arguments only AMP wrappers take
+    (:data:`AMP_ONLY_KEYS`); everything else is kept.
 
     Args:
         cfg (Config): The config, modified in place.
@@ -168,14 +142,8 @@ def disable_amp(cfg: Any, logger=None) -> bool:
 
 
 def cpu_amp_config_fix(cfg: Any) -> bool:
-    """A config with ``AmpOptimWrapper`` run on a machine without CUDA: use the CPU one.
-
-    Args:
-        cfg (Config): The config, modified in place.
-
-    Returns:
-        bool: Whether the config was changed.
-    """
+    """Make a config's ``AmpOptimWrapper`` the CPU one on a machine without CUDA (in
+    place); returns whether the config was changed."""
     wrapper = cfg.get('optim_wrapper')
     if torch.cuda.is_available() or not isinstance(wrapper, dict):
         return False

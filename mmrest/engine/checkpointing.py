@@ -1,12 +1,7 @@
-"""Checkpoints in mmengine training runs: saving them atomically, choosing the one to
-resume from.
-
-``--resume`` (automatic) takes the checkpoint ``last_checkpoint`` names; if that file is
-missing, damaged (a CRC-32 check of every record) or not a training checkpoint, it falls
-back to the newest older checkpoint of the run that passes the checks, and stops with the
-list of files and reasons if none does. A file whose loading could run code is refused
-outright. Importing this module registers the atomic file backend
-``'mmrest_atomic_local'`` (:class:`mmrest.utils.AtomicLocalBackend`).
+"""Checkpoints of mmengine training runs: saved atomically, and the one to resume from
+chosen safely (``--resume`` falls back from a missing, damaged or non-training checkpoint
+to the newest older good one, and refuses a file whose loading could run code).
+Importing it registers the atomic file backend ``'mmrest_atomic_local'``.
 """
 import os
 import os.path as osp
@@ -38,18 +33,12 @@ DEFAULT_TEMPLATES = ('iter_{}.pth', 'epoch_{}.pth')
 
 @HOOKS.register_module()
 class AtomicCheckpointHook(CheckpointHook):
-    """``CheckpointHook`` whose checkpoints are never partial, and never the only copy.
-
-    Same arguments as mmengine's hook. Differences:
-
-    * In a local folder every file goes through the atomic backend
-      :class:`~mmrest.utils.AtomicLocalBackend` (temporary file, ``fsync``, rename).
-    * A periodic save writes the checkpoint, then ``last_checkpoint`` (atomically), then
-      deletes outdated checkpoints; mmengine deletes first.
-    * At least :data:`MIN_KEEP_CKPTS` checkpoints are kept, as a fallback.
-    * Temporary files of killed runs are removed when training starts.
-    * A failed save raises :class:`~mmrest.utils.CheckpointError` and leaves the
-      bookkeeping as it was.
+    """``CheckpointHook`` (same arguments) whose checkpoints are never partial, and never
+    the only copy: local files are written through :class:`~mmrest.utils.AtomicLocalBackend`;
+    a save writes the checkpoint, then ``last_checkpoint``, then deletes outdated ones
+    (mmengine deletes first); at least :data:`MIN_KEEP_CKPTS` are kept; temporary files of
+    killed runs are removed when training starts; a failed save raises
+    :class:`~mmrest.utils.CheckpointError` and leaves the bookkeeping as it was.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -132,15 +121,9 @@ class AtomicCheckpointHook(CheckpointHook):
 # ---------------------------------------------------------------- configs
 
 def apply_reliability_hooks(cfg: Any) -> None:
-    """Install the crash-safe checkpoint hook and the RNG state hook in a config.
-
-    A ``CheckpointHook`` (or none) becomes ``mmrest.AtomicCheckpointHook`` with the same
-    arguments; ``None`` and custom checkpoint hooks are left alone.
-    ``mmrest.RNGStateHook`` is added to ``custom_hooks`` unless present.
-
-    Args:
-        cfg (Config): The config, modified in place.
-    """
+    """Make a config's ``CheckpointHook`` (or none) ``mmrest.AtomicCheckpointHook`` (same
+    arguments; ``None`` and custom hooks are left alone) and add ``mmrest.RNGStateHook``
+    to its ``custom_hooks`` unless present. ``cfg`` is modified in place."""
     default_hooks = cfg.get('default_hooks')
     if default_hooks is None:
         cfg.default_hooks = dict()
@@ -155,15 +138,8 @@ def apply_reliability_hooks(cfg: Any) -> None:
 
 
 def checkpoint_templates(cfg: Any) -> tuple:
-    """File name templates of the periodic checkpoints a config writes.
-
-    Args:
-        cfg (Config): The config.
-
-    Returns:
-        tuple[str]: ``filename_tmpl`` of the checkpoint hook if set, plus mmengine's
-        defaults.
-    """
+    """File name templates of a config's periodic checkpoints: the checkpoint hook's
+    ``filename_tmpl`` if set, and mmengine's defaults."""
     templates = list(DEFAULT_TEMPLATES)
     hook = (cfg.get('default_hooks') or {}).get('checkpoint')
     if isinstance(hook, dict) and hook.get('filename_tmpl'):
@@ -175,12 +151,12 @@ def checkpoint_templates(cfg: Any) -> tuple:
 
 def inspect_checkpoint(path: str, for_resume: bool = True) -> Dict[str, Any]:
     """Check a checkpoint file completely (CRC-32 of every record, safe loading with
-    memory-mapped tensors) and, for resuming, that it is an mmengine training checkpoint.
+    memory-mapped tensors).
 
     Args:
         path (str): Checkpoint file.
-        for_resume (bool): Also require ``meta`` (with ``iter``) and ``state_dict``.
-            Defaults to True.
+        for_resume (bool): Also require an mmengine training checkpoint (``meta`` with
+            ``iter``, and ``state_dict``). Defaults to True.
 
     Returns:
         dict: ``meta`` of the checkpoint (empty for plain state dicts).
@@ -205,35 +181,20 @@ def inspect_checkpoint(path: str, for_resume: bool = True) -> Dict[str, Any]:
 
 
 def checked_load_from(path: str) -> str:
-    """A checkpoint to load weights from (``load_from``, ``tools/test.py``): an
-    ``http(s)://`` address downloaded, a local file checked with :func:`inspect_checkpoint`.
-
-    Args:
-        path (str): A local path or an address.
-
-    Returns:
-        str: The path to give mmengine.
-
-    Raises:
-        FileNotFoundError: If a local file does not exist.
-        UnsafeCheckpointError: If loading it could run code.
-        CheckpointError: If it is truncated or corrupted, or cannot be fetched.
-    """
+    """The path to give mmengine for a checkpoint to load weights from (``load_from``,
+    ``tools/test.py``): an ``http(s)://`` address downloaded, a local file checked with
+    :func:`inspect_checkpoint` (whose errors it raises)."""
     path = fetch_checkpoint(path)
     if '://' not in path:
         inspect_checkpoint(path, for_resume=False)
     return path
 
 
-def _template_regex(template: str) -> 're.Pattern':
-    head, _, tail = template.partition('{}')
-    return re.compile('^' + re.escape(head) + r'(\d+)' + re.escape(tail) + '$')
-
-
 def _checkpoint_step(name: str, templates: Sequence[str]) -> Optional[int]:
     """The step in a periodic checkpoint's file name (first matching template), or None."""
     for template in templates:
-        match = _template_regex(template).match(name)
+        head, _, tail = template.partition('{}')
+        match = re.fullmatch(re.escape(head) + r'(\d+)' + re.escape(tail), name)
         if match:
             return int(match.group(1))
     return None
@@ -241,16 +202,8 @@ def _checkpoint_step(name: str, templates: Sequence[str]) -> Optional[int]:
 
 def _periodic_checkpoints(folders: Sequence[str], templates: Sequence[str],
                           before: Optional[int] = None) -> List[str]:
-    """Periodic checkpoints of ``folders`` (each file once), newest first.
-
-    Args:
-        folders (Sequence[str]): Folders to list; missing ones are skipped.
-        templates (Sequence[str]): File name templates of periodic checkpoints.
-        before (int, optional): Keep only steps below this one. Defaults to None (all).
-
-    Returns:
-        list[str]: Paths, by step, newest first.
-    """
+    """Periodic checkpoints (file names of ``templates``) of the existing ``folders``,
+    each file once, newest first; only steps below ``before`` if given."""
     found: List[Tuple[int, str]] = []
     seen = set()
     for folder in folders:
@@ -287,16 +240,8 @@ def _read_last_checkpoint(work_dir: str) -> Optional[str]:
 def checkpoint_candidates(work_dir: str,
                           templates: Sequence[str] = DEFAULT_TEMPLATES) -> List[str]:
     """Checkpoints of a work dir in the order they should be tried: the file
-    ``last_checkpoint`` names, then the older periodic checkpoints, newest first.
-
-    Args:
-        work_dir (str): The work dir of the run.
-        templates (Sequence[str]): File name templates of periodic checkpoints
-            (``CheckpointHook.filename_tmpl``). Defaults to ('iter_{}.pth', 'epoch_{}.pth').
-
-    Returns:
-        list[str]: Paths (the first may not exist if ``last_checkpoint`` is stale).
-    """
+    ``last_checkpoint`` names (which may not exist), then the older periodic checkpoints
+    (file names of ``templates``), newest first."""
     latest = _read_last_checkpoint(work_dir)
     if latest is None:
         return _periodic_checkpoints([work_dir], templates)
@@ -313,9 +258,9 @@ def find_resume_checkpoint(work_dir: str,
 
     Args:
         work_dir (str): The work dir of the run.
-        templates (Sequence[str]): Periodic checkpoint name templates.
-            Defaults to ('iter_{}.pth', 'epoch_{}.pth').
-        log (Callable[[str], None], optional): Receives a warning per rejected file.
+        templates (Sequence[str]): File name templates of periodic checkpoints.
+            Defaults to :data:`DEFAULT_TEMPLATES`.
+        log (Callable[[str], None], optional): Gets a warning per rejected file.
             Defaults to None.
 
     Returns:
@@ -355,23 +300,9 @@ def find_resume_checkpoint(work_dir: str,
 
 
 def check_resume_path(path: str, templates: Sequence[str] = DEFAULT_TEMPLATES) -> str:
-    """Check a checkpoint given explicitly with ``--resume PATH``.
-
-    Args:
-        path (str): The checkpoint.
-        templates (Sequence[str]): Periodic checkpoint name templates, to point at the
-            previous good checkpoint of the same folder in the error message.
-            Defaults to ('iter_{}.pth', 'epoch_{}.pth').
-
-    Returns:
-        str: ``path``, if usable.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        UnsafeCheckpointError: If loading it could run code.
-        CheckpointError: If it is damaged; the message names the previous good
-            checkpoint of its folder when there is one.
-    """
+    """``path`` given with ``--resume PATH``, if usable; raises as
+    :func:`inspect_checkpoint`, the message of a damaged file naming the previous good
+    checkpoint of its folder (periodic ones, of ``templates``) where there is one."""
     try:
         inspect_checkpoint(path, for_resume=True)
         return path

@@ -8,30 +8,19 @@ from typing import Any, Callable, List, Optional
 
 
 def add_common_tool_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options both tools take: ``--cfg-options``, ``--launcher``, the pre-flight
-    data check (``--data-check-images``, ``--no-data-check``) and ``--local-rank``.
-
-    Args:
-        parser (argparse.ArgumentParser): The tool's parser, extended in place.
-    """
+    """Add the options both tools take to ``parser``: ``--cfg-options``, ``--launcher``,
+    the pre-flight data check's ``--data-check-images`` and ``--no-data-check``, and
+    ``--local-rank``."""
     from mmengine.config import DictAction
     parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
+        '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, key=value (nested keys with dots, lists '
         'as key="[a,b]" or key=a,b)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
     parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-    parser.add_argument(
-        '--data-check-images',
-        type=int,
-        default=16,
-        help='images decoded per dataset by the pre-flight data check (-1: all, '
-        '0: none)')
+        '--data-check-images', type=int, default=16,
+        help='images decoded per dataset by the pre-flight data check (-1: all, 0: none)')
     parser.add_argument(
         '--no-data-check', action='store_true', help='skip the pre-flight data check')
     # torch.distributed.launch passes --local-rank (newer) or --local_rank (older)
@@ -40,15 +29,8 @@ def add_common_tool_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_tool_arguments(parser: argparse.ArgumentParser,
                          argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse a tool's command line; sets ``LOCAL_RANK`` from ``--local-rank`` if unset.
-
-    Args:
-        parser (argparse.ArgumentParser): A parser with :func:`add_common_tool_arguments`.
-        argv (list[str], optional): Arguments. Defaults to None (``sys.argv``).
-
-    Returns:
-        argparse.Namespace: The parsed arguments.
-    """
+    """Parse a tool's command line (``argv``, default ``sys.argv``) with ``parser``; sets
+    ``LOCAL_RANK`` from ``--local-rank`` if unset."""
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
@@ -56,19 +38,11 @@ def parse_tool_arguments(parser: argparse.ArgumentParser,
 
 
 def run_tool_cli(main: Callable[[], Any], prog: str) -> None:
-    """Run a tool's ``main``; data, checkpoint and option problems end with a one-line
-    message and exit status 1 instead of a traceback. When ``main`` returns, the objects it left
-    in reference cycles (the runner and its DDP wrapper, which hold the process group)
-    are collected and a distributed run's default process group is destroyed, while the
-    interpreter is fully alive: left to the interpreter's exit, gloo's threads made a
-    rank abort now and then after its work was done ("terminate called without an
-    active exception", ``tests/test_dist.py``). After an error it is left alone, as
-    destroying it while other ranks are still in a collective can hang.
-
-    Args:
-        main (Callable): The tool's entry point (reads ``sys.argv``).
-        prog (str): The tool's name in the message.
-    """
+    """Run a tool's ``main`` (``prog`` names it in messages): data, checkpoint and option
+    problems end with one line and exit status 1. When ``main`` returns, its reference
+    cycles are collected and the process group destroyed while the interpreter is alive
+    (gloo's threads made a rank abort now and then at exit, ``tests/test_dist.py``); not
+    after an error, where other ranks may still be in a collective."""
     from ..utils import CheckpointError
     from .config import ToolConfigError
     from .preflight import DatasetCheckError
@@ -82,8 +56,8 @@ def run_tool_cli(main: Callable[[], Any], prog: str) -> None:
 
 
 def destroy_process_group() -> None:
-    """Destroy torch.distributed's default process group if one is initialised; a
-    failure to do so is a warning, so that it never hides how the tool ended."""
+    """Destroy torch.distributed's default process group if one is initialised (a failure
+    is a warning: it must not hide how the tool ended)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         try:

@@ -1,12 +1,7 @@
-"""``torch.compile`` of mmengine's training step (``compile=True`` in a config).
-
-mmengine's Runner compiles the whole ``train_step``, the optimizer step included. With a
-``paramwise_cfg`` (every mmrest config has one) mmengine 0.10.7 builds the optimizer's
-parameter groups as ``ConfigDict``s, on which torch 2.14's dynamo fails while tracing the
-step (``InternalTorchDynamoError: 'UserDefinedDictVariable' object has no attribute
-'items'``). :class:`PlainParamGroupsHook` turns them into plain dicts before the first
-iteration (same keys and values, the same parameter objects); :func:`prepare_compile`
-adds it to a config that asks for ``compile``.
+"""``torch.compile`` of mmengine's training step (``compile=True`` in a config): with a
+``paramwise_cfg`` mmengine 0.10.7 builds the optimizer's parameter groups as
+``ConfigDict``s, on which dynamo fails (``'UserDefinedDictVariable' object has no
+attribute 'items'``); :class:`PlainParamGroupsHook` makes them plain dicts.
 """
 from typing import Any
 
@@ -35,14 +30,8 @@ class PlainParamGroupsHook(Hook):
 
 
 def prepare_compile(cfg: Any) -> bool:
-    """Add :class:`PlainParamGroupsHook` to a config whose ``compile`` is set.
-
-    Args:
-        cfg (Config): The config, changed in place.
-
-    Returns:
-        bool: Whether the config asks for ``torch.compile``.
-    """
+    """Add :class:`PlainParamGroupsHook` to a config (in place) whose ``compile`` is set;
+    returns whether it is."""
     if not cfg.get('compile'):
         return False
     add_custom_hook(cfg, PLAIN_PARAM_GROUPS_HOOK)

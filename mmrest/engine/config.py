@@ -10,26 +10,15 @@ class ToolConfigError(ValueError):
 
 
 def type_name(value: Any) -> str:
-    """The class name a config's ``type`` entry names, without its scope.
-
-    Args:
-        value (str | type | Any): ``'mmrest.CPUAmpOptimWrapper'``, a class, ...
-
-    Returns:
-        str: E.g. ``'CPUAmpOptimWrapper'``.
-    """
+    """The class name a config's ``type`` entry (a string or a class) names, without its
+    scope: ``'CPUAmpOptimWrapper'`` for ``'mmrest.CPUAmpOptimWrapper'``."""
     name = value if isinstance(value, str) else getattr(value, '__name__', str(value))
     return name.split('.')[-1]
 
 
 def add_custom_hook(cfg: Any, hook_type: str) -> None:
-    """Append ``dict(type=hook_type)`` to ``cfg.custom_hooks`` unless a hook of that class
-    (with or without a scope prefix) is already there.
-
-    Args:
-        cfg (Config): The config, modified in place.
-        hook_type (str): E.g. ``'mmrest.RNGStateHook'``.
-    """
+    """Append ``dict(type=hook_type)`` to ``cfg.custom_hooks`` (in place) unless a hook of
+    that class (with or without a scope prefix) is already there."""
     hooks = list(cfg.get('custom_hooks') or [])
     if not any(isinstance(h, dict) and type_name(h.get('type')) == type_name(hook_type)
                for h in hooks):
@@ -38,14 +27,7 @@ def add_custom_hook(cfg: Any, hook_type: str) -> None:
 
 
 def default_work_dir(config_path: str) -> str:
-    """``./work_dirs/<config name>``, mmdet's default.
-
-    Args:
-        config_path (str): The config file.
-
-    Returns:
-        str: The work dir.
-    """
+    """``./work_dirs/<config name>``, mmdet's default work dir."""
     return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
 
 
@@ -53,11 +35,9 @@ def load_tool_config(config_path: str,
                      cfg_options: Optional[dict] = None,
                      launcher: str = 'none',
                      work_dir: Optional[str] = None) -> Any:
-    """Load a config the way ``tools/train.py`` and ``tools/test.py`` both need it.
-
-    Reads the file, applies ``--cfg-options``, enters the config's default scope (mmdet,
-    mmseg or mmpretrain) and sets the work dir (``work_dir``, else the config's, else
-    ``./work_dirs/<config name>``).
+    """Load a config for ``tools/train.py`` and ``tools/test.py``: apply ``--cfg-options``,
+    enter its default scope and set the work dir (``work_dir``, the config's, or
+    :func:`default_work_dir`).
 
     Args:
         config_path (str): The config file.
@@ -83,8 +63,8 @@ def load_tool_config(config_path: str,
         cfg.merge_from_dict(cfg_options)
     scope = cfg.get('default_scope')
     if not scope:
-        raise ToolConfigError(f'{config_path} sets no default_scope (mmdet, mmseg or mmpretrain): '
-                         f'inherit a stock base config or set default_scope')
+        raise ToolConfigError(f'{config_path} sets no default_scope (mmdet, mmseg or '
+                              'mmpretrain): inherit a stock base config or set default_scope')
     init_default_scope(scope)
     if work_dir is not None:
         cfg.work_dir = work_dir
@@ -94,14 +74,7 @@ def load_tool_config(config_path: str,
 
 
 def build_runner(cfg: Any) -> Any:
-    """mmengine's ``Runner`` from a config, or the config's own ``runner_type``.
-
-    Args:
-        cfg (Config): The prepared config.
-
-    Returns:
-        Runner: The runner.
-    """
+    """mmengine's ``Runner`` from a prepared config, or the config's own ``runner_type``."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     if 'runner_type' not in cfg:

@@ -1,26 +1,16 @@
-"""Distributed training on machines without a GPU (gloo on the CPU).
-
-With CUDA, mmengine's ``Runner`` starts the process group itself (``init_dist`` with the
-config's ``env_cfg.dist_cfg``) and nothing here is needed. Without CUDA, two things in
-mmengine 0.10.7 fail: ``init_dist`` calls ``torch.cuda.set_device(local_rank)`` for every
-launcher, and the DDP wrapper gets ``device_ids=[LOCAL_RANK]``.
-:func:`init_cpu_distributed` works around exactly those two and leaves the rest to
-``mmengine.dist.init_dist`` (the environment of torchrun, Slurm or MPI, timeouts, the
-start method).
-"""
+"""Distributed training on machines without a GPU (gloo on the CPU), where mmengine 0.10.7's
+``init_dist`` calls ``torch.cuda.set_device`` and its DDP wrapper gets
+``device_ids=[LOCAL_RANK]``."""
 from typing import Any
 
 import torch
 
 
 def init_cpu_distributed(cfg: Any, launcher: str) -> bool:
-    """Start a gloo process group on a machine without CUDA.
-
-    Calls ``mmengine.dist.init_dist(launcher, backend='gloo', ...)`` (the config's
-    ``env_cfg.dist_cfg`` with ``backend='gloo'``) with ``torch.cuda.set_device`` made a
-    no-op for the duration of the call, and sets ``model_wrapper_cfg.device_ids=None``
-    (DDP on CPU tensors). The runner then finds the group initialised. Does nothing for
-    ``launcher='none'`` or when CUDA is available.
+    """Start a gloo process group on a machine without CUDA: ``mmengine.dist.init_dist``
+    with the config's ``env_cfg.dist_cfg`` and ``backend='gloo'``, ``torch.cuda.set_device``
+    a no-op meanwhile, and ``model_wrapper_cfg.device_ids=None``. Does nothing for
+    ``launcher='none'`` or where CUDA is available.
 
     Args:
         cfg (Config): The config, modified in place.

@@ -1,14 +1,6 @@
-"""Stage-wise learning-rate decay for ResT and ResT V2 backbones.
-
-The authors' UperNet recipes for ResT V2 small and base (https://github.com/wofmanaf/ResT,
-``semantic_segmentation/configs/ResTv2``) train with a learning rate that decays by a
-factor per backbone stage from the heads down (``decay_rate=0.9``,
-``decay_type='stage_wise'``). :class:`ResTLearningRateDecayOptimWrapperConstructor` does
-that for the parameter names of :class:`mmrest.models.ResT` and
-:class:`mmrest.models.ResTV2`; every other ``paramwise_cfg`` rule of mmengine's
-:class:`~mmengine.optim.DefaultOptimWrapperConstructor` (``custom_keys``,
-``norm_decay_mult``, ``flat_decay_mult``, ...) applies as usual, and the stage's factor
-multiplies the learning rate it gives.
+"""Stage-wise learning-rate decay of the authors' ResT V2 UperNet recipes
+(https://github.com/wofmanaf/ResT, ``semantic_segmentation/configs/ResTv2``), on top of
+every other ``paramwise_cfg`` rule of mmengine's ``DefaultOptimWrapperConstructor``.
 """
 import re
 from typing import List, Optional
@@ -27,15 +19,10 @@ _STAGE_KEY = re.compile(r'^(?:patch_embed_|patch_|stage|norm)(\d)\.')
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class ResTLearningRateDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
-    """Stage-wise learning-rate decay for models with a ResT / ResT V2 ``backbone``.
-
-    Each parameter gets a stage id: ``backbone.stem.*`` 0; stage i (1-4) its patch
-    embedding (``backbone.patch_embed_{i}`` / ``backbone.patch_{i}``), its blocks
-    ``backbone.stage{i}`` and its output norm (``backbone.norm{i}``, and
-    ``backbone.norm`` for stage 4); everything outside the backbone (neck, heads) 5.
-    Its learning rate is that of the other rules times
-    ``decay_rate ** (5 - stage id)``: the heads keep the base rate, stage 4 gets 0.9 of
-    it with ``decay_rate=0.9``, ..., the stem 0.9 ** 5.
+    """Stage-wise learning-rate decay for models with a ResT / ResT V2 ``backbone``: the lr
+    of the other rules times ``decay_rate ** (5 - stage id)``, the stem's id 0, stage i's
+    (its patch embedding, blocks and output norm) i, the rest of the model's (neck,
+    heads) 5.
 
     Args:
         optim_wrapper_cfg (dict): The optimizer wrapper config, as for mmengine's
@@ -90,14 +77,8 @@ class ResTLearningRateDecayOptimWrapperConstructor(DefaultOptimWrapperConstructo
 
     def add_params(self, params: List[dict], module: nn.Module, prefix: str = '',
                    is_dcn_module: Optional[bool] = None) -> None:
-        """mmengine's parameter groups, with the stage's factor applied to their lr.
-
-        Args:
-            params (list[dict]): The parameter groups, appended to in place.
-            module (nn.Module): The model (or, in the recursion, a submodule).
-            prefix (str): The module's name in the model. Defaults to ''.
-            is_dcn_module (bool, optional): As in mmengine. Defaults to None.
-        """
+        """mmengine's parameter groups (appended to ``params``), with the stage's factor
+        applied to their lr."""
         start = len(params)
         super().add_params(params, module, prefix, is_dcn_module)
         if prefix:  # a submodule: the whole model's call below scales its groups

@@ -1,22 +1,10 @@
-"""Pre-flight checks of a config's datasets, before a runner is built.
-
-mmdet, mmseg and mmpretrain find data problems late (after the model is built, inside
-data loader workers) and some of their messages do not name the file: pycocotools
-reports an annotation file that is not JSON as ``JSONDecodeError: Expecting value: line 1
-column 1 (char 0)``, a JSON list as an ``AssertionError`` about ``<class 'list'>``, a
-missing image folder only when the first image is read. :func:`check_data_config` checks
-every dataset of the train/val/test loaders up front and raises
-:class:`DatasetCheckError` naming the config key, the offending path and the problem:
-
-* ``data_root``, ``ann_file`` and each ``data_prefix`` entry exist (local paths);
-* a ``.json`` annotation file is valid JSON in COCO layout (``images``, ``annotations``,
-  ``categories``, each image with ``id`` and ``file_name``, each category with ``id``
-  and ``name``), and the config's classes occur among its categories;
-* a sample of the images (``max_images`` per dataset, spread over the list; all of them
-  for datasets up to that size) exists and decodes.
-
-Images outside the sample are checked when loaded, by mmcv (``failed to load image:
-<path>``).
+"""Pre-flight checks of a config's datasets, before a runner is built: mmdet, mmseg and
+mmpretrain find data problems late, some with messages that name no file (pycocotools'
+``JSONDecodeError: Expecting value``). :func:`check_data_config` raises
+:class:`DatasetCheckError` naming the config key, the path and the problem: a missing
+``data_root``, ``ann_file`` or ``data_prefix`` folder; a ``.json`` annotation file that is
+not COCO (or has none of the config's classes); a sample of the images that is missing
+or does not decode (the others are checked by mmcv when loaded).
 """
 import json
 import os
@@ -130,10 +118,10 @@ def check_dataset(dataset_cfg: Dict[str, Any], where: str = 'dataset',
     """Check one (leaf) dataset config.
 
     Args:
-        dataset_cfg (dict): The dataset config (``type``, ``data_root``, ``ann_file``,
+        dataset_cfg (dict): The dataset config (``data_root``, ``ann_file``,
             ``data_prefix``, ``metainfo``...).
         where (str): Its key in the config, for messages. Defaults to 'dataset'.
-        max_images (int): Images checked per dataset (-1: all, 0: none).
+        max_images (int): Images decoded, spread over the list (-1: all, 0: none).
             Defaults to 16.
 
     Raises:
@@ -196,17 +184,8 @@ def check_dataset(dataset_cfg: Dict[str, Any], where: str = 'dataset',
 def check_data_config(cfg: Any,
                       splits: Sequence[str] = ('train', 'val', 'test'),
                       max_images: int = 16) -> None:
-    """Check the datasets of a config's data loaders.
-
-    Args:
-        cfg (Config | dict): The full config.
-        splits (Sequence[str]): Which loaders: ``'<split>_dataloader'``.
-            Defaults to ('train', 'val', 'test').
-        max_images (int): Images decoded per dataset (-1: all, 0: none). Defaults to 16.
-
-    Raises:
-        DatasetCheckError: For the first problem found.
-    """
+    """:func:`check_dataset` on every dataset (inside wrappers too) of the
+    ``<split>_dataloader`` of each of ``splits``; raises for the first problem."""
     checked = set()
     for split in splits:
         loader = cfg.get(f'{split}_dataloader')

@@ -15,11 +15,8 @@ from ..registry import HOOKS
 def _rng_state() -> Dict[str, Any]:
     """This process's generators: torch (CPU), numpy, python ``random`` and, once CUDA is
     in use, the current CUDA device's (one device per rank)."""
-    state: Dict[str, Any] = dict(
-        torch=torch.get_rng_state(),
-        numpy=np.random.get_state(),
-        python=random.getstate(),
-    )
+    state: Dict[str, Any] = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                                 python=random.getstate())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state['cuda'] = torch.cuda.get_rng_state()
     return state
@@ -84,21 +81,16 @@ class _RestoreAfter:
 
 @HOOKS.register_module()
 class RNGStateHook(Hook):
-    """Save every rank's random generators in checkpoints and restore them on resume.
+    """Save every rank's random generators in checkpoints and restore them on resume
+    (mmengine only re-seeds them), so that a resumed run draws what the uninterrupted one
+    would have.
 
-    mmengine re-seeds the generators on resume but does not restore their state, so
-    dropout, drop path and random transforms would draw other numbers than the
-    uninterrupted run. This hook stores ``rng_state = {'world_size': W, 'ranks': [...]}``
-    (torch CPU, numpy, python ``random`` and the rank's CUDA generator) in every
-    checkpoint; rank k of the resumed run gets rank k's state back.
-
-    The states are gathered (``all_gather_object``) only when a ``CheckpointHook`` is due
-    to save, by its own predicates, or in ``before_val`` when one saves best checkpoints.
-    They are restored right after mmengine's data loader replay (iteration-based loops)
-    or at the start of the resumed epoch (epoch-based loops; persistent data loader
-    workers cannot be restored, and a warning says so). A checkpoint of another world
-    size is not restored (a warning says so). Validation runs on its own copy of the
-    generators, so it does not change the training's random stream.
+    Checkpoints get ``rng_state = {'world_size': W, 'ranks': [...]}`` (torch CPU, numpy,
+    python ``random``, the rank's CUDA generator), gathered only when a
+    ``CheckpointHook`` is due to save. Rank k gets rank k's state back right after
+    mmengine's data loader replay (iteration-based loops) or at the resumed epoch; another
+    world size, or persistent data loader workers, get a warning. Validation runs on its
+    own copy of the generators.
     """
 
     priority = 'VERY_HIGH'

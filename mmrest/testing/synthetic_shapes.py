@@ -1,34 +1,13 @@
-"""Synthetic data for the demo, the tests and quick experiments: a COCO-format dataset of
-coloured geometric shapes on textured backgrounds.
+"""A deterministic COCO-format dataset of coloured shapes on textured backgrounds, for the
+demo, the tests and quick experiments (docs/get_started.md)::
 
-:func:`generate_shapes_dataset` writes, deterministically from a seed::
+    out_dir/{train,val}/000000.png ...            RGB images
+    out_dir/annotations/instances_{train,val}.json boxes, RLE masks, info['generator']
+    out_dir/semantic/{train,val}/000000.png ...   0 background, k category id k (no 255)
 
-    out_dir/
-        train/000000.png ...             RGB images (PNG)
-        val/000000.png ...
-        annotations/instances_train.json COCO detection/instance annotations
-        annotations/instances_val.json
-        semantic/train/000000.png ...    uint8 semantic label maps
-        semantic/val/000000.png ...
-
-Annotations: one COCO ``annotation`` per visible shape with ``bbox`` (``[x, y, w, h]``, the
-tight box of the visible pixels, a pixel ``i`` covering ``[i, i + 1)``), ``area`` (visible
-pixel count), ``segmentation`` (COCO RLE ``{'size': [h, w], 'counts': '...'}``, compressed
-by ``pycocotools.mask.encode``, readable by ``pycocotools`` and mmdet's
-``LoadAnnotations(with_mask=True)``), ``iscrowd`` 0 and ``category_id`` (1-based, in the
-order of ``classes``). Each json's ``info['generator']`` records the generator's settings.
-
-Semantic maps: 0 is background and a shape's pixels hold its ``category_id`` (1..K), so
-for mmseg use ``num_classes=K + 1`` and ``reduce_zero_label=False``. The value 255 is never
-written (it is free to serve as an ignore index).
-
-Train and val images come from independent random streams of the same seed. Shapes are
-painted in order, so a later shape may hide part of an earlier one when ``max_overlap``
-allows their boxes to overlap; boxes, masks and the semantic map always describe the
-*visible* pixels, and every shape keeps at least ``min_visible`` of its area.
-
-Needs numpy, OpenCV, mmcv (image writing), pycocotools (RLE) and mmdet (box overlaps);
-``import mmrest`` does not import this module.
+Every annotation describes the *visible* pixels of a shape (a later one may hide part of
+it). Train and val come from independent random streams of the seed. Needs OpenCV, mmcv,
+pycocotools and mmdet; ``import mmrest`` does not import it.
 """
 import json
 import os
@@ -49,43 +28,33 @@ DEMO_CLASSES: Tuple[str, ...] = ('circle', 'square', 'triangle', 'star', 'cross'
 
 #: The base RGB colour of each shape when ``class_colors=True``.
 CLASS_COLORS: Dict[str, Tuple[int, int, int]] = {
-    'circle': (230, 50, 45),      # red
-    'square': (40, 190, 60),      # green
-    'triangle': (45, 85, 235),    # blue
-    'diamond': (245, 210, 30),    # yellow
-    'hexagon': (205, 55, 225),    # magenta
-    'star': (30, 215, 225),       # cyan
-    'cross': (250, 135, 20),      # orange
-}
+    'circle': (230, 50, 45), 'square': (40, 190, 60), 'triangle': (45, 85, 235),
+    'diamond': (245, 210, 30), 'hexagon': (205, 55, 225), 'star': (30, 215, 225),
+    'cross': (250, 135, 20)}
 
-#: Format version of the written files; bumped when the output for a seed changes
-#: (2: masks as compressed RLE strings instead of run-length lists).
+#: Version of the written files, bumped when the output for a seed changes.
 GENERATOR_VERSION = 2
 
 
 def _unit_polygon(shape: str) -> np.ndarray:
     """Vertices (N, 2) of ``shape`` inside the unit box ``[-0.5, 0.5]^2``, as (x, y)."""
-    if shape == 'circle':
-        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-        return 0.5 * np.stack([np.cos(t), np.sin(t)], axis=1)
-    if shape == 'square':
-        return np.array([[-.5, -.5], [.5, -.5], [.5, .5], [-.5, .5]])
-    if shape == 'triangle':
-        return np.array([[0., -.5], [.5, .5], [-.5, .5]])
-    if shape == 'diamond':
-        return np.array([[0., -.5], [.5, 0.], [0., .5], [-.5, 0.]])
-    if shape == 'hexagon':
-        t = np.arange(6) * np.pi / 3
+    if shape not in SHAPES:
+        raise KeyError(f'Unknown shape {shape!r}; choose from {list(SHAPES)}')
+    if shape in ('circle', 'hexagon'):
+        t = (np.linspace(0, 2 * np.pi, 64, endpoint=False) if shape == 'circle'
+             else np.arange(6) * np.pi / 3)
         return 0.5 * np.stack([np.cos(t), np.sin(t)], axis=1)
     if shape == 'star':
         t = -np.pi / 2 + np.arange(10) * np.pi / 5
         r = np.where(np.arange(10) % 2 == 0, 0.5, 0.2)
         return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
-    if shape == 'cross':
-        a, b = 1 / 6, 0.5
-        return np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b],
-                         [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]])
-    raise KeyError(f'Unknown shape {shape!r}; choose from {list(SHAPES)}')
+    a, b = 1 / 6, 0.5
+    return np.array({
+        'square': [[-.5, -.5], [.5, -.5], [.5, .5], [-.5, .5]],
+        'triangle': [[0., -.5], [.5, .5], [-.5, .5]],
+        'diamond': [[0., -.5], [.5, 0.], [0., .5], [-.5, 0.]],
+        'cross': [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b],
+                  [-a, a], [-b, a], [-b, -a], [-a, -a]]}[shape])
 
 
 def _encode_rle(mask: np.ndarray) -> Dict[str, object]:
@@ -96,8 +65,7 @@ def _encode_rle(mask: np.ndarray) -> Dict[str, object]:
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A muted, textured (H, W, 3) float background: tinted grey, blotches, stripes."""
-    gray = rng.uniform(70, 180)
-    img = np.full((h, w, 3), gray) + rng.normal(0, 12, 3)
+    img = np.full((h, w, 3), rng.uniform(70, 180)) + rng.normal(0, 12, 3)
     # low-frequency colour blotches
     gh, gw = rng.integers(2, 6, size=2)
     blotch = rng.normal(0, 22, (int(gh), int(gw), 3)).astype(np.float32)
@@ -106,14 +74,12 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     kind = rng.integers(0, 3)
     if kind == 1:
-        theta = rng.uniform(0, np.pi)
-        period = rng.uniform(4, 16)
+        theta, period = rng.uniform(0, np.pi), rng.uniform(4, 16)
         phase = (xx * np.cos(theta) + yy * np.sin(theta)) * 2 * np.pi / period
         img += rng.uniform(6, 16) * np.sin(phase)[..., None]
     elif kind == 2:
         cell = rng.integers(4, 13)
-        checker = ((xx // cell + yy // cell) % 2) * 2 - 1
-        img += rng.uniform(5, 12) * checker[..., None]
+        img += rng.uniform(5, 12) * (((xx // cell + yy // cell) % 2) * 2 - 1)[..., None]
     return img
 
 
@@ -144,47 +110,17 @@ def _mask_box(mask: np.ndarray) -> Tuple[int, int, int, int]:
     return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
 
 
-def render_shapes_image(
-    rng: np.random.Generator,
-    img_size: Tuple[int, int],
-    classes: Sequence[str],
-    min_shapes: int = 1,
-    max_shapes: int = 4,
-    size_range: Tuple[float, float] = (0.15, 0.45),
-    max_overlap: float = 0.2,
-    min_visible: float = 0.6,
-    rotate: bool = True,
-    class_colors: bool = False,
-    noise_std: float = 6.0,
-) -> Tuple[np.ndarray, np.ndarray, List[dict]]:
-    """Render one image with its semantic map and instances.
-
-    Args:
-        rng (np.random.Generator): Source of randomness.
-        img_size (tuple[int, int]): ``(H, W)``.
-        classes (Sequence[str]): Shape names; class ``i`` has category id ``i + 1``.
-        min_shapes (int): Fewest shapes per image. Defaults to 1.
-        max_shapes (int): Most shapes per image (fewer when they do not fit).
-            Defaults to 4.
-        size_range (tuple[float, float]): Shape size (side of its unrotated box) as a
-            fraction of the shorter image side, sampled uniformly.
-            Defaults to (0.15, 0.45).
-        max_overlap (float): Largest box IoU allowed between two shapes (of their full,
-            unoccluded pixels); 0 keeps them apart. Defaults to 0.2.
-        min_visible (float): Fraction of each shape that must stay visible when a later
-            shape covers part of it. Defaults to 0.6.
-        rotate (bool): Rotate shapes by a random angle (a rotated 'square' then looks
-            like a 'diamond'; do not use both). Defaults to True.
-        class_colors (bool): Colour each class with its own hue (from
-            :data:`CLASS_COLORS`, jittered); otherwise random saturated colours.
-            Defaults to False.
-        noise_std (float): Std of the pixel noise added to the whole image.
-            Defaults to 6.0.
+def render_shapes_image(rng: np.random.Generator, img_size: Tuple[int, int],
+                        classes: Sequence[str], min_shapes: int = 1, max_shapes: int = 4,
+                        size_range: Tuple[float, float] = (0.15, 0.45),
+                        max_overlap: float = 0.2, min_visible: float = 0.6,
+                        rotate: bool = True, class_colors: bool = False,
+                        noise_std: float = 6.0) -> Tuple[np.ndarray, np.ndarray, List[dict]]:
+    """Render one image: its arguments are those of :func:`generate_shapes_dataset`.
 
     Returns:
-        tuple: ``(image, semantic, instances)``: (H, W, 3) uint8 RGB image, (H, W) uint8
-        semantic map (0 background, else category id) and a list of
-        ``{'category_id', 'mask'}`` dicts in painting order, with the visible masks.
+        tuple: (H, W, 3) uint8 RGB image, (H, W) uint8 semantic map and the instances
+        (``{'category_id', 'mask'}`` with the visible mask) in painting order.
     """
     h, w = img_size
     short = min(h, w)
@@ -267,27 +203,18 @@ def _check_args(num_train: int, num_val: int, img_size: Tuple[int, int], min_sha
         raise ValueError(f'min_visible must be in (0, 1], got {min_visible}')
 
 
-def generate_shapes_dataset(out_dir: str,
-                            num_train: int = 1000,
-                            num_val: int = 200,
-                            img_size: Tuple[int, int] = (128, 128),
-                            min_shapes: int = 1,
+def generate_shapes_dataset(out_dir: str, num_train: int = 1000, num_val: int = 200,
+                            img_size: Tuple[int, int] = (128, 128), min_shapes: int = 1,
                             max_shapes: int = 4,
                             size_range: Tuple[float, float] = (0.15, 0.45),
-                            classes: Sequence[str] = DEMO_CLASSES,
-                            max_overlap: float = 0.2,
-                            min_visible: float = 0.6,
-                            rotate: bool = True,
-                            class_colors: bool = False,
-                            noise_std: float = 6.0,
+                            classes: Sequence[str] = DEMO_CLASSES, max_overlap: float = 0.2,
+                            min_visible: float = 0.6, rotate: bool = True,
+                            class_colors: bool = False, noise_std: float = 6.0,
                             seed: int = 0) -> Dict[str, object]:
-    """Write a synthetic shapes dataset in COCO format (see the module docstring).
-
-    The defaults are the data of the built-in demo
-    (``configs/demo/retinanet_rest_lite_shapes.py``). The output depends only on the
-    arguments (not on ``out_dir`` or the machine's state): the same arguments give
-    byte-identical files. Existing files of the same names are overwritten; other files
-    in ``out_dir`` are left alone.
+    """Write a synthetic shapes dataset (see the module docstring). The same arguments
+    give byte-identical files; the defaults are the demo's data
+    (``configs/demo/retinanet_rest_lite_shapes.py``). Other files in ``out_dir`` are
+    left alone.
 
     Args:
         out_dir (str): Folder to write to (created if needed).
@@ -295,29 +222,28 @@ def generate_shapes_dataset(out_dir: str,
         num_val (int): Validation images. Defaults to 200.
         img_size (tuple[int, int]): ``(H, W)`` of every image. Defaults to (128, 128).
         min_shapes (int): Fewest shapes per image. Defaults to 1.
-        max_shapes (int): Most shapes per image (an image gets fewer when they do not
-            fit). Defaults to 4.
-        size_range (tuple[float, float]): Shape size as fractions of the shorter image
-            side. Defaults to (0.15, 0.45).
-        classes (Sequence[str]): Shape names from :data:`SHAPES`, one class each, in
-            category-id order. Defaults to :data:`DEMO_CLASSES`.
-        max_overlap (float): Largest box IoU between two shapes of an image (a later
-            shape may hide part of an earlier one). Defaults to 0.2.
+        max_shapes (int): Most shapes per image (fewer where they do not fit).
+            Defaults to 4.
+        size_range (tuple[float, float]): Shape size (side of its unrotated box) as
+            fractions of the shorter image side. Defaults to (0.15, 0.45).
+        classes (Sequence[str]): Names from :data:`SHAPES`, in category-id order (1-based).
+            Defaults to :data:`DEMO_CLASSES`.
+        max_overlap (float): Largest box IoU between two shapes of an image.
+            Defaults to 0.2.
         min_visible (float): Fraction of a shape that must stay visible under later
-            shapes. Defaults to 0.6.
+            ones. Defaults to 0.6.
         rotate (bool): Rotate shapes by random angles. Defaults to True.
-        class_colors (bool): One hue per class (much easier: colour alone then tells
-            the class) instead of random colours. Defaults to False.
+        class_colors (bool): One hue per class (:data:`CLASS_COLORS`, jittered) instead
+            of random colours. Defaults to False.
         noise_std (float): Pixel noise std. Defaults to 6.0.
         seed (int): Random seed. Defaults to 0.
 
     Returns:
-        dict: ``out_dir``, the annotation file of each split
-        (``ann_file_train``/``ann_file_val``), ``num_images`` and ``num_instances`` per
-        split, and ``settings`` (what ``info['generator']`` records).
+        dict: ``out_dir``, ``ann_file_train``, ``ann_file_val``, ``num_images`` and
+        ``num_instances`` per split, and ``settings`` (as ``info['generator']``).
 
     Raises:
-        ValueError: On an impossible setting (the message names it and its value).
+        ValueError: On an impossible setting (named with its value).
         KeyError: On an unknown shape name.
     """
     img_size = (int(img_size[0]), int(img_size[1]))
@@ -339,10 +265,9 @@ def generate_shapes_dataset(out_dir: str,
                                      num_instances={})
     for split_index, (split, count) in enumerate([('train', num_train), ('val', num_val)]):
         rng = np.random.default_rng([int(seed), split_index])
-        img_dir = osp.join(out_dir, split)
-        sem_dir = osp.join(out_dir, 'semantic', split)
-        os.makedirs(img_dir, exist_ok=True)
-        os.makedirs(sem_dir, exist_ok=True)
+        img_dir, sem_dir = osp.join(out_dir, split), osp.join(out_dir, 'semantic', split)
+        for folder in (img_dir, sem_dir):
+            os.makedirs(folder, exist_ok=True)
         images, annotations = [], []
         for i in range(count):
             img, semantic, instances = render_shapes_image(
@@ -376,15 +301,9 @@ def generate_shapes_dataset(out_dir: str,
 
 
 def read_generator_settings(out_dir: str) -> Optional[Dict[str, object]]:
-    """The settings a dataset in ``out_dir`` was generated with, or None.
-
-    Args:
-        out_dir (str): A folder written by :func:`generate_shapes_dataset`.
-
-    Returns:
-        dict | None: The train split's ``info['generator']`` if both annotation files,
-        and every image they list, exist and agree on it; else None.
-    """
+    """The ``info['generator']`` settings of a dataset :func:`generate_shapes_dataset`
+    wrote to ``out_dir``; None unless both splits, and every image they list, exist and
+    agree on them."""
     found = []
     for split in ('train', 'val'):
         ann_file = osp.join(out_dir, 'annotations', f'instances_{split}.json')

@@ -15,12 +15,6 @@ from .checkpoint import PathLike
 TEMP_FILE_RE = re.compile(r'^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$')
 
 
-def temp_path_for(path: PathLike) -> str:
-    """The temporary file (``<folder>/.<name>.<pid>.tmp``) :func:`atomic_write` uses."""
-    folder, name = osp.split(os.fspath(path))
-    return osp.join(folder, f'.{name}.{os.getpid()}.tmp')
-
-
 def _fsync(path: str) -> None:
     """Flush a file or a folder's entries to disk, where the platform allows it."""
     try:
@@ -35,22 +29,18 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def commit_file(tmp_path: PathLike, final_path: PathLike) -> None:
-    """Make a fully written temporary file the final file: ``fsync`` of the data,
-    ``os.replace`` (atomic within one file system), ``fsync`` of the folder."""
-    with open(tmp_path, 'rb') as f:
-        os.fsync(f.fileno())
-    os.replace(tmp_path, final_path)
-    _fsync(osp.dirname(os.fspath(final_path)))
-
-
 def _write_then_commit(path: str, write_temp: Callable[[str], None]) -> None:
-    """Write ``path``'s temporary file with ``write_temp``, then commit it; on any error
-    the destination is untouched and the temporary file removed."""
-    tmp = temp_path_for(path)
+    """Write ``path``'s temporary file with ``write_temp``, ``fsync`` it, rename it over
+    ``path`` and ``fsync`` the folder; on any error ``path`` is untouched and the temporary
+    file removed."""
+    folder, name = osp.split(path)
+    tmp = osp.join(folder, f'.{name}.{os.getpid()}.tmp')
     try:
         write_temp(tmp)
-        commit_file(tmp, path)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync(folder)
     except BaseException:
         if osp.exists(tmp):
             os.remove(tmp)

@@ -1,20 +1,11 @@
 """Reading checkpoint files safely.
 
-:func:`safe_load_checkpoint` loads with ``torch.load(weights_only=True)``: nothing in the
-file can run code. It tells a file that is not a torch checkpoint, or is truncated or
-corrupted (:class:`CheckpointError`), from one holding objects whose loading could run
-code (:class:`UnsafeCheckpointError`).
-
-mmengine 0.10.7 calls ``torch.load`` without ``weights_only``, which since torch 2.6 refuses
-the few types mmengine writes into training checkpoints. :func:`setup_safe_loading`
-(called by ``import mmrest``) adds exactly those types to torch's allowlist
-(:func:`mmengine_safe_globals`, reasons in :data:`SAFE_GLOBAL_REASONS`), among them a
-restricted stand-in for ``builtins.getattr`` that returns only ``HistoryBuffer``'s
-statistics methods; nothing is removed and ``weights_only`` keeps torch's default. It also
-registers :func:`safe_load_checkpoint` as mmengine's loader of local files, so
-``load_checkpoint``, ``Runner.resume`` and ``load_from`` refuse code-running files on every
-stack. Before torch 2.6 files are read with :class:`RestrictedUnpickler`, which allows
-the same types.
+:func:`safe_load_checkpoint` loads with ``torch.load(weights_only=True)`` (before torch 2.6
+with :class:`RestrictedUnpickler`): nothing in the file can run code, and a damaged file
+(:class:`CheckpointError`) is told from an unsafe one (:class:`UnsafeCheckpointError`).
+:func:`setup_safe_loading` (run by ``import mmrest``) adds exactly the types mmengine
+writes into training checkpoints to torch's allowlist (:func:`mmengine_safe_globals`) and
+makes :func:`safe_load_checkpoint` mmengine's loader of local files.
 """
 import _compat_pickle
 import builtins
@@ -50,42 +41,6 @@ class UnsafeCheckpointError(CheckpointError):
 
 # ---------------------------------------------------------------- the allowlist
 
-#: Why each allowed global appears in an mmengine checkpoint (found with
-#: ``torch.serialization.get_unsafe_globals_in_checkpoint`` on checkpoints written by
-#: mmdet, mmseg and mmpretrain training runs; see tests/test_resume.py).
-SAFE_GLOBAL_REASONS: Dict[str, str] = {
-    'mmengine.logging.history_buffer.HistoryBuffer':
-    "message_hub['log_scalars'] holds one HistoryBuffer per logged scalar (loss, lr, "
-    'time, metrics); it is a plain data container of two numpy arrays',
-    'builtins.getattr':
-    "HistoryBuffer.__getstate__ stores its statistics methods (min, max, mean, current) "
-    "as 'getattr(HistoryBuffer, name)'. Only a restricted stand-in is registered under "
-    'this name: it returns those methods of HistoryBuffer and refuses everything else',
-    'numpy.ndarray':
-    "HistoryBuffer's _log_history/_count_history arrays; numpy arrays in dataset "
-    'metainfo; the numpy RNG state saved by mmrest.RNGStateHook',
-    'numpy._core.multiarray._reconstruct':
-    'how numpy pickles an ndarray (creates an empty array, then fills it from bytes); '
-    "also registered under numpy 1.x's name numpy.core.multiarray._reconstruct",
-    'numpy._core.multiarray.scalar':
-    'how numpy pickles a numpy scalar (np.float64 time/eta in runtime_info, np.float64 '
-    "or np.int64 metric values); also under numpy 1.x's name numpy.core.multiarray.scalar",
-    'numpy.dtype':
-    'the dtype of each pickled array or scalar',
-    'numpy.dtypes.*DType':
-    'numpy >= 1.25 gives each dtype its own class (e.g. Float64DType); unpickling sets '
-    "the dtype's state, which torch only allows on allowlisted classes. Only the "
-    'boolean, integer, floating and complex dtype classes are allowed',
-}
-
-# numpy dtype classes of plain numbers (no object, string or structured dtypes).
-_NUMERIC_DTYPE_NAMES = (
-    'BoolDType', 'Int8DType', 'UInt8DType', 'Int16DType', 'UInt16DType', 'Int32DType',
-    'UInt32DType', 'Int64DType', 'UInt64DType', 'LongLongDType', 'ULongLongDType',
-    'Float16DType', 'Float32DType', 'Float64DType', 'LongDoubleDType', 'Complex64DType',
-    'Complex128DType', 'CLongDoubleDType', 'ByteDType', 'UByteDType', 'ShortDType',
-    'UShortDType', 'IntDType', 'UIntDType', 'LongDType', 'ULongDType')
-
 # The methods HistoryBuffer pickles by reference (HistoryBuffer._set_default_statistics).
 _HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
 
@@ -105,24 +60,17 @@ def history_buffer_getattr(obj: Any, name: str) -> Callable:
         f'{_HISTORY_BUFFER_METHODS} of mmengine HistoryBuffer are allowed')
 
 
-def _numpy_dtype_classes() -> List[type]:
-    dtypes = getattr(np, 'dtypes', None)
-    if dtypes is None:  # pragma: no cover - numpy < 1.25 has no dtype classes
-        return []
-    classes = []
-    for name in _NUMERIC_DTYPE_NAMES:
-        cls = getattr(dtypes, name, None)
-        if cls is not None and cls not in classes:
-            classes.append(cls)
-    return classes
-
-
 def mmengine_safe_globals() -> List[SafeGlobal]:
     """The types :func:`setup_safe_loading` allows, in ``add_safe_globals`` form
-    (classes, functions, and ``(object, 'module.name')`` pairs)."""
+    (classes, functions, and ``(object, 'module.name')`` pairs): those found in
+    checkpoints of mmdet, mmseg and mmpretrain runs (tests/test_resume.py)."""
     entries: List[SafeGlobal] = [
+        # message_hub['log_scalars']: a HistoryBuffer (two numpy arrays) per scalar, whose
+        # pickle names its statistics methods as getattr(HistoryBuffer, name): only those
         HistoryBuffer,
         (history_buffer_getattr, 'builtins.getattr'),
+        # numpy arrays and scalars (HistoryBuffer, metainfo, RNG states, metric values),
+        # under numpy 2's and numpy 1's names
         np.ndarray,
         np.dtype,
         (_np_multiarray._reconstruct, 'numpy._core.multiarray._reconstruct'),
@@ -130,7 +78,9 @@ def mmengine_safe_globals() -> List[SafeGlobal]:
         (_np_multiarray.scalar, 'numpy._core.multiarray.scalar'),
         (_np_multiarray.scalar, 'numpy.core.multiarray.scalar'),
     ]
-    entries.extend(_numpy_dtype_classes())
+    if hasattr(np, 'dtypes'):  # numpy >= 1.25 rebuilds dtypes through their classes
+        entries.extend(dict.fromkeys(type(np.dtype(code)) for code in np.typecodes['All']
+                                     if np.dtype(code).kind in 'biufc'))
     return entries
 
 
@@ -141,12 +91,8 @@ def torch_allowlist_usable() -> bool:
 
 
 def setup_safe_loading() -> None:
-    """Let ``torch.load(weights_only=True)`` read mmengine checkpoints, and only those.
-
-    Adds :func:`mmengine_safe_globals` to torch's allowlist (torch >= 2.6) and registers
-    :func:`safe_load_checkpoint` as mmengine's loader of local checkpoint files.
-    ``import mmrest`` calls it. Idempotent.
-    """
+    """Add :func:`mmengine_safe_globals` to torch's allowlist (torch >= 2.6) and make
+    :func:`safe_load_checkpoint` mmengine's loader of local files. Idempotent."""
     if torch_allowlist_usable():
         torch.serialization.add_safe_globals(mmengine_safe_globals())
     # mmengine's own local-file loader unpickles with weights_only=False before torch 2.6,
@@ -267,8 +213,10 @@ def _not_a_checkpoint(path: str, detail: str) -> CheckpointError:
 
 
 def _check_container(path: str) -> bool:
-    """Refuse files that are neither a zip archive nor a pickle (torch's two formats);
-    return whether the file is a zip archive."""
+    """Refuse missing files and files that are neither a zip archive nor a pickle
+    (torch's two formats); return whether the file is a zip archive."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
     if osp.getsize(path) == 0:
         raise _not_a_checkpoint(path, 'the file is empty')
     with open(path, 'rb') as f:
@@ -287,24 +235,20 @@ def safe_load_checkpoint(path: PathLike,
 
     Args:
         path (str | PathLike): Local checkpoint file.
-        map_location (str | torch.device | callable): Where to put the tensors, as in
-            ``torch.load``. Defaults to 'cpu'.
-        mmap (bool): Memory-map the tensor data instead of reading it (zip-format
-            checkpoints on torch >= 2.6 only). Defaults to False.
+        map_location (str | torch.device | callable): As in ``torch.load``.
+            Defaults to 'cpu'.
+        mmap (bool): Memory-map the tensors (zip files on torch >= 2.6). Defaults to False.
 
     Returns:
         Any: The loaded object (tensors in plain containers).
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        UnsafeCheckpointError: If the file holds anything but tensors, plain containers
-            and allowed types (its code is never run).
-        CheckpointError: If the file is not a torch checkpoint, or is truncated or
-            corrupted.
+        UnsafeCheckpointError: If it holds anything but tensors, plain containers and
+            allowed types (never unpickled).
+        CheckpointError: If it is not a torch checkpoint, or truncated or corrupted.
     """
     path = os.fspath(path)
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
     is_zip = _check_container(path)
     own = not torch_allowlist_usable()
     try:
@@ -336,24 +280,21 @@ _HUB_SCHEMES = ('modelzoo://', 'torchvision://', 'open-mmlab://', 'openmmlab://'
 
 
 def fetch_checkpoint(path: str, model_dir: Optional[str] = None) -> str:
-    """The local file to read a checkpoint from, downloading ``http(s)://`` addresses.
-
-    mmengine would unpickle a downloaded file with ``weights_only=False``; here it is only
-    downloaded (once) into torch hub's ``checkpoints`` folder and its path returned. Local
+    """The local file to read a checkpoint from: an ``http(s)://`` address is downloaded
+    (once, not unpickled as mmengine would) into torch hub's ``checkpoints`` folder; local
     paths and other storage schemes are returned as they are.
 
     Args:
         path (str): A local path or an address.
-        model_dir (str, optional): Folder of downloaded checkpoints. Defaults to None:
+        model_dir (str, optional): Folder of downloads. Defaults to None:
             ``<torch.hub.get_dir()>/checkpoints``.
 
     Returns:
         str: The local path, or ``path`` itself.
 
     Raises:
-        CheckpointError: For mmengine's ``open-mmlab://``, ``torchvision://``,
-            ``modelzoo://`` and ``mmcls://`` names (they resolve to downloads mmengine
-            unpickles unsafely), for an address that names no file, or a failed download.
+        CheckpointError: For mmengine's torch.hub names (``open-mmlab://`` ...), an
+            address that names no file, or a failed download.
     """
     path = os.fspath(path)
     if path.startswith(_HUB_SCHEMES):
@@ -378,21 +319,14 @@ def fetch_checkpoint(path: str, model_dir: Optional[str] = None) -> str:
 
 
 def verify_checkpoint_file(path: PathLike) -> None:
-    """Check that a checkpoint file is complete and undamaged, without unpickling it:
-    the CRC-32 of every record of a zip-format file (legacy pickle-format files only get
-    the check of their first bytes).
-
-    Args:
-        path (str | PathLike): Local checkpoint file.
+    """Check that a checkpoint file is complete and undamaged without unpickling it: the
+    CRC-32 of every record of a zip file (of a legacy pickle file, its first bytes).
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        CheckpointError: If the file is empty, not a torch checkpoint, truncated or
-            corrupted.
+        CheckpointError: If it is empty, not a torch checkpoint, truncated or corrupted.
     """
     path = os.fspath(path)
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
     if not _check_container(path):  # a legacy pickle-format checkpoint: nothing to verify
         return
     try:

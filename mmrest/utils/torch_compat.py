@@ -1,8 +1,5 @@
-"""What differs between the torch versions mmrest supports (2.1 and newer), in one place.
-
-Each function answers with the newest API where torch has it and with its older
-equivalent otherwise, so that no model code calls an attribute that an older torch lacks.
-"""
+"""What differs between the torch versions mmrest supports (2.1 and newer), in one place:
+the newest API where torch has it, its older equivalent otherwise."""
 import contextlib
 from typing import ContextManager, Optional, Tuple
 
@@ -25,13 +22,8 @@ def _flag(*names: str) -> bool:
 
 
 def is_recording_graph() -> bool:
-    """Whether a graph is being recorded: ``torch.export`` (hence
-    ``torch.onnx.export(dynamo=True)``), the TorchScript-based ``torch.onnx.export``,
-    ``torch.jit.trace`` or ``torch.compile``.
-
-    ``torch.compiler.is_exporting`` (torch >= 2.5) and ``torch.compiler.is_compiling``
-    (>= 2.3) are used where torch has them, ``torch._dynamo.is_compiling`` before.
-    """
+    """Whether a graph is being recorded: ``torch.export`` (hence dynamo ONNX export),
+    TorchScript ONNX export, ``torch.jit.trace`` or ``torch.compile``."""
     return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
             or _flag('compiler.is_exporting')
             or _flag('compiler.is_compiling', '_dynamo.is_compiling'))
@@ -74,15 +66,8 @@ def torch_version() -> Tuple[int, int]:
 
 
 def require_torch(version: str, feature: str) -> None:
-    """Refuse ``feature`` on a torch older than ``version``, in one line.
-
-    Args:
-        version (str): The oldest torch that has what ``feature`` needs, e.g. '2.6'.
-        feature (str): What needs it, as the message names it.
-
-    Raises:
-        RuntimeError: If torch is older.
-    """
+    """Raise ``RuntimeError`` (one line naming ``feature``) on a torch older than
+    ``version`` (e.g. '2.6')."""
     if torch_version() < version_tuple(version)[:2]:
         raise RuntimeError(f'{feature} needs torch >= {version}, found torch '
                            f'{torch.__version__}')

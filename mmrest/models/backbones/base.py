@@ -21,10 +21,8 @@ from ..utils.ckpt_convert import (check_rest_family, convert_rest_checkpoint, no
                                   unwrap_checkpoint)
 
 NUM_STAGES = 4
-#: Keys of the output norms of stages 1-3 (``norm1``-``norm3``).
 _OUT_NORM_KEY = re.compile(r'^norm([123])\.')
-#: mmengine's names of torch.hub downloads (``open-mmlab://resnet50_v1c``, ...): weights of
-#: other networks, which mmengine would also unpickle with ``weights_only=False``.
+#: mmengine's torch.hub names (``open-mmlab://resnet50_v1c``, ...): other networks' weights.
 _HUB_NAME = re.compile(r'^(open-?mmlab|torchvision|modelzoo|mmcls|mmpretrain)://')
 
 
@@ -38,14 +36,9 @@ def make_arch(embed_dims: List[int], depths: List[int],
 def pretrained_to_init_cfg(family: str, pretrained: Optional[str],
                            init_cfg: Optional[Union[dict, List[dict]]]
                            ) -> Optional[Union[dict, List[dict]]]:
-    """The ``init_cfg`` given the deprecated ``pretrained`` argument (which mmseg's
-    ``EncoderDecoder`` hands to the backbone).
-
-    A path or ``http(s)://`` address becomes ``dict(type='Pretrained', checkpoint=...)``
-    with a ``DeprecationWarning``, as in mmdet's and mmseg's backbones; torch.hub names
-    (weights of another network, unpickled unsafely by mmengine) raise ``ValueError``, as
-    does ``pretrained`` given with an ``init_cfg``.
-    """
+    """The ``init_cfg`` of the deprecated ``pretrained`` (mmseg's ``EncoderDecoder`` passes
+    it): a ``Pretrained`` config with a ``DeprecationWarning``; torch.hub names (another
+    network's weights, unpickled unsafely) and ``pretrained`` with ``init_cfg`` raise."""
     if pretrained is None:
         return init_cfg
     if not isinstance(pretrained, str):
@@ -204,27 +197,18 @@ class ResTBase(BaseModule):
         """The stem (i = 0) or the patch embedding of stage i (0-3)."""
         return self.stem if i == 0 else getattr(self, f'{self.patch_embed_prefix}{i + 1}')
 
-    def _stage_modules(self, i: int) -> List[nn.Module]:
-        """Modules of stage i (1-4): patch embedding, blocks and output norm."""
-        mods: List[nn.Module] = []
-        if i > 1:
-            mods.append(self._embedding(i - 1))
-        mods.append(getattr(self, f'stage{i}'))
-        norm_name = 'norm' if i == NUM_STAGES else f'norm{i}'
-        if hasattr(self, norm_name):
-            mods.append(getattr(self, norm_name))
-        return mods
-
     def _freeze_stages(self) -> None:
+        """Freeze the stem (``frozen_stages >= 0``) and stages 1..``frozen_stages``."""
         if self.frozen_stages < 0:
             return
         mods = [self.stem]
-        for i in range(1, self.frozen_stages + 1):
-            mods += self._stage_modules(i)
+        for i in range(1, self.frozen_stages + 1):  # embedding, blocks, output norm
+            mods += [self._embedding(i - 1), getattr(self, f'stage{i}'),
+                     getattr(self, 'norm' if i == NUM_STAGES else f'norm{i}', None)]
         for m in mods:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
+            if m is not None:
+                m.eval()
+                m.requires_grad_(False)
 
     def train(self, mode: bool = True) -> 'ResTBase':
         super().train(mode)
@@ -270,12 +254,10 @@ class ResTBase(BaseModule):
         self._is_init = True
 
     def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
-        """Load weights of any supported layout from a file, safely.
-
-        Only the new output norms ``norm1``-``norm3`` (and BN counters) may be missing,
-        and only output norms of unselected stages may be extra (not in the main path);
-        any other difference raises :class:`CheckpointError`, as do unsafe, unreadable
-        or other-version files.
+        """Load weights of any supported layout from a file, safely: only the new output
+        norms (and BN counters) may be missing and only output norms of unselected stages
+        extra; any other difference, and unsafe, unreadable or other-version files, raise
+        :class:`CheckpointError`.
 
         Args:
             checkpoint (str): Path or ``http(s)://`` address of the checkpoint.
@@ -331,8 +313,7 @@ class ResTBase(BaseModule):
             logger.warning(f'Unexpected keys in {checkpoint} (ignored): {unexpected}')
 
     def _new_out_norms_note(self, missing: Sequence[str]) -> str:
-        """What the output norms among the ``missing`` keys of a load are, and whether
-        they change the pretrained function; empty if none is missing."""
+        """What the missing output norms of a load are and do; empty if none is missing."""
         norms = sorted({m.group(0)[:-1] for m in map(_OUT_NORM_KEY.match, missing) if m})
         if not norms:
             return ''
@@ -391,8 +372,7 @@ class ResTBase(BaseModule):
         self._check_batch_norm_maps(x)
 
     def _embedding_batch_norms(self) -> Iterator[Tuple[str, _BatchNorm, int, int]]:
-        """The BatchNorms of the stem and patch embeddings, in forward order, with the
-        (vertical, horizontal) strides of the maps they normalise."""
+        """The embeddings' BatchNorms with the (vertical, horizontal) strides of their maps."""
         sh = sw = 1
         for i in range(NUM_STAGES):
             prefix = 'stem' if i == 0 else f'{self.patch_embed_prefix}{i + 1}'

@@ -6,7 +6,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from torch import nn
 
 from ...registry import MODELS
-from ..layers import ConvStem, PatchEmbed, ResTBlock
+from ..layers import EMSA, ConvStem, PatchEmbed, PreNormBlock
 from .base import ResTBase, make_arch
 
 
@@ -90,13 +90,14 @@ class ResT(ResTBase):
                 return ConvStem(in_channels, dims[0], norm_cfg=embed_norm_cfg)
             return PatchEmbed(dims[i - 1], dims[i], norm_cfg=embed_norm_cfg)
 
-        def block(i: int, drop_path: float) -> ResTBlock:
-            return ResTBlock(
-                dims[i], num_heads=settings['num_heads'][i],
-                mlp_ratio=settings['mlp_ratios'][i], sr_ratio=settings['sr_ratios'][i],
-                qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
-                attn_drop=attn_drop_rate, drop_path=drop_path,
-                apply_transform=apply_transform, norm_cfg=norm_cfg, attn_impl=attn_impl)
+        def block(i: int, drop_path: float) -> PreNormBlock:
+            attn = EMSA(dims[i], num_heads=settings['num_heads'][i],
+                        sr_ratio=settings['sr_ratios'][i], qkv_bias=qkv_bias,
+                        qk_scale=qk_scale, attn_drop=attn_drop_rate, proj_drop=drop_rate,
+                        apply_transform=apply_transform, norm_cfg=norm_cfg,
+                        attn_impl=attn_impl)
+            return PreNormBlock(dims[i], attn, mlp_ratio=settings['mlp_ratios'][i],
+                                drop=drop_rate, drop_path=drop_path, norm_cfg=norm_cfg)
 
         self._build_stages(embedding, block, drop_path_rate, norm_cfg)
 

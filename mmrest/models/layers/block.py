@@ -1,4 +1,4 @@
-"""The transformer blocks of ResT and ResT V2: pre-norm attention and MLP with stochastic
+"""The transformer block of ResT and ResT V2: pre-norm attention and MLP with stochastic
 depth."""
 from typing import Optional, Tuple
 
@@ -7,7 +7,6 @@ from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
 from .dispatch import blocked_norm_mlp
-from .emsa import EMSA
 from .norm_mlp import norm_mlp
 
 
@@ -32,8 +31,9 @@ class Mlp(nn.Module):
 
 
 class PreNormBlock(nn.Module):
-    """``x + DropPath(attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``, with the version's
-    ``attn`` (called as ``attn(tokens, hw_shape)``).
+    """The block of ResT and ResT V2: ``x + DropPath(attn(LN(x)))`` then
+    ``x + DropPath(MLP(LN(x)))``, with the version's ``attn`` (:class:`EMSA` or
+    :class:`EMSAv2`, called as ``attn(tokens, hw_shape)``).
 
     Args:
         embed_dims (int): Channels of the tokens.
@@ -65,27 +65,3 @@ class PreNormBlock(nn.Module):
         if blocked_norm_mlp(x, self.norm2, self.mlp):
             return x + self.drop_path(norm_mlp(x, self.norm2, self.mlp))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class ResTBlock(PreNormBlock):
-    """The ResT block: :class:`PreNormBlock` with :class:`EMSA` (same arguments; ``drop``
-    also after EMSA's projection)."""
-
-    def __init__(self,
-                 embed_dims: int,
-                 num_heads: int,
-                 mlp_ratio: float = 4.,
-                 sr_ratio: int = 1,
-                 qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None,
-                 drop: float = 0.,
-                 attn_drop: float = 0.,
-                 drop_path: float = 0.,
-                 apply_transform: bool = True,
-                 norm_cfg: Optional[dict] = None,
-                 attn_impl: str = 'lean') -> None:
-        attn = EMSA(embed_dims, num_heads=num_heads, sr_ratio=sr_ratio, qkv_bias=qkv_bias,
-                    qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop,
-                    apply_transform=apply_transform, norm_cfg=norm_cfg, attn_impl=attn_impl)
-        super().__init__(embed_dims, attn, mlp_ratio=mlp_ratio, drop=drop,
-                         drop_path=drop_path, norm_cfg=norm_cfg)

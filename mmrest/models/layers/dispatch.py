@@ -6,13 +6,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .emsa_ops import (INSTANCE_NORM_EPS, autocast_dtype, emsa_dense, emsa_lean, emsa_reference,
-                       trace_friendly)
+from .emsa_ops import autocast_dtype, emsa_dense, emsa_lean, emsa_reference, trace_friendly
 
-#: The values of ``attn_impl``: ``'lean'`` (:func:`~.emsa_ops.emsa_lean`, memory-lean),
-#: ``'dense'`` (:func:`~.emsa_ops.emsa_dense`, materialised scores, what ``'lean'`` runs
-#: while a graph is recorded) and ``'reference'`` (:func:`~.emsa_ops.emsa_reference`).
-#: ``'fused'``, the former name of ``'lean'``, is accepted for it.
+#: The values of ``attn_impl`` (:mod:`.emsa_ops`); ``'fused'``, the former name of
+#: ``'lean'``, is accepted for it.
 ATTN_IMPLS = ('lean', 'dense', 'reference')
 
 
@@ -63,27 +60,11 @@ def stem_layout(x: Tensor) -> Tensor:
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, impl: str = 'lean',
            transform: Optional[nn.Module] = None, attn_drop: float = 0.,
            training: bool = False) -> Tensor:
-    """The attention core of EMSA and EMSAv2, as ``impl`` names it.
-
+    """The attention core of EMSA and EMSAv2 (arguments and result as
+    :func:`~.emsa_ops.emsa_reference`), as ``impl`` (one of :data:`ATTN_IMPLS`) names it.
     The reference also runs for attention dropout while training and for a head-mixing
-    module that is not a plain hook-free ``nn.Conv2d``. While a graph is recorded,
-    ``'lean'`` runs as ``'dense'``.
-
-    Args:
-        q (Tensor): Queries (B, heads, N, head_dim).
-        k (Tensor): Keys (B, heads, M, head_dim).
-        v (Tensor): Values (B, heads, M, head_dim).
-        scale (float): Multiplier of the scores ``q @ k^T``.
-        impl (str): One of :data:`ATTN_IMPLS`. Defaults to 'lean'.
-        transform (nn.Module, optional): The head-mixing 1x1 conv (heads -> heads), after
-            which the attention map is instance-normalised; None for plain softmax
-            attention. Defaults to None.
-        attn_drop (float): Dropout on the attention map. Defaults to 0.
-        training (bool): Whether dropout is active. Defaults to False.
-
-    Returns:
-        Tensor: Output (B, heads, N, head_dim).
-    """
+    ``transform`` that is not a plain hook-free ``nn.Conv2d``; while a graph is recorded,
+    ``'lean'`` runs as ``'dense'``."""
     if (impl == 'reference' or (training and attn_drop > 0)
             or (transform is not None and not runs_as_written(transform, nn.Conv2d))):
         return emsa_reference(q, k, v, scale, attn_drop=attn_drop, training=training,
@@ -91,7 +72,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, impl: str = 'lean',
     weight = None if transform is None else transform.weight
     bias = None if transform is None else transform.bias
     if impl == 'dense' or trace_friendly():
-        return emsa_dense(q, k, v, scale, weight, INSTANCE_NORM_EPS, bias)
+        return emsa_dense(q, k, v, scale, weight, bias)
     return emsa_lean(q, k, v, scale, weight, bias)
 
 

@@ -8,14 +8,6 @@ from torch import Tensor, nn
 from .dispatch import map_to_tokens, stem_layout
 
 
-def _bn_cfg(norm_cfg: Optional[dict]) -> dict:
-    return dict(type='BN') if norm_cfg is None else norm_cfg
-
-
-def _ln_cfg(norm_cfg: Optional[dict]) -> dict:
-    return dict(type='LN', eps=1e-6) if norm_cfg is None else norm_cfg
-
-
 class PixelAttention(nn.Module):
     """Pixel-attention (PA) position encoding: ``x * sigmoid(dwconv3x3(x))``."""
 
@@ -37,7 +29,7 @@ class ConvStem(nn.Module):
                  norm_cfg: Optional[dict] = None) -> None:
         super().__init__()
         hidden = out_channels // 2
-        norm_cfg = _bn_cfg(norm_cfg)
+        norm_cfg = dict(type='BN') if norm_cfg is None else norm_cfg
         self.conv1 = nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1, bias=False)
         self.norm1 = build_norm_layer(norm_cfg, hidden)[1]
         self.conv2 = nn.Conv2d(hidden, hidden, 3, stride=1, padding=1, bias=False)
@@ -62,7 +54,8 @@ class PatchEmbed(nn.Module):
                  norm_cfg: Optional[dict] = None) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
-        self.norm = build_norm_layer(_bn_cfg(norm_cfg), out_channels)[1]
+        norm_cfg = dict(type='BN') if norm_cfg is None else norm_cfg
+        self.norm = build_norm_layer(norm_cfg, out_channels)[1]
         self.pos = PixelAttention(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -81,7 +74,9 @@ class ConvStemV2(nn.Module):
                  token_norm_cfg: Optional[dict] = None) -> None:
         super().__init__()
         hidden = out_channels // 2
-        norm_cfg = _bn_cfg(norm_cfg)
+        norm_cfg = dict(type='BN') if norm_cfg is None else norm_cfg
+        if token_norm_cfg is None:
+            token_norm_cfg = dict(type='LN', eps=1e-6)
         # indices 0-6 as in the authors' ``stem.proj`` (2 and 5 are the ReLUs)
         self.proj = nn.Sequential(
             nn.Conv2d(in_channels, hidden, kernel_size=3, stride=2, padding=1, bias=False),
@@ -90,7 +85,7 @@ class ConvStemV2(nn.Module):
             build_norm_layer(norm_cfg, out_channels)[1], nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, kernel_size=1))
         self.pos = PixelAttention(out_channels)
-        self.norm = build_norm_layer(_ln_cfg(token_norm_cfg), out_channels)[1]
+        self.norm = build_norm_layer(token_norm_cfg, out_channels)[1]
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Images (B, C_in, H, W) -> tokens (B, h * w, C) of the (h, w) map."""
@@ -109,7 +104,8 @@ class PatchEmbedV2(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
         self.pos = PixelAttention(out_channels)
-        self.norm = build_norm_layer(_ln_cfg(norm_cfg), out_channels)[1]
+        norm_cfg = dict(type='LN', eps=1e-6) if norm_cfg is None else norm_cfg
+        self.norm = build_norm_layer(norm_cfg, out_channels)[1]
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Map (B, C_in, H, W) -> tokens (B, h * w, C) of the (h, w) map."""

@@ -1,51 +1,12 @@
-r"""The EMSA attention core in its three formulations, one per ``attn_impl``:
+"""The EMSA attention core in its three formulations, one per ``attn_impl``:
 :func:`emsa_lean` (``'lean'``), :func:`emsa_dense` (``'dense'``, and ``'lean'`` while a
-graph is recorded) and :func:`emsa_reference` (``'reference'``, the equations as the authors
-wrote them). :func:`mmrest.models.layers.dispatch.attend` picks one.
+graph is recorded) and :func:`emsa_reference` (``'reference'``, the authors' equations);
+:func:`mmrest.models.layers.dispatch.attend` picks one.
 
-The blocked kernel, per batch item, with :math:`S_h = \mathrm{scale}\, Q_h K_h^T`
-(N x M) for head :math:`h`: the reference computes
-
-.. math::
-
-    S'_g = \sum_h W_{gh} S_h + b_g, \qquad P_g = \mathrm{softmax}(S'_g), \qquad
-    \mathrm{out}_g = \mathrm{IN}(P_g)\, V_g.
-
-Two exact identities make it cheap:
-
-1. The bias :math:`b_g` is constant along the keys, so it cancels in the softmax (its
-   gradient is exactly 0).
-2. Every softmax row sums to 1, so the instance-norm mean of :math:`P_g` is exactly
-   :math:`1/M`, and :math:`\mathrm{IN}(P_g) V_g = ((P_g - 1/M) V_g) / s_g` with
-   :math:`s_g = \sqrt{\overline{(P_g - 1/M)^2} + \epsilon}`. Only the scalar
-   :math:`\sum (P_g - 1/M)^2` needs the whole map; it is accumulated block by block over
-   the queries, and the division by :math:`s_g` is applied to the small N x head_dim
-   output. Centring each block on 1/M first avoids catastrophic cancellation in float32
-   when the attention is nearly uniform.
-
-The head mixing is a (heads x heads) matmul over each small (heads, rows, M) block of raw
-scores. The backward pass (:class:`EMSATransformFunction`) saves q, k, v, the mixing
-weight, the output and the per-(batch, head) std only, and recomputes the scores block
-by block. With :math:`G` the output gradient, :math:`W' = \mathrm{scale}\, W` and
-:math:`R_h = Q_h K_h^T` (so :math:`S'_g = \sum_h W'_{gh} R_h`):
-
-.. math::
-
-    \partial V &= (P - 1/M)^T G / s, \\
-    \partial P &= G V^T / s + c P, \quad
-    c = -\frac{\sum (G \circ \mathrm{out})}{s^2 N M}, \\
-    \partial S' &= P \circ (\partial P - \textstyle\sum_m P \circ \partial P), \\
-    \partial W'_{gh} &= \textstyle\sum_{n,m} \partial S'_{g,nm} R_{h,nm}, \quad
-    \partial R = W'^T \partial S', \quad
-    \partial Q = \partial R\, K, \quad \partial K = \partial R^T Q,
-
-with :math:`\partial W = \mathrm{scale}\, \partial W'`. Where a head's map has one element
-or there is a single key, the variance is 0 and the output is exactly 0, as in the
-reference.
-
-Mixed precision: with head mixing the core runs in float32 and its output is cast to the
-low-precision dtype (the instance norm divides the nearly cancelling :math:`P - 1/M` by
-:math:`s`); plain softmax attention runs in the low-precision dtype.
+The blocked kernel with head mixing rests on two exact identities (the mixing bias cancels
+in the softmax; the instance-norm mean of a softmax map is 1/M), and its backward pass
+recomputes the scores block by block: docs/design.md derives both. With head mixing the
+core runs in float32 under mixed precision; plain softmax attention in the input's dtype.
 """
 import contextlib
 from typing import Callable, Optional, Tuple
@@ -59,23 +20,17 @@ from ...utils.torch_compat import autocast_dtype, autocast_off, is_recording_gra
 
 #: ``eps`` of the InstanceNorm2d applied to the attention map (PyTorch's default).
 INSTANCE_NORM_EPS = 1e-5
-
 #: Bytes of a block of scores on the CPU, sized for its caches.
 CPU_BLOCK_BYTES = 8 * 1024 * 1024
-
 #: Bytes of a block of scores elsewhere (GPUs): few blocks per layer, few kernel launches.
 ACCELERATOR_BLOCK_BYTES = 256 * 1024 * 1024
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 __all__ = ['INSTANCE_NORM_EPS', 'emsa_dense', 'emsa_lean', 'emsa_reference', 'trace_friendly',
            'autocast_dtype', 'autocast_off']
 
 
-def trace_friendly() -> bool:
-    """Whether a graph is being recorded (export, ONNX, tracing, compile), where
-    shape-generic ops are needed."""
-    return is_recording_graph()
+#: Whether a graph is being recorded (export, ONNX, tracing, compile): shape-generic ops.
+trace_friendly = is_recording_graph
 
 
 def emsa_reference(q: Tensor, k: Tensor, v: Tensor, scale: float,
@@ -85,31 +40,25 @@ def emsa_reference(q: Tensor, k: Tensor, v: Tensor, scale: float,
                    training: bool = False,
                    eps: float = INSTANCE_NORM_EPS,
                    transform: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """The straightforward EMSA attention core, as the equations are written.
+    """The EMSA attention core as the equations are written.
 
     Args:
-        q (Tensor): Queries of shape (B, heads, N, head_dim).
-        k (Tensor): Keys of shape (B, heads, M, head_dim).
-        v (Tensor): Values of shape (B, heads, M, head_dim).
+        q (Tensor): Queries (B, heads, N, head_dim).
+        k (Tensor): Keys (B, heads, M, head_dim).
+        v (Tensor): Values (B, heads, M, head_dim).
         scale (float): Multiplier of the scores ``q @ k^T``.
-        transform_weight (Tensor, optional): Weight (heads, heads, 1, 1) of the 1x1 conv
-            that mixes the heads of the score tensor. ``None`` means plain softmax
-            attention. Defaults to None.
-        transform_bias (Tensor, optional): Bias (heads,) of that conv. Defaults to None.
-        attn_drop (float): Dropout probability on the attention map. Defaults to 0.
+        transform_weight (Tensor, optional): Head-mixing 1x1 conv weight
+            (heads, heads, 1, 1); None for plain softmax attention. Defaults to None.
+        transform_bias (Tensor, optional): Its bias (heads,). Defaults to None.
+        attn_drop (float): Dropout on the attention map. Defaults to 0.
         training (bool): Whether dropout is active. Defaults to False.
         eps (float): ``eps`` of the instance norm. Defaults to 1e-5.
-        transform (Callable, optional): The head-mixing conv itself (a module, whose
-            hooks then run), called on the scores in place of ``transform_weight`` and
-            ``transform_bias``. Defaults to None.
+        transform (Callable, optional): The head-mixing module itself (its hooks run),
+            in place of the weight and bias. Defaults to None.
 
     Returns:
-        Tensor: Output of shape (B, heads, N, head_dim).
-
-    Note:
-        Where a head's score map has a single element (one query and one key), the
-        instance norm of it is 0/sqrt(0 + eps) = 0, the limit of the formula; PyTorch's
-        ``InstanceNorm2d`` refuses such a map, so the normalisation is written out here.
+        Tensor: Output (B, heads, N, head_dim). The instance norm is written out:
+        ``InstanceNorm2d`` refuses a single-element map, whose limit 0 this gives.
     """
     attn = (q @ k.transpose(-2, -1)) * scale
     if transform is not None or transform_weight is not None:
@@ -134,15 +83,23 @@ def _block_rows(block_size: Optional[int], batch_heads: int, num_keys: int,
     return int(max(1, min(block_size, num_queries)))
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of statistics: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _scaled_mixing(weight: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
-    """The (heads, heads) mixing matrix with the score scale folded in, in ``dtype``."""
+    """The (heads, heads) mixing matrix with the score scale folded in (in float64 for
+    float64, else float32), in ``dtype``."""
     h = weight.shape[0]
-    return (weight.detach().reshape(h, h).to(_acc_dtype(dtype)) * scale).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (weight.detach().reshape(h, h).to(acc) * scale).to(dtype)
+
+
+def _core_dtypes(q: Tensor, k: Tensor, v: Tensor) -> Tuple[torch.dtype, torch.dtype, bool]:
+    """The output dtype (autocast's where it is on), the dtype the core computes in
+    (float32 for low-precision dtypes) and whether autocast is on."""
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    cast = autocast_dtype(q.device.type)
+    if cast is not None and dtype.is_floating_point:
+        dtype = cast
+    compute = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return dtype, compute, cast is not None
 
 
 def _mix_heads(weight: Tensor, x: Tensor, out: Tensor) -> Tensor:
@@ -260,11 +217,8 @@ def _emsa_transform_backward(
 
 
 class EMSATransformFunction(torch.autograd.Function):
-    """Autograd function of EMSA with head mixing and instance norm.
-
-    Saves q, k, v, the mixing weight, the output and small statistics (no score tensor);
-    the backward pass recomputes the scores block by block.
-    """
+    """EMSA with head mixing and instance norm; saves q, k, v, the mixing weight, the
+    output and the std (no score tensor) and recomputes the scores in the backward."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, weight: Tensor,
@@ -295,104 +249,64 @@ class EMSATransformFunction(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_w, grad_b, None, None, None
 
 
-def emsa_dense(q: Tensor,
-               k: Tensor,
-               v: Tensor,
-               scale: float,
+def emsa_dense(q: Tensor, k: Tensor, v: Tensor, scale: float,
                transform_weight: Optional[Tensor] = None,
-               eps: float = INSTANCE_NORM_EPS,
-               transform_bias: Optional[Tensor] = None) -> Tensor:
-    """The EMSA core with materialised scores and shape-generic ops only:
-    ``attn_impl='dense'``, and ``'lean'`` while a graph is recorded (no Python loop over
-    blocks, so nothing depends on the traced size).
+               transform_bias: Optional[Tensor] = None, eps: float = INSTANCE_NORM_EPS) -> Tensor:
+    """The EMSA core with materialised scores and shape-generic ops only (no loop whose
+    length depends on the traced size): ``attn_impl='dense'``, and ``'lean'`` while a
+    graph is recorded. Arguments and result as :func:`emsa_lean`.
 
-    One head is ``scaled_dot_product_attention``; with head mixing the instance norm uses
-    the exact mean 1/M (identity 2 of the module docstring), as the blocked kernel does,
-    with the same limits. The mixing bias is added as in the reference, so that it gets a
-    gradient (of rounding size) when ``torch.compile`` trains.
-
-    Args:
-        q (Tensor): Queries (B, heads, N, head_dim).
-        k (Tensor): Keys (B, heads, M, head_dim).
-        v (Tensor): Values (B, heads, M, head_dim).
-        scale (float): Multiplier of the scores ``q @ k^T``.
-        transform_weight (Tensor, optional): Head-mixing weight (heads, heads, 1, 1);
-            None means plain softmax attention. Defaults to None.
-        eps (float): ``eps`` of the instance norm. Defaults to 1e-5.
-        transform_bias (Tensor, optional): Head-mixing bias (heads,). Defaults to None.
-
-    Returns:
-        Tensor: Output (B, heads, N, head_dim).
+    With head mixing, the instance norm uses the exact mean 1/M as the blocked kernel
+    does; the bias is added as in the reference, so that ``torch.compile`` training gives
+    it a (rounding-size) gradient.
     """
     if transform_weight is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    # in float32 for low-precision dtypes, as the blocked kernel
-    device = q.device.type
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    cast = autocast_dtype(device)
-    if cast is not None:
-        dtype = cast
-    compute = torch.float32 if dtype in _LOW_PRECISION else dtype
-    with autocast_off(device) if cast is not None else contextlib.nullcontext():
+    dtype, compute, autocast = _core_dtypes(q, k, v)
+    with autocast_off(q.device.type) if autocast else contextlib.nullcontext():
         q, k, v = q.to(compute), k.to(compute), v.to(compute)
         bias = None if transform_bias is None else transform_bias.to(compute)
-        # the head mixing as the reference writes it, a 1x1 conv (an einsum here would
-        # let the traced graph depend on whether the batch is 1)
+        # a 1x1 conv as the reference (an einsum would make the graph depend on B == 1)
         scores = F.conv2d(q @ k.transpose(-2, -1), transform_weight.to(compute) * scale,
                           bias)
-        # centred probabilities P - 1/M, as in the blocked kernel
-        probs = scores.softmax(-1) - 1.0 / k.shape[2]
+        probs = scores.softmax(-1) - 1.0 / k.shape[2]  # centred, as the blocked kernel
         std = (probs.square().mean(dim=(-2, -1), keepdim=True) + eps).sqrt()
         out = (probs @ v) / std
     return out.to(dtype)
 
 
-def emsa_lean(q: Tensor,
-              k: Tensor,
-              v: Tensor,
-              scale: float,
-              transform_weight: Optional[Tensor] = None,
-              transform_bias: Optional[Tensor] = None,
-              eps: float = INSTANCE_NORM_EPS,
-              block_size: Optional[int] = None) -> Tensor:
-    """EMSA attention core, memory-lean (no attention dropout): ``attn_impl='lean'``.
-
-    Same function as :func:`emsa_reference` with
-    ``attn_drop=0``, forward and backward, without materialising the (B, heads, N, M)
-    scores: ``scaled_dot_product_attention`` without ``transform_weight``; with it,
-    :class:`EMSATransformFunction` (or its forward alone when no gradient is needed).
+def emsa_lean(q: Tensor, k: Tensor, v: Tensor, scale: float,
+              transform_weight: Optional[Tensor] = None, transform_bias: Optional[Tensor] = None,
+              eps: float = INSTANCE_NORM_EPS, block_size: Optional[int] = None) -> Tensor:
+    """The EMSA core without materialising the (B, heads, N, M) scores:
+    ``attn_impl='lean'``. The function of :func:`emsa_reference` without dropout, forward
+    and backward: SDPA without ``transform_weight``, else :class:`EMSATransformFunction`
+    (or its forward alone where no gradient is needed).
 
     Args:
-        q (Tensor): Queries of shape (B, heads, N, head_dim); any strides.
-        k (Tensor): Keys of shape (B, heads, M, head_dim); any strides.
-        v (Tensor): Values of shape (B, heads, M, head_dim); any strides.
+        q (Tensor): Queries (B, heads, N, head_dim); any strides.
+        k (Tensor): Keys (B, heads, M, head_dim); any strides.
+        v (Tensor): Values (B, heads, M, head_dim); any strides.
         scale (float): Multiplier of the scores ``q @ k^T``.
-        transform_weight (Tensor, optional): Weight (heads, heads, 1, 1) of the 1x1 conv
-            that mixes the heads of the scores before the softmax; the instance norm of
-            the attention map follows. ``None`` means plain softmax attention.
-            Defaults to None.
-        transform_bias (Tensor, optional): Bias (heads,) of that conv. It cancels in the
-            softmax; it receives an exact zero gradient. Defaults to None.
+        transform_weight (Tensor, optional): Head-mixing 1x1 conv weight
+            (heads, heads, 1, 1), followed by the instance norm of the attention map;
+            None for plain softmax attention. Defaults to None.
+        transform_bias (Tensor, optional): Its bias (heads,); it cancels in the softmax
+            and gets an exact zero gradient. Defaults to None.
         eps (float): ``eps`` of the instance norm. Defaults to 1e-5.
-        block_size (int, optional): Query rows per block; None picks it so that a block
-            of scores takes about :data:`CPU_BLOCK_BYTES` on the CPU and
-            :data:`ACCELERATOR_BLOCK_BYTES` elsewhere. Defaults to None.
+        block_size (int, optional): Query rows per block; None sizes a block of scores
+            to :data:`CPU_BLOCK_BYTES` on the CPU, :data:`ACCELERATOR_BLOCK_BYTES`
+            elsewhere. Defaults to None.
 
     Returns:
-        Tensor: Output of shape (B, heads, N, head_dim). With head mixing it is a
-        transposed view of a contiguous (B, N, heads, head_dim) tensor, so
-        ``out.transpose(1, 2).reshape(B, N, C)`` is free.
+        Tensor: Output (B, heads, N, head_dim); with head mixing a transposed view of a
+        contiguous (B, N, heads, head_dim) tensor.
     """
     if transform_weight is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     B, h, N, _ = q.shape
     device = q.device.type
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    cast = autocast_dtype(device)
-    if cast is not None and dtype.is_floating_point:
-        dtype = cast
-    # the core runs in float32 for low-precision dtypes (see the module docstring)
-    compute = torch.float32 if dtype in _LOW_PRECISION else dtype
+    dtype, compute, _ = _core_dtypes(q, k, v)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     rows = _block_rows(block_size, B * h, k.shape[2], N, q.element_size(), device)
     if torch.is_grad_enabled() and any(

@@ -1,22 +1,10 @@
-r"""The block's second half, ``fc2(GELU(fc1(LN(x))))``, over blocks of tokens on the CPU:
-training and inference without hidden-sized tensors.
+"""The block's second half, ``fc2(GELU(fc1(LN(x))))``, over blocks of tokens on the CPU,
+without hidden-sized tensors.
 
-Autograd keeps four tensors of that chain for the backward pass: the LayerNorm's input
-:math:`x` (C channels per token), its output :math:`b` (C), the hidden pre-activation
-:math:`h` (4C) and the activation :math:`g = \mathrm{GELU}(h)` (4C), i.e. 10C per token.
-:class:`NormMlpFunction` computes the same function and keeps only :math:`x`, the
-LayerNorm's per-token mean and inverse std, and :math:`h` (5C per token); up to
-:data:`RECOMPUTE_MAX_CHANNELS` channels not even :math:`h` (C per token). The backward pass
-recomputes :math:`b`, :math:`h` where it was not kept and :math:`g`, then applies the chain
-rule with the ATen kernels autograd would use::
-
-    dW2 = dm^T g,            db2 = sum(dm),
-    dh  = GELU'(h) * (dm W2),
-    dW1 = dh^T b,            db1 = sum(dh),
-    dx, dgamma, dbeta = LayerNorm backward of (dh W1).
-
-Both passes run over blocks of :data:`BLOCK_ROWS` tokens with reused buffers; inference
-keeps no hidden-sized tensor at all. Every op is the module's own op over a block of rows.
+Autograd would keep x, LN(x), the pre-activation h and GELU(h): 10C per token.
+:class:`NormMlpFunction` keeps x, the LayerNorm's mean and inverse std and h (5C; up to
+:data:`RECOMPUTE_MAX_CHANNELS` channels not even h) and recomputes the rest in the
+backward pass with the ATen kernels autograd would use. Inference keeps nothing.
 """
 from typing import Optional, Tuple
 
@@ -26,7 +14,6 @@ from torch.autograd.function import once_differentiable
 
 #: Tokens per block: enough rows for efficient products, few enough for the caches.
 BLOCK_ROWS = 1024
-
 #: Up to this many channels the pre-activation is recomputed in the backward pass instead
 #: of kept (cheaper than streaming it through memory at these widths).
 RECOMPUTE_MAX_CHANNELS = 128
@@ -73,16 +60,8 @@ class NormMlpFunction(torch.autograd.Function):
     (exact GELU, no dropout), run over blocks of rows."""
 
     @staticmethod
-    def forward(ctx,
-                x: Tensor,
-                ln_weight: Tensor,
-                ln_bias: Tensor,
-                eps: float,
-                w1: Tensor,
-                b1: Tensor,
-                w2: Tensor,
-                b2: Tensor,
-                block_rows: Optional[int] = None,
+    def forward(ctx, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float, w1: Tensor,
+                b1: Tensor, w2: Tensor, b2: Tensor, block_rows: Optional[int] = None,
                 recompute_hidden: Optional[bool] = None) -> Tensor:
         """Tokens (..., C) -> (..., C); ``block_rows`` defaults to :data:`BLOCK_ROWS`,
         ``recompute_hidden`` to C <= :data:`RECOMPUTE_MAX_CHANNELS`."""
@@ -125,9 +104,8 @@ class NormMlpFunction(torch.autograd.Function):
         dh_buf = x.new_empty(block_rows * hidden_dims)
         h_buf = x.new_empty(block_rows * hidden_dims) if hidden is None else None
         normed_buf = x.new_empty(block_rows * C)
-        # the LayerNorm backward's outputs of a block: its rows of grad_x, and scratch
-        # for the (C,) parameter gradients (and for grad_x if unneeded).
-        # All three are computed (the out= overload needs every output defined).
+        # the LayerNorm backward's outputs of a block (the out= overload needs all three):
+        # scratch for grad_x where unneeded and for the (C,) parameter gradients
         ln_scratch = [x.new_empty(block_rows * C), x.new_empty(C), x.new_empty(C)]
         for start in range(0, rows, block_rows):
             stop = min(start + block_rows, rows)

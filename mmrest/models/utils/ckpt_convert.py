@@ -1,19 +1,7 @@
-"""Conversion of ResT and ResT V2 checkpoints from every layout they are published in
-(used by the backbones and ``tools/model_converters/rest_to_mmrest.py``):
-
-- the authors' ImageNet files: ``{'model': state_dict, ...}`` with ``stem.conv1.weight``
-  (ResT) or ``stem.proj.0.weight`` (ResT V2), ``stage3.4.attn.q.weight``,
-  ``norm.weight``, ``head.weight`` ...;
-- their detectron2 detectors: prefix ``backbone.bottom_up.``; the ResT V2 ones name their
-  output norms ``norm_1.0`` ... ``norm_4.0``;
-- their mmseg 0.x ResT V2 segmentors: prefix ``backbone.``, output norms ``norm_1`` ...
-  ``norm_4``;
-- mmdet / mmseg / mmpretrain models: ``{'state_dict': ...}`` with prefix ``backbone.``;
-- any of those saved from DistributedDataParallel: prefix ``module.``;
-- a plain backbone state dict (what the CLI writes).
-
-The authors' output norms of stages 1-3 become ``norm1`` ... ``norm3``, and that of stage 4
-becomes ``norm``, the final norm the backbones use for stage 4.
+"""Conversion of ResT and ResT V2 checkpoints of every published layout (the authors'
+ImageNet files, detectron2 detectors and mmseg 0.x segmentors; OpenMMLab, DDP and plain
+state dicts: docs/checkpoints.md) to the backbones' keys. The authors' output norms of
+stages 1-3 become ``norm1``-``norm3``, that of stage 4 the final ``norm``.
 """
 import re
 from collections import OrderedDict
