@@ -56,6 +56,24 @@ def test_out_indices(family, out_indices, expected):
     assert shapes(outs) == expected_shapes(dims, 1, 70, 45, expected)
 
 
+def test_stages_after_the_last_output_do_not_run(family):
+    full = family.cls(family.arch, drop_path_rate=0.).eval()
+    part = family.cls(family.arch, out_indices=(0, 1, 2), drop_path_rate=0.).eval()
+    part.load_state_dict(full.state_dict())
+    x = torch.randn(1, 3, 70, 45)
+    with torch.no_grad():
+        expected = full(x)[:3]
+    calls = []
+    for i in (3, 4):
+        getattr(part, f'stage{i}')[0].register_forward_pre_hook(
+            lambda module, args, i=i: calls.append(i))
+    with torch.no_grad():
+        outs = part(x)
+    assert len(outs) == 3 and calls == [3]
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------- freezing, gradients
 @pytest.mark.parametrize('frozen_stages', [-1, 0, 1, 2, 3, 4])
 def test_frozen_stages(family, frozen_stages):

@@ -41,7 +41,7 @@ def test_demo_config_and_generator_cli_agree():
 
 # The shortened demo of the test: 200 of the demo's iterations (its schedule and
 # evaluation points scaled to that length), 400 training and 60 validation images.
-# Measured here: bbox mAP 0.18 (the full demo reaches about 0.55). An untrained or broken
+# Measured here: bbox mAP 0.18 (the full demo reaches about 0.60). An untrained or broken
 # detector scores 0 (no box of the right class where a shape is); the floor is well above
 # that and well below what the run reaches.
 SHORT_RUN = ['--iters', '200', '--num-train', '400', '--num-val', '60']

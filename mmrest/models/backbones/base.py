@@ -423,8 +423,8 @@ class ResTBase(BaseModule):
             (N, C_i, ceil(H / 2**(i+2)), ceil(W / 2**(i+2))), contiguous NCHW.
         """
         self._check_input(x)
-        outs = []
-        for i in range(NUM_STAGES):
+        outs, last = [], self.out_indices[-1]
+        for i in range(last + 1):  # the stages after the last output do not run
             tokens, (H, W) = self._embed(i, x)
             B, _, C = tokens.shape
             for block in getattr(self, f'stage{i + 1}'):
@@ -438,6 +438,6 @@ class ResTBase(BaseModule):
             if i in self.out_indices:
                 # contiguous NCHW: mmcv's RoIAlign misreads channels-last views
                 outs.append(out.transpose(1, 2).reshape(B, C, H, W).contiguous())
-            if i < NUM_STAGES - 1:
+            if i < last:
                 x = tokens_to_map(tokens, (H, W))
         return tuple(outs)

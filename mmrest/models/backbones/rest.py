@@ -24,7 +24,8 @@ class ResT(ResTBase):
             (four values each). Defaults to 'small'.
         in_channels (int): Channels of the input images. Defaults to 3.
         out_indices (Sequence[int] | int): Stages (0-3) whose maps are returned, at
-            strides 4, 8, 16, 32. Defaults to (0, 1, 2, 3).
+            strides 4, 8, 16, 32; the stages after the last one do not run. Defaults
+            to (0, 1, 2, 3).
         qkv_bias (bool): Bias in the q and kv projections. Defaults to True.
         qk_scale (float, optional): Override of ``head_dim ** -0.5``. Defaults to None.
         drop_rate (float): Dropout after the attention projection and MLP fcs.

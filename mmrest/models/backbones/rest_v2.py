@@ -21,8 +21,8 @@ class ResTV2(ResTBase):
         arch (str | dict): A name in :attr:`arch_zoo` or an arch dict as in
             :class:`mmrest.models.ResT` (reduction ratios 1 or even). Defaults to 'tiny'.
         in_channels (int): Channels of the input images. Defaults to 3.
-        out_indices (Sequence[int] | int): Stages (0-3) whose maps are returned.
-            Defaults to (0, 1, 2, 3).
+        out_indices (Sequence[int] | int): Stages (0-3) whose maps are returned;
+            the stages after the last one do not run. Defaults to (0, 1, 2, 3).
         drop_path_rate (float): Stochastic depth rate. Defaults to 0.1.
         attn_impl (str): ``'lean'``, ``'dense'`` or ``'reference'``. Defaults to 'lean'.
         norm_cfg (dict, optional): Config of the LayerNorms. Defaults to
