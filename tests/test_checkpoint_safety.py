@@ -1,13 +1,10 @@
 """Checkpoints load safely and are written atomically.
 
-A checkpoint whose loading would run code (its payload writes a marker file when
-unpickled; the control test shows that it really does so under plain pickle) is refused
-by every entry point (tools/train.py --resume PATH, load_from, tools/test.py, the
-backbone's init_cfg, and mmengine's own APIs in a fresh process that has nothing but
-``custom_imports=dict(imports=['mmrest'])``), and the marker never appears. Files that
-are not checkpoints at all, or are damaged, are refused with another message. With the
-same ``custom_imports`` alone, mmengine's ``load_checkpoint``, ``Runner.resume`` and
-``load_from`` read a checkpoint written by tools/train.py.
+A checkpoint that would run code when unpickled (the control test shows it does) is refused
+by every entry point (train --resume, load_from, tools/test.py, init_cfg, mmengine's APIs in
+a fresh process with only ``custom_imports=dict(imports=['mmrest'])``); non-checkpoints and
+damaged files get another message. With that ``custom_imports`` alone, mmengine's
+``load_checkpoint``, ``Runner.resume`` and ``load_from`` read tools/train.py's checkpoints.
 """
 import collections
 import errno

@@ -1,12 +1,7 @@
-"""Device rules of ResT and ResT V2, proved without a GPU on the ``meta`` device.
-
-Tensors of the ``meta`` device carry shapes, dtypes and devices but no data, so a whole
-forward and backward pass runs in milliseconds and any tensor created on the CPU by
-mistake (e.g. a bare ``torch.zeros``) shows up as a device mismatch or a CPU gradient,
-exactly as it would on a GPU. The tests run with 32 intra-op threads, the setting of a
-GPU node. Every arch and ``attn_impl`` runs, the lean kernel with one block of scores per
-layer and with many, and training with gradient checkpointing and a frozen stage.
-"""
+"""Device rules of ResT and ResT V2, proved without a GPU on the ``meta`` device: a tensor
+made on the CPU by mistake shows up as a device mismatch or a CPU gradient, as on a GPU.
+32 intra-op threads (a GPU node); every arch and ``attn_impl``, the lean kernel with one
+block of scores per layer and with many, training with checkpointing and a frozen stage."""
 from typing import Dict, List
 
 import pytest

@@ -1,10 +1,8 @@
 """Two CPU processes (tools/dist_train.sh: torchrun, gloo).
 
-* Resume restores each rank's own random generators: with ``diff_rank_seed=True`` the
-  ranks draw different streams, and after a resume each rank draws exactly what it drew
-  in the uninterrupted run (torch, numpy, python; recorded by tests/_probe_hooks.py).
-* Two processes with 2 images each train like one process with 4 images, and
-  tools/dist_test.sh evaluates like tools/test.py.
+* Resume restores each rank's own generators (``diff_rank_seed=True``: after a resume each
+  rank draws what it drew uninterrupted; recorded by tests/_probe_hooks.py).
+* 2 processes x 2 images train like 1 x 4; tools/dist_test.sh evaluates like tools/test.py.
 """
 import json
 import os

@@ -1,16 +1,10 @@
-"""Whole detectors and segmentors with ``mmrest.ResT`` and ``mmrest.ResTV2`` equal the same
-models built on the independent oracle backbone (``tests/reference_rest.py`` and
-``tests/reference_rest_v2.py``), weight for weight.
+"""Whole detectors and segmentors with ``mmrest.ResT`` / ``mmrest.ResTV2`` equal the same
+models on the independent oracle backbones (tests/reference_rest*.py), weight for weight.
 
-A feature map with the right values but an unusual memory layout passes every
-backbone-level check and can still be misread downstream: mmcv 2.1.0's ``RoIAlign``
-indexes its input's data pointer as NCHW without making it contiguous, so a
-channels-last map gives scrambled RoI features (visible with batch > 1, when FPN keeps
-that layout). These tests compare the losses, the intermediate predictions (FPN maps,
-head outputs, RoI features, mask logits, segmentation logits) and the final predictions
-of RetinaNet, Mask R-CNN and UperNet from this repository's configs (ResT v1 and V2), at
-batch 1 and 2, on odd and non-square inputs, so any such leak, not only this one, shows as
-a mismatch. The oracle hands its maps over as plain contiguous NCHW tensors.
+Right values in an unusual memory layout can still be misread downstream (mmcv 2.1.0's
+``RoIAlign`` reads a channels-last map as NCHW), so losses, intermediate and final
+predictions of this repository's RetinaNet, Mask R-CNN and UperNet configs are compared at
+batch 1 and 2 on odd, non-square inputs; the oracle hands over contiguous NCHW maps.
 """
 import copy
 import functools

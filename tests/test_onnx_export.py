@@ -1,10 +1,7 @@
 """ONNX export (tools/deployment/export_onnx.py) is right at every size, and its numpy pre-
-and post-processing (tools/deployment/onnx_pipeline.py) equals mmdet's and mmseg's.
-
-Each model is exported once per module, at one traced size, and ONNX Runtime is compared
-with PyTorch at other sizes: square, odd, non-square, batch 1 and 3. The tolerance is
-1e-4 of the output's largest magnitude (float32 rounding of a differently ordered sum).
-"""
+and post-processing (onnx_pipeline.py) equals mmdet's and mmseg's. Each model is exported
+once per module and compared with PyTorch at other sizes and batches (1e-4 of the
+output's largest magnitude)."""
 import io
 import os.path as osp
 from contextlib import redirect_stdout
