@@ -35,6 +35,8 @@ def test_custom_arch_channels_and_in_channels():
     with torch.no_grad():
         outs = model(torch.randn(3, 1, 65, 64))
     assert shapes(outs) == [(3, 32, 17, 16), (3, 64, 9, 8), (3, 96, 5, 4), (3, 128, 3, 2)]
+    with pytest.raises(ValueError, match='built for 1 input channels'):
+        model(torch.randn(1, 3, 32, 40))
 
 
 # ----------------------------------------------------------------------------- values
