@@ -7,9 +7,9 @@ from collections import namedtuple
 
 import pytest
 import torch
-from _backbone_helpers import (ATTN_IMPLS, check_as_accurate_as_the_oracle,
-                               check_authors_param_count, double, expected_shapes,
-                               frozen_prefixes, is_frozen, shapes)
+from _backbone_helpers import (ATTN_IMPLS, attn_impl_results, check_as_accurate_as_the_oracle,
+                               check_authors_param_count, check_output_shapes, double,
+                               expected_shapes, frozen_prefixes, is_frozen, shapes)
 from _restv2_helpers import eval_model, model_with_authors_weights
 from mmcv.cnn.bricks import DropPath
 from reference_rest import ARCHS as V1_ARCHS
@@ -55,6 +55,25 @@ def family(request) -> Family:
 
 
 # -------------------------------------------------------------------- sizes, values
+_SIZES = [(2, 224, 224), (2, 225, 225), (2, 97, 131), (2, 131, 97), (2, 32, 32)]
+#: (batch, H, W) of each arch's output shapes; ResT: also sizes of mmdet / mmseg pipelines,
+#: on which the authors' code fails
+OUTPUT_SIZES = {('ResT', 'lite'): _SIZES + [(1, 800, 1333)],
+                ('ResT', 'small'): _SIZES + [(1, 512, 683)], ('ResT', 'base'): _SIZES,
+                ('ResT', 'large'): [(2, 33, 47)],
+                **{('ResTV2', a): [(2, 64, 64), (2, 97, 97), (2, 65, 47), (2, 32, 45)]
+                   for a in V2_ARCHS}}
+
+
+@pytest.mark.parametrize('family,arch', ARCH_CASES, indirect=['family'])
+def test_output_shapes(family, arch):
+    """Square, odd and non-square inputs: expected shapes, finite and contiguous maps."""
+    for batch, h, w in OUTPUT_SIZES[family.cls.__name__, arch]:
+        outs = check_output_shapes(family.eval_model(arch), family.archs[arch]['embed_dims'],
+                                   batch, h, w)
+        assert all(o.is_contiguous() for o in outs)
+
+
 @pytest.mark.parametrize('family,arch', ARCH_CASES, indirect=['family'])
 def test_parameter_counts_match_authors(family, arch):
     check_authors_param_count(family.cls, arch, family.archs[arch]['embed_dims'],
@@ -117,6 +136,32 @@ def test_features_float32_as_accurate_as_the_oracle(family, arch, attn_impl):
             truth = family.oracle(double(sd), x.double(), arch, out_norms=(0, 1, 2))
         bound = 2e-3 if family.cls is ResT else 1e-3
         check_as_accurate_as_the_oracle(outs, oracle32, truth, bound, where=(size, ))
+
+
+@pytest.mark.parametrize('family,threads', [('ResT', 'usual'), ('ResTV2', 'usual'),
+                                            ('ResTV2', 'many')], indirect=['family'])
+def test_attn_impls_agree_in_training_mode(request, family, threads):
+    """Outputs and every gradient of every EMSA implementation agree with the reference's
+    (float64, odd size); ResTV2 also on 32 threads (as on a many-core node)."""
+    if threads == 'many':
+        request.getfixturevalue('many_threads')
+    v1 = family.cls is ResT
+    x = torch.randn(2, 3, 40, 56 if v1 else 57, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    results = attn_impl_results(
+        lambda impl: family.with_authors_weights(family.arch, attn_impl=impl)[0].double(), x)
+    l2, gx2, g2 = results[-1]  # the reference
+    for l1, gx1, g1 in results[:-1]:
+        torch.testing.assert_close(l1, l2, rtol=1e-10 if v1 else 1e-12, atol=1e-10)
+        torch.testing.assert_close(gx1, gx2, rtol=1e-8 if v1 else 1e-10,
+                                   atol=1e-10 if v1 else 1e-12)
+        assert g1.keys() == g2.keys() and all(g is not None for g in g1.values())
+        for name in g1:
+            # ResT: float64 rounding of the two op orders, amplified by the instance norms
+            # of the later stages, reaches ~1e-8 of a gradient's scale on isolated elements
+            tol = (dict(rtol=1e-8, atol=1e-8 * max(g2[name].abs().max().item(), 1e-3))
+                   if v1 else dict(rtol=1e-9, atol=1e-11))
+            torch.testing.assert_close(g1[name], g2[name], msg=name, **tol)
 
 
 @pytest.mark.parametrize('family,out_indices', [
