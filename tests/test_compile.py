@@ -58,11 +58,8 @@ def test_backbone_is_one_graph(name, arch, train):
 
 @pytest.mark.parametrize('name,arch', _backbones())
 def test_compiled_forward_and_backward_equal_eager(name, arch):
-    """``torch.compile(fullgraph=True)`` captures the training forward and backward as
-    one graph (dynamo + AOTAutograd, ``aot_eager``; inductor's code generation is run by
-    the demo training test below): the outputs and every parameter's gradient equal
-    eager's (the fused kernel and its custom backward) within float32 rounding of the
-    other summation order."""
+    """``torch.compile(fullgraph=True)`` (``aot_eager``) captures the training forward and
+    backward as one graph; outputs and gradients equal eager's within float32 rounding."""
     torch._dynamo.reset()
     model = build(name, arch).train()
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))

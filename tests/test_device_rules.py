@@ -103,9 +103,8 @@ def test_whole_backbone_on_meta(many_threads, monkeypatch, arch, branch, grad):
 
 
 def test_blocks_are_sized_by_device_and_maps_are_channels_last_on_the_cpu_only():
-    """Blocks of scores: CPU-cache sized on the CPU, much larger elsewhere (800x1344,
-    batch 2, ResT-small stage 2: 2 x 2 heads, 1050 keys, 16800 queries); token maps are
-    channels-last views on the CPU and contiguous NCHW elsewhere."""
+    """Blocks of scores are CPU-cache sized on the CPU, larger elsewhere (ResT-small stage 2
+    at 800x1344); token maps are channels-last on the CPU only."""
     cpu_rows = emsa_ops._block_rows(None, 4, 1050, 16800, 4, 'cpu')
     device_rows = emsa_ops._block_rows(None, 4, 1050, 16800, 4, 'cuda')
     assert cpu_rows * 4 * 1050 * 4 <= emsa_ops.CPU_BLOCK_BYTES < cpu_rows * 4 * 1050 * 8

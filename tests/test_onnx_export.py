@@ -247,10 +247,8 @@ def _match_detections(ours: dict, theirs) -> None:
 
 @pytest.mark.slow
 def test_detection_postprocess_equals_mmdet_on_the_same_raw_outputs(retinanet):
-    """ONNX Runtime's raw outputs for two photos, post-processed by the numpy helper and
-    by mmdet's ``predict_by_feat``. Noise of std 1 is added to the class logits first:
-    flat regions of a photo give exactly equal scores at neighbouring anchors, whose order
-    (and hence which one NMS keeps) neither implementation defines."""
+    """ONNX Runtime's raw outputs of two photos, post-processed by the numpy helper and by
+    mmdet's ``predict_by_feat`` (noise added to the logits: equal scores have no order)."""
     sess = session(retinanet['out'])
     meta = retinanet['meta']
     head = retinanet['model'].bbox_head
@@ -294,10 +292,8 @@ def upernet(tmp_path_factory):
 
 @pytest.mark.slow
 def test_upernet_end_to_end_equals_mmseg_on_photos(upernet):
-    """Photo -> numpy pre-processing -> ONNX Runtime -> numpy post-processing equals
-    mmseg's ``inference_model`` (its pipeline, PyTorch, ``postprocess_result``): logits
-    within tolerance and the label map wherever the two best classes are not within
-    rounding of each other. The pyramid pooling was replaced for the export."""
+    """numpy pre-processing, ONNX Runtime and numpy post-processing equal mmseg's
+    ``inference_model`` (logits; labels where the two best classes are apart)."""
     from mmseg.apis import inference_model
     meta = upernet['meta']
     assert sorted(meta['replaced_for_export']) == [
