@@ -290,22 +290,18 @@ def test_other_init_cfg_goes_to_mmengine_and_non_affine_norms_init():
 
 
 # ------------------------------------------------------------------ bad checkpoints
-def test_no_matching_key_raises(tmp_path):
-    path = str(tmp_path / 'classifier_only.pth')
-    torch.save({'state_dict': {'head.fc.weight': torch.zeros(10, 512),
-                               'neck.gap.weight': torch.zeros(1)}}, path)
-    model = ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path))
-    with pytest.raises(CheckpointError, match='no ResT backbone weights found') as info:
-        model.init_weights()
-    assert path in str(info.value) and 'head.fc.weight' in str(info.value)
-
-
-def test_resty_keys_none_in_model_raise(tmp_path):
-    path = str(tmp_path / 'deeper.pth')
-    torch.save({'stage1.9.mlp.fc1.weight': torch.zeros(256, 64)}, path)
-    model = ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path))
-    with pytest.raises(CheckpointError, match='none of its keys match'):
-        model.init_weights()
+@pytest.mark.parametrize('state,match,named', [
+    ({'state_dict': {'head.fc.weight': torch.zeros(10, 512), 'neck.gap.weight': torch.zeros(1)}},
+     'no ResT backbone weights found', 'head.fc.weight'),
+    ({'stage1.9.mlp.fc1.weight': torch.zeros(256, 64)}, 'none of its keys match', '')])
+def test_checkpoints_without_fitting_keys_raise(tmp_path, state, match, named):
+    """No backbone key at all (the keys there are named), or ResT-like keys none of which
+    the model has."""
+    path = str(tmp_path / 'other.pth')
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=match) as info:
+        ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path)).init_weights()
+    assert path in str(info.value) and named in str(info.value)
 
 
 @pytest.mark.parametrize('family,src,dst,match', [
