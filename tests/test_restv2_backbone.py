@@ -90,6 +90,14 @@ def test_whole_backbone_gradcheck():
 
 
 # ----------------------------------------------------------------- norms, init, names
+def test_odd_sr_ratio_is_refused():
+    """The pixel-shuffle up-sampling needs a reduction ratio of 1 or an even one."""
+    arch = {k: list(v) for k, v in ResTV2.arch_zoo['tiny'].items()}
+    arch['sr_ratios'] = [8, 3, 2, 1]
+    with pytest.raises(ValueError, match='sr_ratio must be 1 or even, got 3'):
+        ResTV2(arch)
+
+
 def test_authors_initialisation():
     torch.manual_seed(0)
     model = ResTV2('tiny')
