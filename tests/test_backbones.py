@@ -298,6 +298,9 @@ def test_norm_configs(family):
     assert [n for n, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)] == \
         family.bns
     assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    # the authors' LayerNorm eps by default: torch's for ResT, 1e-6 for ResT V2
+    default_eps = 1e-6 if family.cls is ResTV2 else 1e-5
+    assert all(m.eps == default_eps for m in model.modules() if isinstance(m, nn.LayerNorm))
     reference, _ = family.with_authors_weights(family.arch)
     model.load_state_dict(reference.state_dict(), strict=True)
     model.eval()
