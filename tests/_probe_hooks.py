@@ -1,13 +1,9 @@
-"""Hooks that training subprocesses of the tests load (``custom_imports=['_probe_hooks']``).
+"""Hooks loaded by the tests' training subprocesses (``custom_imports=['_probe_hooks']``).
 
-* :class:`RecordRandomStreams` writes, per rank and iteration, the next numbers each
-  random generator would draw (read from copies: the probe itself draws nothing from the
-  generators of the run) and the iteration's losses, to
-  ``<work_dir>/probe_rank<k>.jsonl``.
-* :class:`StopAtKillPoint` waits to be killed at a chosen iteration and stage: it writes
-  a marker file there and sleeps, so that a test can SIGKILL the process at exactly that
-  point, however fast or slow the machine is. It does nothing unless the environment
-  names the point (``MMREST_KILL_AT=<iteration>:<stage>``, ``MMREST_KILL_MARKER=<path>``).
+* :class:`RecordRandomStreams` writes per rank and iteration the next draws of each random
+  generator (from copies) and the losses to ``<work_dir>/probe_rank<k>.jsonl``.
+* :class:`StopAtKillPoint` writes a marker and sleeps at ``MMREST_KILL_AT=<iteration>:<stage>``
+  (marker: ``MMREST_KILL_MARKER``), so a test can SIGKILL it there at any machine speed.
 """
 import json
 import os

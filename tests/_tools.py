@@ -10,16 +10,8 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 @functools.lru_cache(maxsize=None)
 def load_script(path: str) -> ModuleType:
-    """The script at ``path`` (relative to the repository, e.g. ``'tools/train.py'``),
-    executed once per test session as the module ``mmrest_script_<its path>``: not a
-    top-level module name that another import could clash with.
-
-    Args:
-        path (str): The script's path inside the repository.
-
-    Returns:
-        ModuleType: The loaded module.
-    """
+    """The script at ``path`` (relative to the repository), executed once per session as
+    the module ``mmrest_script_<its path>`` (no clash with another import)."""
     name = 'mmrest_script_' + osp.splitext(path)[0].replace('/', '_')
     spec = importlib.util.spec_from_file_location(name, osp.join(REPO, path))
     module = importlib.util.module_from_spec(spec)

@@ -1,5 +1,4 @@
-"""Shared fixtures and marks of the tests: cached weights and models, thread counts,
-mmengine's default scope restored after each test, the slow mark of the large archs."""
+"""Shared fixtures and marks: cached weights and models, thread counts, mmengine's scope."""
 import contextlib
 import ctypes
 import functools
@@ -21,21 +20,12 @@ SLOW_ARCHS = ('base', 'large')
 
 
 def pytest_collection_modifyitems(config, items):
-    """Variants of the two largest archs are marked ``slow``, cases of detector and
-    segmentor configs ``ops``.
-
-    A test parametrised by ``arch`` runs, in ``make test-fast``, only on the smaller archs
-    (ResT lite and small, ResT V2 tiny and small): base and large go through the same code
-    with more blocks and take most of the time. ``make test`` runs them all. The stack
-    matrix (tools/stacks.sh) runs the ``stack`` modules without the ``ops`` cases where
-    mmcv has no compiled ops.
-    """
+    """Cases of an ``arch`` base or large are ``slow`` (the same code as the smaller archs,
+    with more blocks); cases of detector and segmentor configs ``ops`` (mmcv's ops)."""
     for item in items:
         callspec = getattr(item, 'callspec', None)
         if callspec is not None and callspec.params.get('arch') in SLOW_ARCHS:
             item.add_marker(pytest.mark.slow)
-        # a case of a detector or segmentor config builds mmdet / mmseg models, whose
-        # imports need mmcv's compiled ops (not in mmcv-lite)
         params = callspec.params if callspec is not None else {}
         config = params.get('path') or params.get('name')
         if (isinstance(config, str) and config.endswith('.py')
@@ -51,34 +41,28 @@ def _glibc(function: str, *args: int) -> None:
         pass
 
 
-# glibc serves every block of 1 MiB or more by its own mapping, returned to the system
-# when freed. By default it raises that threshold to the largest block freed so far (up
-# to 32 MiB), after which tensors of a few MiB live in its arenas and their freed space
-# stays with the process.
+# blocks of 1 MiB or more in their own mappings, returned when freed (glibc would raise
+# the threshold to the largest block freed, up to 32 MiB, and keep freed tensors)
 _glibc('mallopt', -3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def _release_memory() -> None:
-    """Return freed memory to the system: glibc keeps freed blocks of large tensors in its
-    arenas, so without this the process would hold the peak of every earlier module."""
+    """Return freed memory to the system (glibc keeps freed blocks in its arenas)."""
     gc.collect()
     _glibc('malloc_trim', 0)
 
 
 @pytest.fixture(autouse=True)
 def collect_cycles_after_each_test():
-    """Models sit in reference cycles (their modules' hooks and parents), which Python's
-    collector, counting objects rather than bytes, may leave for many tests: collect
-    them after each test, so that a test's models go with it."""
+    """Models sit in reference cycles: collect them after each test."""
     yield
     gc.collect()
 
 
 @pytest.fixture(scope='module', autouse=True)
 def free_caches_after_each_module():
-    """After each test module, the models and weights cached by ``functools.lru_cache``
-    in the test modules and helpers are dropped (they are rebuilt where needed), so the
-    suite's memory stays that of its largest module rather than the sum of all."""
+    """Drop the ``lru_cache``s of the test modules and helpers after each module, so the
+    suite's memory is that of its largest module."""
     yield
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     for module in list(sys.modules.values()):
@@ -93,9 +77,7 @@ def free_caches_after_each_module():
 
 @pytest.fixture(autouse=True)
 def restore_default_scope():
-    """mmengine's default scope (a process-wide global that builds and runners switch to
-    mmdet, mmseg or mmpretrain) is, after each test, what it was before it: no test sees
-    a scope left by another."""
+    """mmengine's default scope (process-wide) is, after each test, what it was before."""
     from mmengine.registry import DefaultScope
     before = dict(DefaultScope._instance_dict)
     yield
@@ -105,17 +87,16 @@ def restore_default_scope():
 
 @pytest.fixture(autouse=True)
 def restore_intra_op_threads():
-    """The intra-op thread count (which the CPU dispatch of the attention reads) is,
-    after each test, what it was before it: a tool's ``main`` run in-process with
-    ``--threads`` does not change what later tests check."""
+    """The intra-op thread count (read by the attention's CPU dispatch) is, after each
+    test, what it was before (a tool's ``main`` with ``--threads`` changes it)."""
     with _intra_op_threads(torch.get_num_threads()):
         yield
 
 
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory) -> Dict[str, object]:
-    """The tool tests' run, once per module: a tiny shapes data set and a RetinaNet config
-    of two iterations on it without validation, as ``dict(root=, data=, config=)``."""
+    """A tiny shapes data set and a 2-iteration RetinaNet config without validation, once
+    per module: ``dict(root=, data=, config=)``."""
     from _engine_helpers import demo_config_text, make_shapes_data, write_config
     root = tmp_path_factory.mktemp('tools')
     data = make_shapes_data(str(root / 'data'), num_train=8, num_val=4)
@@ -154,11 +135,8 @@ def _authors_state_dict(arch: str, seed: int, out_norms: Tuple[int, ...],
 
 @pytest.fixture(scope='session')
 def authors_weights() -> Callable[..., Dict[str, torch.Tensor]]:
-    """Factory of random weights in the authors' key layout, cached per arguments.
-
-    Call as ``authors_weights(arch, seed=0, out_norms=(), num_classes=1000)``. The
-    returned dict is a fresh shallow copy; do not modify its tensors in place.
-    """
+    """``authors_weights(arch, seed=0, out_norms=(), num_classes=1000)``: cached random
+    weights in the authors' layout, as a shallow copy (do not modify its tensors)."""
 
     def make(arch: str, seed: int = 0, out_norms: Tuple[int, ...] = (),
              num_classes: int = 1000) -> Dict[str, torch.Tensor]:
@@ -170,13 +148,9 @@ def authors_weights() -> Callable[..., Dict[str, torch.Tensor]]:
 @pytest.fixture(scope='session')
 def rest_with_authors_weights(
         authors_weights) -> Callable[..., Tuple[ResT, Dict[str, torch.Tensor]]]:
-    """Factory: a ResT in eval mode holding random authors'-layout weights.
-
-    Call as ``rest_with_authors_weights(arch, seed=0, **resT_kwargs)``; returns
-    ``(model, state_dict)`` where ``state_dict`` is the authors'-layout dict (with
-    ``head.*`` and the output norms of the selected stages). The weights are loaded with
-    ``strict=True``, so the backbone's key names are checked against the authors'.
-    """
+    """``rest_with_authors_weights(arch, seed=0, **kwargs)``: ``(model, sd)``, a ResT in
+    eval mode holding random authors'-layout weights ``sd`` (head and the selected output
+    norms included), loaded with ``strict=True`` (so the key names are the authors')."""
 
     def make(arch: str, seed: int = 0, **kwargs) -> Tuple[ResT, Dict[str, torch.Tensor]]:
         kwargs.setdefault('drop_path_rate', 0.)
@@ -199,10 +173,7 @@ def _eval_rest(arch: str) -> ResT:
 
 @pytest.fixture(scope='session')
 def eval_rest() -> Callable[[str], ResT]:
-    """Factory of one shared ResT per arch (authors' initialisation, eval mode).
-
-    For shape and finiteness checks only: do not train or modify the returned model.
-    """
+    """One shared ResT per arch (authors' init, eval mode), for shapes only: do not modify."""
     return _eval_rest
 
 
@@ -218,14 +189,9 @@ def _intra_op_threads(threads: int):
 
 @pytest.fixture(scope='module')
 def one_intra_op_thread():
-    """One intra-op thread for a test module of small cases (``pytestmark``).
-
-    Their ops take microseconds, so OpenMP fork/joins would dominate them (and make the
-    file slow on a busy machine). One thread selects the CPU paths for many (batch, head)
-    pairs; the paths taken with fewer pairs than threads have tests of their own under
-    ``two_threads`` and ``many_threads`` (e.g. ``test_plain_attention_blocked_backward*``
-    in tests/test_emsa_ops.py).
-    """
+    """One intra-op thread for a module of small cases (OpenMP fork/joins would dominate
+    them); the paths of fewer (batch, head) pairs than threads are tested under
+    ``two_threads`` and ``many_threads`` (tests/test_emsa_ops.py)."""
     with _intra_op_threads(1):
         yield
 
@@ -239,7 +205,6 @@ def two_threads():
 
 @pytest.fixture
 def many_threads():
-    """32 intra-op threads, as on a GPU node (the CPU-tuned dispatch rules would fire
-    for small batches if they were not limited to CPU tensors)."""
+    """32 intra-op threads, as on a GPU node."""
     with _intra_op_threads(32):
         yield

@@ -1,13 +1,10 @@
 """Checkpoints load safely and are written atomically.
 
-A checkpoint whose loading would run code (its payload writes a marker file when
-unpickled; the control test shows that it really does so under plain pickle) is refused
-by every entry point (tools/train.py --resume PATH, load_from, tools/test.py, the
-backbone's init_cfg, and mmengine's own APIs in a fresh process that has nothing but
-``custom_imports=dict(imports=['mmrest'])``), and the marker never appears. Files that
-are not checkpoints at all, or are damaged, are refused with another message. With the
-same ``custom_imports`` alone, mmengine's ``load_checkpoint``, ``Runner.resume`` and
-``load_from`` read a checkpoint written by tools/train.py.
+A checkpoint that would run code when unpickled (the control test shows it does) is refused
+by every entry point (train --resume, load_from, tools/test.py, init_cfg, mmengine's APIs in
+a fresh process with only ``custom_imports=dict(imports=['mmrest'])``); non-checkpoints and
+damaged files get another message. With that ``custom_imports`` alone, mmengine's
+``load_checkpoint``, ``Runner.resume`` and ``load_from`` read tools/train.py's checkpoints.
 """
 import collections
 import errno
@@ -91,20 +88,19 @@ def _assert_refused(proc: subprocess.CompletedProcess, evil: str, marker: str) -
 
 @pytest.mark.ops
 @pytest.mark.slow
-def test_train_resume_path_refuses(demo_setup):
+@pytest.mark.parametrize('tool', ['resume', 'load_from', 'test'])
+def test_tools_refuse(demo_setup, tool):
+    """train.py --resume PATH, train.py with load_from, test.py."""
     s = demo_setup
-    proc = run(train_cmd(s['config'], str(s['root'] / 'w_resume'), '--resume', s['evil']))
+    work_dir = str(s['root'] / f'w_{tool}')
+    proc = run({'resume': train_cmd(s['config'], work_dir, '--resume', s['evil']),
+                'load_from': train_cmd(s['config'], work_dir, '--cfg-options',
+                                       f'load_from={s["evil"]}'),
+                'test': [PYTHON, TEST, s['config'], s['evil'], '--work-dir', work_dir]}[tool])
     _assert_refused(proc, s['evil'], s['marker'])
-    assert 'train.py: error: UnsafeCheckpointError' in proc.stderr
-
-
-@pytest.mark.ops
-@pytest.mark.slow
-def test_train_load_from_refuses(demo_setup):
-    s = demo_setup
-    proc = run(train_cmd(s['config'], str(s['root'] / 'w_load'), '--cfg-options',
-                         f'load_from={s["evil"]}'))
-    _assert_refused(proc, s['evil'], s['marker'])
+    if tool != 'load_from':
+        script = 'test.py' if tool == 'test' else 'train.py'
+        assert f'{script}: error: UnsafeCheckpointError' in proc.stderr
 
 
 @pytest.mark.ops
@@ -119,16 +115,6 @@ def test_train_auto_resume_refuses_and_does_not_fall_back(demo_setup, tmp_path):
     proc = run(train_cmd(s['config'], str(work_dir), '--resume'))
     _assert_refused(proc, evil, s['marker'])
     assert not (work_dir / 'iter_2.pth').exists()  # did not train from scratch
-
-
-@pytest.mark.ops
-@pytest.mark.slow
-def test_test_tool_refuses(demo_setup):
-    s = demo_setup
-    proc = run([PYTHON, TEST, s['config'], s['evil'], '--work-dir',
-                str(s['root'] / 'w_test')])
-    _assert_refused(proc, s['evil'], s['marker'])
-    assert 'test.py: error: UnsafeCheckpointError' in proc.stderr
 
 
 @pytest.mark.ops

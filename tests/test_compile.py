@@ -1,14 +1,8 @@
-"""torch.compile: each backbone is one graph (``fullgraph=True``, no graph break) that
-equals eager, forward and backward; ``--cfg-options compile=True`` trains the demo config
-through tools/train.py with inductor (which compiles the backbone's forward and backward
-there; its losses equal eager's).
-
-Under ``torch.compile`` the EMSA core takes its shape-generic form
-(``mmrest.models.layers.emsa_ops.trace_friendly``): the blocked kernel, if traced, breaks
-the graph at every thread-count query (``torch.get_num_threads``, 33 breaks for ResT-Lite
-in eval mode) and its backward fails in inductor on ``out=``
-views. Parametrized over the backbones ``mmrest.models`` has (ResTV2 where present).
-"""
+"""torch.compile: each backbone is one graph (``fullgraph=True``) equal to eager, forward
+and backward; ``--cfg-options compile=True`` trains the demo config with inductor (losses
+equal eager's). Compiled, the EMSA core takes its shape-generic form
+(``emsa_ops.trace_friendly``): the blocked kernel would break the graph at every
+``torch.get_num_threads`` and its backward fails in inductor on ``out=`` views."""
 import math
 
 import pytest
@@ -64,11 +58,8 @@ def test_backbone_is_one_graph(name, arch, train):
 
 @pytest.mark.parametrize('name,arch', _backbones())
 def test_compiled_forward_and_backward_equal_eager(name, arch):
-    """``torch.compile(fullgraph=True)`` captures the training forward and backward as
-    one graph (dynamo + AOTAutograd, ``aot_eager``; inductor's code generation is run by
-    the demo training test below): the outputs and every parameter's gradient equal
-    eager's (the fused kernel and its custom backward) within float32 rounding of the
-    other summation order."""
+    """``torch.compile(fullgraph=True)`` (``aot_eager``) captures the training forward and
+    backward as one graph; outputs and gradients equal eager's within float32 rounding."""
     torch._dynamo.reset()
     model = build(name, arch).train()
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))

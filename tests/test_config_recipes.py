@@ -69,29 +69,53 @@ def test_imagenet_recipe_skips_decay_on_all_1d_parameters():
     assert cfg.auto_scale_lr.base_batch_size == 8 * cfg.train_dataloader.batch_size
 
 
-def test_detection_recipes():
-    """The settings of the authors' detectron2 recipe that mmdet spells differently."""
-    retina = fromfile(osp.join(ROOT, 'configs', 'retinanet_rest_small_coco.py'))
-    mask = fromfile(osp.join(ROOT, 'configs', 'mask_rcnn_rest_base_coco.py'))
+@pytest.mark.parametrize('version', ['v1', 'v2'])
+def test_detection_recipes(version):
+    """The settings of the authors' detectron2 recipes (ResT 1x, ResT V2 3x) that mmdet
+    spells differently."""
+    v2 = version == 'v2'
+    retina, mask = (fromfile(osp.join(ROOT, 'configs', name)) for name in (
+        ('retinanet_restv2_tiny_3x_coco.py', 'mask_rcnn_restv2_tiny_3x_coco.py') if v2 else
+        ('retinanet_rest_small_coco.py', 'mask_rcnn_rest_base_coco.py')))
     assert retina.model.backbone.out_indices == (1, 2, 3)
-    assert retina.model.neck.add_extra_convs == 'on_input'
-    assert retina.model.neck.in_channels == [128, 256, 512]
+    assert retina.model.neck.in_channels == ([192, 384, 768] if v2 else [128, 256, 512])
     assert mask.model.neck.in_channels == [96, 192, 384, 768]
-    assert mask.model.backbone.drop_path_rate == 0.2
     assert mask.optim_wrapper.clip_grad == dict(max_norm=0.01, norm_type=2)
     assert 'clip_grad' not in retina.optim_wrapper
     crop = [t for t in mask.train_pipeline if t.type == 'RandomCrop']
     assert crop and crop[0].crop_type == 'relative' and crop[0].crop_size == (0.9, 0.9)
-    for cfg in (retina, mask):
-        assert cfg.train_cfg.max_epochs == 12
-        assert cfg.optim_wrapper.optimizer.lr == 1e-4
-        assert cfg.optim_wrapper.optimizer.weight_decay == 0.05
+    shorter = {'mask': [480, 512, 534, 576, 640, 672, 704, 736, 768, 800],
+               'retina': [384, 512, 640, 768, 896, 1024]} if v2 else {
+                   'mask': list(range(640, 801, 32)), 'retina': list(range(640, 801, 32))}
+    for name, cfg in (('mask', mask), ('retina', retina)):
+        assert (cfg.optim_wrapper.optimizer.lr, cfg.optim_wrapper.optimizer.weight_decay) == (
+            1e-4, 0.05)
+        assert cfg.train_cfg.max_epochs == (36 if v2 else 12)
         assert cfg.auto_scale_lr.base_batch_size == 16 == 8 * cfg.train_dataloader.batch_size
-        resize = [t for t in cfg.train_pipeline if t.type == 'RandomChoiceResize'][0]
-        assert [s[1] for s in resize.scales] == list(range(640, 801, 32))
+        resize = [t for t in cfg.train_dataloader.dataset.pipeline
+                  if t.type == 'RandomChoiceResize'][0]
+        assert [s[1] for s in resize.scales] == shorter[name]
         assert all(s[0] == 1333 for s in resize.scales)
-        test_resize = [t for t in cfg.test_pipeline if t.type == 'Resize'][0]
-        assert test_resize.scale == (1333, 800)
+        if not v2:
+            assert [t for t in cfg.test_pipeline if t.type == 'Resize'][0].scale == (1333, 800)
+            continue
+        backbone = cfg.model.backbone
+        assert (backbone.arch, backbone.frozen_stages, backbone.drop_path_rate) == (
+            'tiny', -1, 0.1)
+        assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+        assert cfg.optim_wrapper.paramwise_cfg == dict(norm_decay_mult=0.)
+        warm, steps = cfg.param_scheduler
+        assert (warm.end, warm.by_epoch, steps.milestones, steps.end) == (1000, False,
+                                                                          [28, 33], 36)
+    if not v2:
+        assert retina.model.neck.add_extra_convs == 'on_input'
+        assert mask.model.backbone.drop_path_rate == 0.2
+        return
+    assert not [t for t in retina.train_pipeline if t.type == 'RandomCrop']
+    for arch, rate in (('small', 0.2), ('base', 0.3)):
+        cfg = fromfile(osp.join(ROOT, 'configs', f'mask_rcnn_restv2_{arch}_3x_coco.py'))
+        assert (cfg.model.backbone.arch, cfg.model.backbone.drop_path_rate) == (arch, rate)
+        assert cfg.model.backbone.init_cfg.checkpoint == f'checkpoints/restv2_{arch}.pth'
 
 
 def test_full_model_clip_is_one_global_norm():
@@ -113,18 +137,24 @@ def test_full_model_clip_is_one_global_norm():
     assert clipped == pytest.approx(0.01, rel=1e-4)
 
 
-def test_segmentation_recipe():
-    cfg = fromfile(osp.join(ROOT, 'configs', 'upernet_rest_base_ade20k.py'))
+@pytest.mark.parametrize('name', ['upernet_rest_base_ade20k.py',
+                                  'upernet_restv2_tiny_ade20k.py'])
+def test_segmentation_recipe(name):
+    cfg = fromfile(osp.join(ROOT, 'configs', name))
     assert cfg.train_cfg.max_iters == 160000
-    assert cfg.optim_wrapper.optimizer.lr == 6e-5
-    assert cfg.optim_wrapper.optimizer.weight_decay == 0.01
     warm, poly = cfg.param_scheduler
-    assert (warm.type, warm.end, poly.type, poly.begin, poly.end) == (
-        'LinearLR', 1500, 'PolyLR', 1500, 160000)
+    assert (warm.type, warm.end, poly.type, poly.begin, poly.end, poly.power) == (
+        'LinearLR', 1500, 'PolyLR', 1500, 160000, 1.0)
     assert cfg.auto_scale_lr.base_batch_size == 16 == 8 * cfg.train_dataloader.batch_size
-    assert cfg.model.auxiliary_head.in_index == 2
-    assert cfg.model.auxiliary_head.in_channels == 384
+    aux = cfg.model.auxiliary_head
+    assert (aux.in_index, aux.in_channels, aux.channels, aux.loss_decode.loss_weight) == (
+        2, 384, 256, 0.4)
     assert cfg.model.decode_head.in_channels == [96, 192, 384, 768]
+    if 'restv2' in name:
+        assert cfg.model.backbone.drop_path_rate == 0.1
+    else:
+        assert (cfg.optim_wrapper.optimizer.lr, cfg.optim_wrapper.optimizer.weight_decay) == (
+            6e-5, 0.01)
 
 
 def _assert_imagenet_augmentations(cfg: Config) -> None:
@@ -153,43 +183,6 @@ def test_classification_recipe():
     test = {t.type: t for t in cfg.val_dataloader.dataset.pipeline}
     assert test['ResizeEdge'].scale == 256  # the authors' ratio 224 / 256
     assert test['CenterCrop'].crop_size == 224
-
-
-def test_restv2_detection_recipes():
-    """The ResT V2 Mask R-CNN / RetinaNet 3x settings (authors' detectron2 files)."""
-    mask = fromfile(osp.join(ROOT, 'configs', 'mask_rcnn_restv2_tiny_3x_coco.py'))
-    retina = fromfile(osp.join(ROOT, 'configs', 'retinanet_restv2_tiny_3x_coco.py'))
-    assert mask.model.neck.in_channels == [96, 192, 384, 768]
-    assert retina.model.neck.in_channels == [192, 384, 768]
-    assert retina.model.backbone.out_indices == (1, 2, 3)
-    assert mask.optim_wrapper.clip_grad == dict(max_norm=0.01, norm_type=2)
-    assert 'clip_grad' not in retina.optim_wrapper
-    crop = [t for t in mask.train_pipeline if t.type == 'RandomCrop']
-    assert crop and crop[0].crop_type == 'relative' and crop[0].crop_size == (0.9, 0.9)
-    assert not [t for t in retina.train_pipeline if t.type == 'RandomCrop']
-    shorter = {'mask': [480, 512, 534, 576, 640, 672, 704, 736, 768, 800],
-               'retina': [384, 512, 640, 768, 896, 1024]}
-    for name, cfg in (('mask', mask), ('retina', retina)):
-        backbone = cfg.model.backbone
-        assert (backbone.arch, backbone.frozen_stages, backbone.drop_path_rate) == (
-            'tiny', -1, 0.1)
-        assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
-        assert cfg.optim_wrapper.paramwise_cfg == dict(norm_decay_mult=0.)
-        assert (cfg.optim_wrapper.optimizer.lr, cfg.optim_wrapper.optimizer.weight_decay) == (
-            1e-4, 0.05)
-        assert cfg.train_cfg.max_epochs == 36
-        warm, steps = cfg.param_scheduler
-        assert (warm.end, warm.by_epoch, steps.milestones, steps.end) == (1000, False,
-                                                                          [28, 33], 36)
-        assert cfg.auto_scale_lr.base_batch_size == 16 == 8 * cfg.train_dataloader.batch_size
-        resize = [t for t in cfg.train_dataloader.dataset.pipeline
-                  if t.type == 'RandomChoiceResize'][0]
-        assert [s[1] for s in resize.scales] == shorter[name]
-        assert all(s[0] == 1333 for s in resize.scales)
-    for arch, rate in (('small', 0.2), ('base', 0.3)):
-        cfg = fromfile(osp.join(ROOT, 'configs', f'mask_rcnn_restv2_{arch}_3x_coco.py'))
-        assert (cfg.model.backbone.arch, cfg.model.backbone.drop_path_rate) == (arch, rate)
-        assert cfg.model.backbone.init_cfg.checkpoint == f'checkpoints/restv2_{arch}.pth'
 
 
 def test_restv2_amp_config_becomes_the_cpu_wrapper_on_this_machine():
@@ -255,20 +248,6 @@ def test_restv2_segmentation_stage_wise_lr_decay(arch):
         seen.add(stage(name))
     assert seen == {0, 1, 2, 3, 4, 5}
     assert cfg.model.backbone.drop_path_rate == {'small': 0.2, 'base': 0.3}[arch]
-
-
-def test_restv2_segmentation_recipe():
-    cfg = fromfile(osp.join(ROOT, 'configs', 'upernet_restv2_tiny_ade20k.py'))
-    assert cfg.train_cfg.max_iters == 160000
-    warm, poly = cfg.param_scheduler
-    assert (warm.type, warm.end, poly.type, poly.begin, poly.end, poly.power) == (
-        'LinearLR', 1500, 'PolyLR', 1500, 160000, 1.0)
-    assert cfg.auto_scale_lr.base_batch_size == 16 == 8 * cfg.train_dataloader.batch_size
-    aux = cfg.model.auxiliary_head
-    assert (aux.in_index, aux.in_channels, aux.channels, aux.loss_decode.loss_weight) == (
-        2, 384, 256, 0.4)
-    assert cfg.model.decode_head.in_channels == [96, 192, 384, 768]
-    assert cfg.model.backbone.drop_path_rate == 0.1
 
 
 def test_restv2_classification_recipe():

@@ -1,12 +1,7 @@
-"""Device rules of ResT and ResT V2, proved without a GPU on the ``meta`` device.
-
-Tensors of the ``meta`` device carry shapes, dtypes and devices but no data, so a whole
-forward and backward pass runs in milliseconds and any tensor created on the CPU by
-mistake (e.g. a bare ``torch.zeros``) shows up as a device mismatch or a CPU gradient,
-exactly as it would on a GPU. The tests run with 32 intra-op threads, the setting of a
-GPU node. Every arch and ``attn_impl`` runs, the lean kernel with one block of scores per
-layer and with many, and training with gradient checkpointing and a frozen stage.
-"""
+"""Device rules of ResT and ResT V2, proved without a GPU on the ``meta`` device: a tensor
+made on the CPU by mistake shows up as a device mismatch or a CPU gradient, as on a GPU.
+32 intra-op threads (a GPU node); every arch and ``attn_impl``, the lean kernel with one
+block of scores per layer and with many, training with checkpointing and a frozen stage."""
 from typing import Dict, List
 
 import pytest
@@ -108,9 +103,8 @@ def test_whole_backbone_on_meta(many_threads, monkeypatch, arch, branch, grad):
 
 
 def test_blocks_are_sized_by_device_and_maps_are_channels_last_on_the_cpu_only():
-    """Blocks of scores: CPU-cache sized on the CPU, much larger elsewhere (800x1344,
-    batch 2, ResT-small stage 2: 2 x 2 heads, 1050 keys, 16800 queries); token maps are
-    channels-last views on the CPU and contiguous NCHW elsewhere."""
+    """Blocks of scores are CPU-cache sized on the CPU, larger elsewhere (ResT-small stage 2
+    at 800x1344); token maps are channels-last on the CPU only."""
     cpu_rows = emsa_ops._block_rows(None, 4, 1050, 16800, 4, 'cpu')
     device_rows = emsa_ops._block_rows(None, 4, 1050, 16800, 4, 'cuda')
     assert cpu_rows * 4 * 1050 * 4 <= emsa_ops.CPU_BLOCK_BYTES < cpu_rows * 4 * 1050 * 8

@@ -1,10 +1,8 @@
 """Two CPU processes (tools/dist_train.sh: torchrun, gloo).
 
-* Resume restores each rank's own random generators: with ``diff_rank_seed=True`` the
-  ranks draw different streams, and after a resume each rank draws exactly what it drew
-  in the uninterrupted run (torch, numpy, python; recorded by tests/_probe_hooks.py).
-* Two processes with 2 images each train like one process with 4 images, and
-  tools/dist_test.sh evaluates like tools/test.py.
+* Resume restores each rank's own generators (``diff_rank_seed=True``: after a resume each
+  rank draws what it drew uninterrupted; recorded by tests/_probe_hooks.py).
+* 2 processes x 2 images train like 1 x 4; tools/dist_test.sh evaluates like tools/test.py.
 """
 import json
 import os
@@ -102,15 +100,9 @@ param_scheduler = []
 
 
 def test_two_processes_train_like_one_with_the_same_total_batch(tmp_path):
-    """2 processes x 2 images vs 1 process x 4 images, 4 SGD steps (config above).
-
-    Exact up to float rounding for this classifier only: a detection run would not be,
-    since RetinaNet divides each rank's loss by the positive anchors of that rank's own
-    images and the backbone's BatchNorms normalise by per-rank batch statistics in
-    training mode. Measured: the weights after 4 steps differ by at most 1.2e-7 (they
-    move by up to 1.7e-2 in the last 2 steps); the mean of the ranks' losses equals the
-    single process's within 1e-6 relative.
-    """
+    """2 processes x 2 images vs 1 process x 4 images, 4 SGD steps: equal up to float
+    rounding for this classifier (not for a detector: per-rank anchors and BatchNorm
+    statistics). Measured: weights within 1.2e-7, mean loss within 1e-6 relative."""
     data = make_shapes_data(str(tmp_path / 'data'), num_train=8, num_val=8)
     write_cls_annotations(data)
     text = cls_config_text(data, max_epochs=2, flip_prob=0.0,

@@ -1,16 +1,10 @@
-"""Whole detectors and segmentors with ``mmrest.ResT`` and ``mmrest.ResTV2`` equal the same
-models built on the independent oracle backbone (``tests/reference_rest.py`` and
-``tests/reference_rest_v2.py``), weight for weight.
+"""Whole detectors and segmentors with ``mmrest.ResT`` / ``mmrest.ResTV2`` equal the same
+models on the independent oracle backbones (tests/reference_rest*.py), weight for weight.
 
-A feature map with the right values but an unusual memory layout passes every
-backbone-level check and can still be misread downstream: mmcv 2.1.0's ``RoIAlign``
-indexes its input's data pointer as NCHW without making it contiguous, so a
-channels-last map gives scrambled RoI features (visible with batch > 1, when FPN keeps
-that layout). These tests compare the losses, the intermediate predictions (FPN maps,
-head outputs, RoI features, mask logits, segmentation logits) and the final predictions
-of RetinaNet, Mask R-CNN and UperNet from this repository's configs (ResT v1 and V2), at
-batch 1 and 2, on odd and non-square inputs, so any such leak, not only this one, shows as
-a mismatch. The oracle hands its maps over as plain contiguous NCHW tensors.
+Right values in an unusual memory layout can still be misread downstream (mmcv 2.1.0's
+``RoIAlign`` reads a channels-last map as NCHW), so losses, intermediate and final
+predictions of this repository's RetinaNet, Mask R-CNN and UperNet configs are compared at
+batch 1 and 2 on odd, non-square inputs; the oracle hands over contiguous NCHW maps.
 """
 import copy
 import functools
@@ -30,17 +24,12 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # whole detectors: `make test` runs them, test-fast does not; they need mmcv's ops
 pytestmark = [pytest.mark.slow, pytest.mark.ops]
 
-#: float32 agreement: |a - b| <= ATOL_REL * max(1, max |b|) + RTOL * |b|. Two
-#: independent float32 implementations of a random ResT differ by a few 1e-4 of the
-#: maps' scale at the last stages (rounding through the depth of the network, see
-#: test_rest_backbone.py); a misread layout is wrong by O(1). ResT V2 (tiny) agrees more
-#: closely: measured over every comparison of these tests, its largest |a - b| is 3e-6 of
-#: the scale (ResT small: 1.6e-4), so the same bounds hold for both versions.
+#: float32 agreement: |a - b| <= ATOL_REL * max(1, max |b|) + RTOL * |b|. Two float32
+#: implementations differ by up to 1.6e-4 of the scale (ResT small; ResT V2 tiny: 3e-6,
+#: see test_backbones.py); a misread layout is wrong by O(1).
 RTOL, ATOL_REL = 1e-3, 1e-3
 
-#: The configs compared, by model and backbone version: the smallest arch of each version
-#: that has a config for the model (ResT small; ResT V2 tiny, whose RetinaNet takes stages
-#: 1-3 only).
+#: The configs compared: the smallest arch of each version with a config for the model.
 CONFIGS = {
     'retinanet': {'v1': 'retinanet_rest_small_coco.py',
                   'v2': 'retinanet_restv2_tiny_3x_coco.py'},
@@ -57,17 +46,14 @@ BATCHES = {'batch1': [(97, 131)], 'batch2': [(101, 133), (95, 140)]}
 
 def oracle_features_v1(state: Dict[str, Tensor], x: Tensor, arch: str,
                        out_norms: Sequence[int]) -> List[Tensor]:
-    """ResT v1 (the authors' ``models/rest.py``): each output norm ``norm{i+1}`` is in the
-    main path, the next stage consumes the normalised map."""
+    """ResT v1: each output norm is in the main path."""
     return reference_features(state, x, ARCHS[arch]['depths'], out_norms=out_norms,
                               main_path=True)
 
 
 def oracle_features_v2(state: Dict[str, Tensor], x: Tensor, arch: str,
                        out_norms: Sequence[int]) -> List[Tensor]:
-    """ResT V2 (the authors' downstream backbone, ``ResTV2``'s default
-    ``out_norm_in_main_path=False``): ``norm1``-``norm3`` normalise the returned maps
-    only, the next stage consumes the map before its output norm."""
+    """ResT V2 (``out_norm_in_main_path=False``): output norms on the returned maps only."""
     return reference_features_v2(state, x, arch, out_norms=out_norms, main_path=False)
 
 
@@ -80,10 +66,8 @@ ORACLES = {
 
 
 class OracleBackbone(nn.Module):
-    """The oracle's features of the same weights (``reference_rest`` or
-    ``reference_rest_v2``, see :data:`ORACLES`), as plain contiguous NCHW maps of the
-    stages in ``out_indices``, which (but stage 3, always normalised) have an output
-    norm."""
+    """The oracle's maps of the same weights (:data:`ORACLES`), plain contiguous NCHW, of
+    the stages in ``out_indices``."""
 
     def __init__(self, state_dict: Dict[str, Tensor], backbone_type: str, arch: str,
                  out_indices: Sequence[int]) -> None:
@@ -198,10 +182,8 @@ def compare_captures(ours: Dict[str, List[Tensor]], oracle: Dict[str, List[Tenso
             assert_close(a, b, f'{name}[{i}]')
 
 
-#: Pixel accuracies are counts: a pixel whose top two class scores are within float32
-#: rounding may flip between two implementations (one such pixel of 12,707 was seen on one
-#: CPU), so up to one pixel in this many may differ. The logits themselves are compared
-#: with the bounds above.
+#: Up to one pixel in this many may flip between two implementations (top two class
+#: scores within float32 rounding; one of 12,707 seen); the logits meet the bounds above.
 PIXELS_PER_FLIP = 2000
 
 
@@ -309,11 +291,9 @@ def fixed_proposals(samples, per_image: int = 48) -> list:
 @pytest.mark.parametrize('batch', sorted(BATCHES))
 @pytest.mark.parametrize('version', VERSIONS)
 def test_mask_rcnn_matches_oracle_backbone(version, batch):
-    """Mask R-CNN: FPN maps, RPN outputs and losses; RoI features, box and mask head
-    outputs, R-CNN losses and predictions (boxes, scores, mask logits) on the same
-    proposals. The RPN's own proposals are left out: a random RPN scores thousands of
-    anchors within float32 rounding of each other, so which ones its NMS keeps is not a
-    property of the backbone."""
+    """Mask R-CNN: FPN maps, RPN outputs and losses; on the same proposals RoI features,
+    box and mask heads, R-CNN losses and predictions (the RPN's own proposals depend on
+    near-equal anchor scores, not on the backbone)."""
     model, oracle = cached_pair(CONFIGS['mask_rcnn'][version],
                                {'rcnn.score_thr': 0.0, 'rcnn.max_per_img': 100})
     for m in (model, oracle):
@@ -381,10 +361,8 @@ def seg_batch(sizes: List[Tuple[int, int]]):
 @pytest.mark.parametrize('batch', sorted(BATCHES))
 @pytest.mark.parametrize('version', VERSIONS)
 def test_segmentor_matches_oracle_backbone(version, batch):
-    """UperNet: backbone maps, both heads' outputs, the losses (their pixel accuracies
-    included) and the predicted logits. The classifiers' weights are spread, so that a
-    random head's top class scores of a pixel are far apart compared with float32
-    rounding and its accuracy is a property of the backbone."""
+    """UperNet: backbone maps, both heads, the losses (pixel accuracies included) and the
+    logits; the classifiers' weights are spread so the top classes are far apart."""
     model, oracle = cached_pair(CONFIGS['upernet'][version], {})
     for m in (model, oracle):
         spread_weights(m.decode_head.conv_seg, 0.05)

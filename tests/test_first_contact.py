@@ -281,19 +281,6 @@ def test_syncbn_outside_distributed_training_is_checked_too():
         model(torch.randn(1, 3, 32, 32))
 
 
-# -------------------------------------------------------------------- bad arch names
-@pytest.mark.parametrize('cls, bad, names', [
-    (ResT, 'tiny', ['base', 'large', 'lite', 'small']),
-    (ResTV2, 'lite', ['base', 'large', 'small', 'tiny']),
-])
-def test_unknown_arch_name_is_a_key_error_listing_the_names(cls, bad, names):
-    with pytest.raises(KeyError) as info:
-        cls(arch=bad)
-    message = str(info.value)
-    assert f'Unknown {cls.__name__} arch {bad!r}' in message
-    assert all(repr(name) in message for name in names)
-
-
 # ------------------------------------------------------------ launch scripts' headers
 LAUNCHERS = ['dist_train.sh', 'dist_test.sh', 'slurm_train.sh', 'slurm_test.sh']
 #: what each script's header says of PYTHON, and what ``tools/_launch.sh`` does

@@ -1,18 +1,11 @@
 """OpenMMLab's inference APIs, unchanged, on mmrest checkpoints and real photos.
 
-mmdet ``DetInferencer`` and ``init_detector`` + ``inference_detector``, mmseg
-``MMSegInferencer`` and ``init_model`` + ``inference_model``, mmpretrain
-``ImageClassificationInferencer`` and ``get_model`` each run in a FRESH process that
-imports nothing of mmrest itself: the configs (derived from the repository's) carry
-``custom_imports=dict(imports=['mmrest'])``, and that alone must let the API read the
-checkpoints ``tools/train.py`` writes (torch >= 2.6 loads with ``weights_only=True``) and
-the authors' weights converted by ``tools/model_converters/rest_to_mmrest.py``, while a
-checkpoint whose loading would run code is refused by the same API and its payload never
-runs. The predictions on scikit-image's photos (astronaut 512x512, coffee 400x600, chelsea
-300x451) have the right structure: boxes inside the image, masks and label maps of the
-image's size, class names from the checkpoint. ``tools/infer.py`` writes the inferencers'
-pictures and a JSON of the predictions. The checkpoints come from one-iteration
-``tools/train.py`` runs: the tests that use them are marked slow.
+mmdet, mmseg and mmpretrain inferencers and init/inference functions each run in a FRESH
+process that imports nothing of mmrest: ``custom_imports=dict(imports=['mmrest'])`` alone
+must let them read tools/train.py's checkpoints and converted authors' weights, and refuse
+a checkpoint that would run code. Predictions on scikit-image's photos have the right
+structure; ``tools/infer.py`` writes pictures and a JSON. The checkpoints come from
+one-iteration training runs: those tests are slow.
 """
 import json
 import os

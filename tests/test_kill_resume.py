@@ -1,18 +1,11 @@
-"""Training killed at any point loses nothing: tools/train.py --resume finishes with the
-same weights, bit for bit, as a run that was never interrupted.
+"""Training killed at any point loses nothing: tools/train.py --resume ends with the weights,
+bit for bit, of an uninterrupted run (the shrunk demo config as a subprocess on one
+deterministic CPU thread, so ``torch.equal``).
 
-The demo config (shrunk: 64x64 images, batch 2, 9 iterations, a checkpoint and a
-validation every 3 iterations, drop path 0.1 so that torch's generator matters) runs as a
-real subprocess with deterministic CPU settings (``randomness.deterministic=True``,
-``num_workers=0``, one thread). Comparisons are exact (``torch.equal``): on one CPU thread
-every kernel used here is deterministic, so no tolerance is needed.
-
-Scenarios: SIGKILL at a random point after the first checkpoint; SIGKILL in the middle of
-a save (the rename is made slow by a test launcher that wraps ``os.replace``); a full disk
-(``OSError(ENOSPC)`` after half of the bytes are written); a truncated newest checkpoint.
-Every kill happens at a known point, whatever the machine's speed: the training process
-reaches it, writes a marker file and waits (tests/_probe_hooks.py, or the launcher's slow
-rename); the test kills it when the marker appears.
+Scenarios: SIGKILL at a random point after the first checkpoint; in the middle of a save
+(a launcher slows ``os.replace``); a full disk (``ENOSPC`` half-way); a truncated newest
+checkpoint. Each kill is at a known point whatever the machine's speed: the process writes
+a marker and waits (tests/_probe_hooks.py or the slow rename) until the test kills it.
 """
 import os
 import os.path as osp

@@ -150,10 +150,8 @@ def test_inference_blocks_compute_the_same_function(block_rows, dtype, tol, monk
 
 @pytest.mark.parametrize('recompute, expected', [(False, [1, 4]), (True, [0, 4])])
 def test_hidden_sized_tensors_are_allocated_once_per_step_or_never(recompute, expected):
-    """Forward and backward over blocks: the kept pre-activation is the only
-    hidden-sized tensor, and there is none where it is recomputed; the activation, the
-    hidden gradients (and the recomputed pre-activation) live in block buffers (in one
-    block, as large as the input, those buffers are hidden-sized)."""
+    """Over blocks, the kept pre-activation is the only hidden-sized tensor (none where
+    recomputed); the rest lives in block buffers (hidden-sized in one block)."""
     C, rows, block_rows = 16, 4096, 256
     norm, mlp = make(C=C, dtype=torch.float32)
     params = list(norm.parameters()) + list(mlp.parameters())
@@ -174,9 +172,8 @@ def test_hidden_sized_tensors_are_allocated_once_per_step_or_never(recompute, ex
 ])
 @pytest.mark.parametrize('recompute', [False, True])
 def test_frozen_inputs_get_no_gradient(frozen, recompute):
-    """Each parameter frozen alone, x without gradient (the first block after frozen
-    stages), everything of the LayerNorm frozen, and only fc2 trainable: the others get
-    the modules' gradients, in blocks of 4 rows."""
+    """Each parameter frozen alone, x without gradient, the LayerNorm frozen, only fc2
+    trainable: the others get the modules' gradients (blocks of 4 rows)."""
     norm, mlp = make()
     named = dict(norm.named_parameters(prefix='norm'))
     named.update(mlp.named_parameters())

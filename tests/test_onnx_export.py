@@ -1,10 +1,7 @@
 """ONNX export (tools/deployment/export_onnx.py) is right at every size, and its numpy pre-
-and post-processing (tools/deployment/onnx_pipeline.py) equals mmdet's and mmseg's.
-
-Each model is exported once per module, at one traced size, and ONNX Runtime is compared
-with PyTorch at other sizes: square, odd, non-square, batch 1 and 3. The tolerance is
-1e-4 of the output's largest magnitude (float32 rounding of a differently ordered sum).
-"""
+and post-processing (onnx_pipeline.py) equals mmdet's and mmseg's. Each model is exported
+once per module and compared with PyTorch at other sizes and batches (1e-4 of the
+output's largest magnitude)."""
 import io
 import os.path as osp
 from contextlib import redirect_stdout
@@ -250,10 +247,8 @@ def _match_detections(ours: dict, theirs) -> None:
 
 @pytest.mark.slow
 def test_detection_postprocess_equals_mmdet_on_the_same_raw_outputs(retinanet):
-    """ONNX Runtime's raw outputs for two photos, post-processed by the numpy helper and
-    by mmdet's ``predict_by_feat``. Noise of std 1 is added to the class logits first:
-    flat regions of a photo give exactly equal scores at neighbouring anchors, whose order
-    (and hence which one NMS keeps) neither implementation defines."""
+    """ONNX Runtime's raw outputs of two photos, post-processed by the numpy helper and by
+    mmdet's ``predict_by_feat`` (noise added to the logits: equal scores have no order)."""
     sess = session(retinanet['out'])
     meta = retinanet['meta']
     head = retinanet['model'].bbox_head
@@ -297,10 +292,8 @@ def upernet(tmp_path_factory):
 
 @pytest.mark.slow
 def test_upernet_end_to_end_equals_mmseg_on_photos(upernet):
-    """Photo -> numpy pre-processing -> ONNX Runtime -> numpy post-processing equals
-    mmseg's ``inference_model`` (its pipeline, PyTorch, ``postprocess_result``): logits
-    within tolerance and the label map wherever the two best classes are not within
-    rounding of each other. The pyramid pooling was replaced for the export."""
+    """numpy pre-processing, ONNX Runtime and numpy post-processing equal mmseg's
+    ``inference_model`` (logits; labels where the two best classes are apart)."""
     from mmseg.apis import inference_model
     meta = upernet['meta']
     assert sorted(meta['replaced_for_export']) == [

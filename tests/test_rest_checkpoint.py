@@ -1,19 +1,26 @@
-"""ResT checkpoints: every published layout through init_cfg and the conversion CLI, safely."""
+"""ResT and ResT V2 checkpoints: every published layout through init_cfg, the load hook and
+the conversion CLI; other archs, the other version's weights and unsafe files refused."""
+import functools
 import logging
 import os
 import os.path as osp
 import subprocess
 import sys
+from collections import namedtuple
 from typing import Callable, Dict
 
 import pytest
 import torch
 from _backbone_helpers import backbone_part, double
+from _restv2_helpers import authors_state_dict
 from _tools import WritesMarker, load_script
-from reference_rest import ARCHS, reference_features
+from reference_rest import ARCHS
+from reference_rest import random_authors_state_dict as random_v1_state_dict
+from reference_rest import reference_features
+from reference_rest_v2 import reference_features as v2_features
 from torch import nn
 
-from mmrest.models import ResT
+from mmrest.models import ResT, ResTV2
 from mmrest.models.utils import convert_rest_checkpoint
 from mmrest.utils import CheckpointError
 
@@ -55,65 +62,138 @@ LAYOUTS: Dict[str, Callable[[Dict[str, torch.Tensor]], dict]] = {
 }
 
 
-def assert_matches_reference(model: ResT, sd: Dict[str, torch.Tensor],
-                             out_norms=()) -> None:
-    """The model's eval outputs equal the oracle with the authors' weights ``sd`` (float64).
+def authors_output_norms(sd: Dict[str, torch.Tensor], style: str) -> Dict[str, torch.Tensor]:
+    """Our ``norm1``-``norm3`` and ``norm`` renamed as the authors' downstream backbones
+    name their output norms: ``norm_1.0`` ... ``norm_4.0`` (detectron2) or ``norm_1`` ...
+    ``norm_4`` (mmseg 0.x)."""
+    suffix = '.0' if style == 'detectron2' else ''
+    out = {}
+    for key, value in backbone_part(sd).items():
+        head, _, rest = key.partition('.')
+        if head in ('norm1', 'norm2', 'norm3', 'norm'):
+            head = f'norm_{head[-1] if head != "norm" else 4}{suffix}'
+        out[f'{head}.{rest}'] = value
+    return out
 
-    The model is converted to float64 in place.
-    """
+
+# Each layout: how a ResTV2 with the authors'-layout state dict ``sd`` is saved by its tool.
+V2_LAYOUTS: Dict[str, Callable[[Dict[str, torch.Tensor]], dict]] = {
+    # the authors' ImageNet files
+    'authors': lambda sd: {'model': dict(sd), 'epoch': 299, 'max_accuracy': 82.3},
+    # the authors' detectron2 detectors (no final ``norm``; output norms norm_i.0)
+    'detectron2': lambda sd: {
+        'model': {
+            **{'backbone.bottom_up.' + k: v
+               for k, v in authors_output_norms(sd, 'detectron2').items()},
+            'backbone.fpn_lateral2.weight': torch.zeros(256, 96, 1, 1),
+        },
+        'iteration': 269999,
+    },
+    # the authors' mmseg 0.x segmentors (output norms norm_i)
+    'mmseg0x': lambda sd: {
+        'meta': {'mmseg_version': '0.24.0'},
+        'state_dict': {
+            **{'backbone.' + k: v for k, v in authors_output_norms(sd, 'mmseg0x').items()},
+            'decode_head.conv_seg.weight': torch.zeros(150, 512, 1, 1),
+        },
+    },
+    # mmdet / mmseg / mmpretrain checkpoints of this project
+    'mmdet': lambda sd: {'state_dict': {'backbone.' + k: v
+                                        for k, v in backbone_part(sd).items()}},
+    # saved from DistributedDataParallel
+    'ddp': lambda sd: {'module.' + k: v for k, v in sd.items()},
+    # a plain backbone state dict
+    'plain': lambda sd: backbone_part(sd),
+}
+
+
+def warnings_in(records) -> list:
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
+def assert_matches_reference(model, sd: Dict[str, torch.Tensor], out_norms=()) -> None:
+    """The eval outputs of a ResT-Lite or ResTV2-Tiny (converted to float64 in place) equal
+    the oracle's with the authors' weights ``sd``."""
     model.eval().double()
-    sd = double(sd)
     x = torch.randn(1, 3, 57, 83, generator=torch.Generator().manual_seed(11),
                     dtype=torch.float64)
+    v2 = isinstance(model, ResTV2)
     with torch.no_grad():
         outs = model(x)
-        refs = reference_features(sd, x, ARCHS['lite']['depths'], out_norms=out_norms)
+        refs = (v2_features(double(sd), x, 'tiny', out_norms=out_norms) if v2 else
+                reference_features(double(sd), x, ARCHS['lite']['depths'], out_norms=out_norms))
     for i, out in zip(model.out_indices, outs):
-        assert (out - refs[i]).abs().max() < 1e-10, f'stage {i}'
+        assert (out - refs[i]).abs().max() < (1e-9 if v2 else 1e-10), f'stage {i}'
+
+
+#: a backbone class, its smallest arch, its layouts, the output indices and norms of the
+#: round trips, and a factory of random authors' weights ``(seed, out_norms, arch)``
+Family = namedtuple('Family', 'cls arch layouts out_indices out_norms weights')
+
+
+@pytest.fixture(params=['ResT', 'ResTV2'])
+def family(request) -> Family:
+    if request.param == 'ResT':
+        return Family(ResT, 'lite', LAYOUTS, (3, ), (),
+                      functools.partial(request.getfixturevalue('authors_weights'), 'lite'))
+    torch.set_num_threads(1)  # restored after the test by tests/conftest.py
+    return Family(ResTV2, 'tiny', V2_LAYOUTS, (0, 1, 2, 3), (0, 1, 2),
+                  lambda seed=0, out_norms=(): dict(authors_state_dict('tiny', seed,
+                                                                       tuple(out_norms))))
 
 
 # --------------------------------------------------------------- init_cfg round trip
-@pytest.mark.parametrize('layout', sorted(LAYOUTS))
-def test_init_cfg_loads_every_layout(tmp_path, authors_weights, log_records, layout):
-    sd = authors_weights('lite', seed=1)
+@pytest.mark.parametrize('family,layout', [('ResT', k) for k in sorted(LAYOUTS)] +
+                         [('ResTV2', k) for k in sorted(V2_LAYOUTS)], indirect=['family'])
+def test_init_cfg_and_cli_load_every_layout(tmp_path, log_records, capsys, family, layout):
+    """Round trip through a file of each layout: init_cfg, and the converter's output
+    (tensors only, no temporary file left; loads strictly and through init_cfg)."""
+    sd = family.weights(seed=1, out_norms=family.out_norms)
     path = str(tmp_path / f'{layout}.pth')
-    torch.save(LAYOUTS[layout](sd), path)
-    model = ResT('lite', out_indices=(3, ), drop_path_rate=0.,
-                 init_cfg=dict(type='Pretrained', checkpoint=path))
+    torch.save(family.layouts[layout](sd), path)
+    model = family.cls(family.arch, out_indices=family.out_indices, drop_path_rate=0.,
+                       init_cfg=dict(type='Pretrained', checkpoint=path))
     model.init_weights()
-    own = model.state_dict()
-    assert set(own) == set(backbone_part(sd))
-    for key, value in own.items():
-        assert torch.equal(value, sd[key]), key
-    assert_matches_reference(model, sd)
-    warnings = [r.getMessage() for r in log_records if r.levelno >= logging.WARNING]
-    assert not [w for w in warnings if 'missing' in w.lower()]
+    torch.testing.assert_close(model.state_dict(), backbone_part(sd), rtol=0, atol=0)
+    assert not warnings_in(log_records)
+    assert_matches_reference(model, sd, family.out_norms)
+
+    dst = str(tmp_path / 'converted' / 'dst.pth')
+    assert cli.main([path, dst]) == 0
+    assert 'dst.pth' in capsys.readouterr().out
+    converted = torch.load(dst, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in converted.values())
+    assert set(converted) == set(backbone_part(sd))
+    assert all(torch.equal(v, sd[k]) for k, v in converted.items())
+    assert not [f for f in os.listdir(osp.dirname(dst)) if f.endswith('.tmp')]
+    family.cls(family.arch, out_indices=family.out_indices).load_state_dict(converted,
+                                                                            strict=True)
+    model = family.cls(family.arch, out_indices=family.out_indices,
+                       init_cfg=dict(type='Pretrained', checkpoint=dst))
+    model.init_weights()
+    torch.testing.assert_close(model.state_dict(), backbone_part(sd), rtol=0, atol=0)
 
 
-def test_init_cfg_logs_missing_output_norms_by_name(tmp_path, authors_weights,
-                                                     log_records):
-    sd = authors_weights('lite', seed=2)
+def test_init_cfg_logs_missing_output_norms_by_name(tmp_path, log_records, family):
+    """An ImageNet file into a backbone with output norms: one warning names the new norms
+    (which keep LayerNorm's initialisation) and nothing else."""
+    sd = family.weights(seed=2)
     path = str(tmp_path / 'authors.pth')
     torch.save({'model': sd}, path)
-    model = ResT('lite', out_indices=(0, 1, 2, 3), drop_path_rate=0.,
-                 init_cfg=dict(type='Pretrained', checkpoint=path))
+    model = family.cls(family.arch, out_indices=(0, 1, 2, 3), drop_path_rate=0.,
+                       init_cfg=dict(type='Pretrained', checkpoint=path))
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith('norm1.')}
     model.init_weights()
-    warnings = [r.getMessage() for r in log_records if r.levelno >= logging.WARNING]
-    missing = [w for w in warnings if 'missing' in w.lower()]
+    missing = [w for w in warnings_in(log_records) if 'missing' in w.lower()]
     assert len(missing) == 1 and path in missing[0]
-    for name in ('norm1.weight', 'norm1.bias', 'norm2.weight', 'norm2.bias', 'norm3.weight',
-                 'norm3.bias'):
-        assert repr(name) in missing[0]
-    assert 'stage1.0' not in missing[0] and "'norm.weight'" not in missing[0]
-    # The new norms keep their initialisation; everything else is loaded.
+    for i in (1, 2, 3):
+        assert f"'norm{i}.weight'" in missing[0] and f"'norm{i}.bias'" in missing[0]
+    assert 'stage' not in missing[0] and "'norm.weight'" not in missing[0]
     for k, v in before.items():
         assert torch.equal(model.state_dict()[k], v)
     assert torch.equal(model.norm.weight, sd['norm.weight'])
-    # In the main path, the new norms (LayerNorm's initialisation) act on later stages.
-    for i in (1, 2, 3):
-        sd[f'norm{i}.weight'] = torch.ones(ARCHS['lite']['embed_dims'][i - 1])
-        sd[f'norm{i}.bias'] = torch.zeros(ARCHS['lite']['embed_dims'][i - 1])
+    for i, c in enumerate(model.embed_dims[:3], start=1):
+        sd[f'norm{i}.weight'], sd[f'norm{i}.bias'] = torch.ones(c), torch.zeros(c)
     assert_matches_reference(model, sd, out_norms=(0, 1, 2))
 
 
@@ -210,51 +290,45 @@ def test_other_init_cfg_goes_to_mmengine_and_non_affine_norms_init():
 
 
 # ------------------------------------------------------------------ bad checkpoints
-def test_no_matching_key_raises(tmp_path):
-    path = str(tmp_path / 'classifier_only.pth')
-    torch.save({'state_dict': {'head.fc.weight': torch.zeros(10, 512),
-                               'neck.gap.weight': torch.zeros(1)}}, path)
-    model = ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path))
-    with pytest.raises(CheckpointError, match='no ResT backbone weights found') as info:
-        model.init_weights()
-    assert path in str(info.value) and 'head.fc.weight' in str(info.value)
+@pytest.mark.parametrize('state,match,named', [
+    ({'state_dict': {'head.fc.weight': torch.zeros(10, 512), 'neck.gap.weight': torch.zeros(1)}},
+     'no ResT backbone weights found', 'head.fc.weight'),
+    ({'stage1.9.mlp.fc1.weight': torch.zeros(256, 64)}, 'none of its keys match', '')])
+def test_checkpoints_without_fitting_keys_raise(tmp_path, state, match, named):
+    """No backbone key at all (the keys there are named), or ResT-like keys none of which
+    the model has."""
+    path = str(tmp_path / 'other.pth')
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=match) as info:
+        ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path)).init_weights()
+    assert path in str(info.value) and named in str(info.value)
 
 
-def test_resty_keys_none_in_model_raise(tmp_path):
-    path = str(tmp_path / 'deeper.pth')
-    torch.save({'stage1.9.mlp.fc1.weight': torch.zeros(256, 64)}, path)
-    model = ResT('lite', init_cfg=dict(type='Pretrained', checkpoint=path))
-    with pytest.raises(CheckpointError, match='none of its keys match'):
-        model.init_weights()
-
-
-def test_base_weights_into_small_name_the_shape_mismatches(tmp_path, authors_weights):
-    path = str(tmp_path / 'base.pth')
-    torch.save({'model': authors_weights('base')}, path)
-    model = ResT('small', init_cfg=dict(type='Pretrained', checkpoint=path))
-    before = model.stem.conv1.weight.clone()
-    with pytest.raises(CheckpointError, match='shape mismatches') as info:
-        model.init_weights()
-    msg = str(info.value)
-    assert path in msg
-    assert 'stem.conv1.weight: checkpoint (48, 3, 3, 3) vs model (32, 3, 3, 3)' in msg
-    assert torch.equal(model.stem.conv1.weight, before)  # nothing was loaded
-
-
-@pytest.mark.parametrize('src,dst,key', [('lite', 'small', "missing from the checkpoint "
-                                                          "['stage3.2."),
-                                         ('small', 'lite', "not in the model ['stage3.2."),
-                                         ('base', 'large', "missing from the checkpoint "
-                                                           "['stage3.6."),
-                                         ('large', 'base', "not in the model ['stage3.6.")])
-def test_weights_of_another_depth_raise(tmp_path, authors_weights, src, dst, key):
-    """Same widths, other depths: no shape mismatch, but blocks missing or left over."""
+@pytest.mark.parametrize('family,src,dst,match', [
+    ('ResT', 'lite', 'small', r"missing from the checkpoint \['stage3.2."),
+    ('ResT', 'small', 'lite', r"not in the model \['stage3.2."),
+    ('ResT', 'base', 'large', r"missing from the checkpoint \['stage3.6."),
+    ('ResT', 'large', 'base', r"not in the model \['stage3.6."),
+    ('ResT', 'base', 'small', r'shape mismatches, e.g. stem.conv1.weight: checkpoint '
+                              r'\(48, 3, 3, 3\) vs model \(32, 3, 3, 3\)'),
+    ('ResTV2', 'tiny', 'small', r"missing from the checkpoint \['stage3.6."),
+    ('ResTV2', 'small', 'tiny', r"not in the model \['stage3.6."),
+    ('ResTV2', 'large', 'tiny', r'shape mismatches, e.g. stem.proj.0.weight: checkpoint '
+                                r'\(64, 3, 3, 3\) vs model \(48, 3, 3, 3\)'),
+], indirect=['family'])
+def test_weights_of_another_arch_raise(tmp_path, family, src, dst, match):
+    """Other widths: the shape mismatches, by name; same widths, other depths: the blocks
+    missing or left over. The path is named and nothing is loaded."""
     path = str(tmp_path / f'{src}.pth')
-    torch.save({'model': authors_weights(src)}, path)
-    model = ResT(dst, init_cfg=dict(type='Pretrained', checkpoint=path))
-    with pytest.raises(CheckpointError, match='does not fit this ResT') as info:
+    sd = (random_v1_state_dict if family.cls is ResT else authors_state_dict)(src)
+    torch.save({'model': sd}, path)
+    model = family.cls(dst, init_cfg=dict(type='Pretrained', checkpoint=path))
+    before = next(model.parameters()).clone()
+    with pytest.raises(CheckpointError,
+                       match=rf'does not fit this {family.cls.__name__}.*' + match) as info:
         model.init_weights()
-    assert key in str(info.value)
+    assert path in str(info.value)
+    assert torch.equal(next(model.parameters()), before)
 
 
 def test_non_tensor_entry_raises(tmp_path, authors_weights):
@@ -318,32 +392,15 @@ def test_malicious_pickle_refused_by_init_cfg_and_cli(tmp_path, authors_weights)
     assert 'refusing to load' in proc.stderr and path in proc.stderr
     assert 'Traceback' not in proc.stderr
     assert not marker.exists() and not osp.exists(out)
+    # the same safe loading for ResTV2
+    torch.save({'model': {**authors_state_dict('tiny'),
+                          'stem.proj.0.weight': WritesMarker(str(marker))}}, path)
+    with pytest.raises(CheckpointError, match='refusing to load'):
+        ResTV2('tiny', init_cfg=dict(type='Pretrained', checkpoint=path)).init_weights()
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------ the CLI
-@pytest.mark.parametrize('layout', sorted(LAYOUTS))
-def test_cli_backbone_round_trip(tmp_path, authors_weights, layout, capsys):
-    sd = authors_weights('lite', seed=4)
-    src, dst = str(tmp_path / 'src.pth'), str(tmp_path / 'sub' / 'dst.pth')
-    torch.save(LAYOUTS[layout](sd), src)
-    assert cli.main([src, dst]) == 0
-    assert 'dst.pth' in capsys.readouterr().out
-    converted = torch.load(dst, weights_only=True)
-    assert isinstance(converted, dict)
-    assert all(isinstance(v, torch.Tensor) for v in converted.values())
-    assert set(converted) == set(backbone_part(sd))
-    for key, value in converted.items():
-        assert torch.equal(value, sd[key]), key
-    assert not [f for f in os.listdir(osp.dirname(dst)) if f.endswith('.tmp')]
-    # The output loads strictly into the backbone and through init_cfg.
-    model = ResT('lite', out_indices=(3, ), drop_path_rate=0.)
-    model.load_state_dict(converted, strict=True)
-    assert_matches_reference(model, sd)
-    model = ResT('lite', out_indices=(3, ), init_cfg=dict(type='Pretrained', checkpoint=dst))
-    model.init_weights()
-    assert torch.equal(model.stage3[1].attn.kv.weight, sd['stage3.1.attn.kv.weight'])
-
-
 def test_cli_classifier_target(tmp_path, authors_weights, capsys):
     sd = authors_weights('lite', seed=5)
     src, dst = str(tmp_path / 'src.pth'), str(tmp_path / 'cls.pth')
@@ -403,22 +460,20 @@ def test_cli_errors(tmp_path, capsys):
 
 
 # ------------------------------------------------- whole-detector load_state_dict
-class _Detector(nn.Module):
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = ResT('lite', out_indices=(3, ), drop_path_rate=0.)
-        self.neck = nn.Conv2d(512, 8, 1)
-
-
-def test_detectron2_keys_load_through_pre_hook(authors_weights):
-    sd = authors_weights('lite', seed=6)
-    detector = _Detector()
-    state = {'backbone.bottom_up.' + k: v for k, v in backbone_part(sd).items()}
-    state.update({'neck.weight': torch.ones(8, 512, 1, 1), 'neck.bias': torch.ones(8)})
+def test_detectron2_detector_loads_through_the_pre_hook(family):
+    sd = family.weights(seed=6, out_norms=family.out_norms)
+    detector = nn.Module()
+    detector.backbone = family.cls(family.arch, out_indices=family.out_indices,
+                                   drop_path_rate=0.)
+    c = detector.backbone.embed_dims[-1]
+    detector.neck = nn.Conv2d(c, 8, 1)
+    state = {k: v for k, v in family.layouts['detectron2'](sd)['model'].items()
+             if k.startswith('backbone.bottom_up.')}
+    state.update({'neck.weight': torch.ones(8, c, 1, 1), 'neck.bias': torch.ones(8)})
+    keys = list(state)
     detector.load_state_dict(state, strict=True)
-    for key, value in detector.backbone.state_dict().items():
-        assert torch.equal(value, sd[key]), key
-    assert_matches_reference(detector.backbone, sd)
+    torch.testing.assert_close(detector.backbone.state_dict(), backbone_part(sd), rtol=0,
+                               atol=0)
+    assert_matches_reference(detector.backbone, sd, family.out_norms)
     assert torch.equal(detector.neck.bias, torch.ones(8))
-    assert 'backbone.bottom_up.stem.conv1.weight' in state  # the caller's dict is untouched
+    assert list(state) == keys  # the caller's dict is untouched

@@ -6,10 +6,8 @@ import torch
 
 
 def test_rng_states_loaded_onto_a_gpu_are_restored():
-    """``Runner.resume`` loads a checkpoint onto the run's device, so on a GPU the saved
-    generator states arrive as CUDA tensors, which torch's setters refuse; they are
-    restored through the CPU. A stand-in plays the CUDA tensor: only its ``cpu()`` gives
-    the bytes."""
+    """On a GPU the resumed generator states arrive as CUDA tensors, which torch's setters
+    refuse: they are restored through the CPU (a stand-in plays the CUDA tensor)."""
     from mmrest.engine.rng_state import _rng_state, _set_rng_state
 
     class OnTheGpu:

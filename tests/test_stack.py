@@ -197,12 +197,12 @@ def test_version_shims_answer_on_this_torch():
     require_torch('2.1', 'anything mmrest supports')
 
 
-@pytest.mark.parametrize('family, variant', [('ResT', a) for a in ('lite', 'small', 'base', 'large')]
+@pytest.mark.parametrize('family, variant',
+                         [('ResT', a) for a in ('lite', 'small', 'base', 'large')]
                          + [('ResTV2', a) for a in ('tiny', 'small', 'base', 'large')])
 def test_every_arch_trains_at_an_odd_size(family, variant):
-    """Forward and backward of every arch at an odd size (the oracle comparisons of the
-    smaller archs are in tests/test_rest_backbone.py and tests/test_restv2_backbone.py):
-    maps of ceil(size / stride), a finite gradient for every parameter and the input."""
+    """Forward and backward of every arch at an odd size (oracle comparisons:
+    tests/test_backbones.py): maps of ceil(size / stride), finite gradients everywhere."""
     import mmrest.models as models
     torch.manual_seed(0)
     model = getattr(models, family)(arch=variant).train()

@@ -329,10 +329,8 @@ print(type(hook).__module__, type(rng).__name__, type(wrapper).__name__)
 
 @pytest.mark.parametrize('outcome', ['returns', 'data error', 'crash'])
 def test_tools_destroy_the_process_group_when_they_succeed(outcome, tmp_path):
-    """train.py and test.py end through run_tool_cli: after success it destroys the
-    default process group (a gloo rank left to the interpreter's exit sometimes aborted)
-    and frees what held it; after an error it leaves the group alone (other ranks may
-    still be in a collective)."""
+    """train.py and test.py destroy the default process group after success (a gloo rank
+    left to the exit sometimes aborted) and leave it alone after an error."""
     import gc
     import weakref
 
