@@ -28,9 +28,8 @@ import time
 from typing import Dict, List, Optional
 
 # OpenMP threads that wait by spinning make CPU training many times slower as soon as
-# another process competes for the cores (measured here: 2 threads on 2 busy cores went
-# from 1.3 to 13.7 s per iteration); sleeping waits cost little on an idle machine. This
-# must be set before torch is imported; a value in the environment wins.
+# another process competes for the cores; sleeping waits cost little on an idle machine.
+# Set before torch is imported; a value in the environment wins.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 from mmengine.config import DictAction  # noqa: E402

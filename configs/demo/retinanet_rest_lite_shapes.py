@@ -115,6 +115,10 @@ model = dict(
         anchor_generator=dict(
             octave_base_scale=3, scales_per_octave=2, ratios=[1.0], strides=[8, 16])))
 
+# Stage 4 of the backbone is not used (out_indices stop at stage 3): distributed runs
+# must tell DDP that some parameters take no gradient.
+model_wrapper_cfg = dict(type='MMDistributedDataParallel', find_unused_parameters=True)
+
 # --- schedule -------------------------------------------------------------------------
 max_iters = 1000
 train_cfg = dict(
