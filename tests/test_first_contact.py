@@ -273,6 +273,11 @@ def test_the_named_layer_follows_freezing():
     with pytest.raises(ValueError, match=r'BatchNorm patch_embed_3\.norm \(stride 16\)'):
         model(torch.randn(1, 3, 16, 16))
     assert len(model(torch.randn(1, 3, 17, 17))) == 4
+    # stage 4 does not run without an output there: the binding norm is stage 3's
+    model = ResT(arch=SMALL_ARCH[ResT], out_indices=(0, 1, 2)).train()
+    assert len(model(torch.randn(1, 3, 32, 32))) == 3
+    with pytest.raises(ValueError, match=r'BatchNorm patch_embed_3\.norm \(stride 16\)'):
+        model(torch.randn(1, 3, 16, 16))
 
 
 def test_syncbn_outside_distributed_training_is_checked_too():

@@ -372,9 +372,10 @@ class ResTBase(BaseModule):
         self._check_batch_norm_maps(x)
 
     def _embedding_batch_norms(self) -> Iterator[Tuple[str, _BatchNorm, int, int]]:
-        """The embeddings' BatchNorms with the (vertical, horizontal) strides of their maps."""
+        """The BatchNorms of the embeddings that run (up to the last of ``out_indices``),
+        with the (vertical, horizontal) strides of their maps."""
         sh = sw = 1
-        for i in range(NUM_STAGES):
+        for i in range(self.out_indices[-1] + 1):
             prefix = 'stem' if i == 0 else f'{self.patch_embed_prefix}{i + 1}'
             for sub, module in self._embedding(i).named_modules():
                 if isinstance(module, nn.Conv2d):
