@@ -27,12 +27,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-# OpenMP threads that wait by spinning make CPU training many times slower as soon as
-# another process competes for the cores; sleeping waits cost little on an idle machine.
-# Set before torch is imported; a value in the environment wins.
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-
-from mmengine.config import DictAction  # noqa: E402
+from mmengine.config import DictAction
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_CONFIG = osp.join('configs', 'demo', 'retinanet_rest_lite_shapes.py')
@@ -63,7 +58,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0,
                         help='training seed (default: %(default)s)')
     parser.add_argument('--threads', type=int, default=None,
-                        help='torch CPU threads (default: the number of CPUs available)')
+                        help="torch CPU threads; 1 on a machine busy with other work "
+                        "(default: torch's, one per core)")
     parser.add_argument('--num-pictures', type=int, default=8,
                         help='validation images drawn into the picture '
                         '(default: %(default)s)')
@@ -154,10 +150,13 @@ def configure(cfg, args: argparse.Namespace, data_root: str) -> None:
 
 
 def _device_name(device: str) -> str:
+    import torch
     if device == 'cuda':
-        import torch
         return f'cuda, {torch.cuda.get_device_name(0)}'
-    return device.upper() if device == 'cpu' else device
+    if device == 'cpu':
+        threads = torch.get_num_threads()
+        return f'CPU, {threads} thread{"s" if threads > 1 else ""}'
+    return device
 
 
 def _label(img, text: str, x0: int, y0: int, y1: int, color: tuple) -> None:
@@ -336,8 +335,6 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if not osp.isfile(args.config) and osp.isfile(osp.join(REPO, args.config)):
         args.config = osp.join(REPO, args.config)  # run from outside the repo
     if not osp.isfile(args.config):
@@ -350,6 +347,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     classes = list(settings['classes'])
     _check_classes(cfg, classes)
     device = get_device()  # where mmengine's Runner puts the model
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     generated = prepare_data(data_root, settings)
     gen_time = time.time() - t0
@@ -433,7 +432,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         curve, osp.join(args.work_dir, 'learning_curve.png'),
         f'{detector} + {arch}, {settings["num_train"]} training images, evaluated on '
         f'{n_val} validation images', trace)
-    result = dict(summary=summary, device=device, bbox_mAP=bbox_map,
+    result = dict(summary=summary, device=device,
+                  threads=torch.get_num_threads() if device == 'cpu' else None,
+                  bbox_mAP=bbox_map,
                   bbox_mAP_50=final['bbox_mAP_50'], per_class_AP=final['per_class_AP'],
                   metrics=final['metrics'], learning_curve=curve, loss_trace=trace,
                   num_val_images=n_val,
