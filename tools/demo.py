@@ -335,6 +335,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if not osp.isfile(args.config) and osp.isfile(osp.join(REPO, args.config)):
         args.config = osp.join(REPO, args.config)  # run from outside the repo
     if not osp.isfile(args.config):
@@ -347,8 +349,6 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     classes = list(settings['classes'])
     _check_classes(cfg, classes)
     device = get_device()  # where mmengine's Runner puts the model
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     t0 = time.time()
     generated = prepare_data(data_root, settings)
     gen_time = time.time() - t0

@@ -15,9 +15,8 @@
 #   class of a shape is learned late: at 1e-3 and 1000 iterations squares and crosses
 #   were still often mistaken); the validation set is evaluated every 320 iterations (a
 #   few seconds each) for the demo's learning curve (tools/demo.py also asks for
-#   per-class AP). The mAP uses mmdet's
-#   per-class NMS; tools/demo.py draws its picture with class-agnostic NMS (one box per
-#   object).
+#   per-class AP). The mAP uses mmdet's per-class NMS; tools/demo.py draws its picture
+#   with class-agnostic NMS (one box per object).
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmrest'], allow_failed_imports=False)
 
