@@ -83,7 +83,7 @@ def check_forward_backward(model, grad: bool, shape=(2, 3, 67, 90), frozen=()) -
 @pytest.mark.parametrize('grad', [True, False], ids=['grad', 'no-grad'])
 @pytest.mark.parametrize('branch', list(BRANCHES))
 @pytest.mark.parametrize('arch', ARCHS)
-def test_whole_backbone_on_meta(many_threads, monkeypatch, arch, branch, grad):
+def test_whole_backbone_on_meta(monkeypatch, arch, branch, grad):
     impl, blocks = BRANCHES[branch]
     if blocks == 'many':
         monkeypatch.setattr(emsa_ops, 'CPU_BLOCK_BYTES', 4096)
@@ -131,7 +131,7 @@ def test_autocast_helpers_accept_devices_without_autocast():
 
 
 @pytest.mark.parametrize('arch', ARCHS)
-def test_meta_training_step_with_checkpointing_and_frozen_stages(many_threads, arch):
+def test_meta_training_step_with_checkpointing_and_frozen_stages(arch):
     """``with_cp`` and ``frozen_stages`` do not move anything off the input's device."""
     model = meta_model(ResT, arch, with_cp=True, frozen_stages=1)
     check_forward_backward(model, True, (1, 3, 64, 64), frozen=FROZEN)
@@ -140,7 +140,7 @@ def test_meta_training_step_with_checkpointing_and_frozen_stages(many_threads, a
 @pytest.mark.parametrize('grad', [True, False], ids=['grad', 'no-grad'])
 @pytest.mark.parametrize('attn_impl', ['lean', 'dense', 'reference'])
 @pytest.mark.parametrize('arch', V2_ARCHS)
-def test_restv2_whole_backbone_on_meta(many_threads, arch, attn_impl, grad):
+def test_restv2_whole_backbone_on_meta(arch, attn_impl, grad):
     # training: with gradient checkpointing and stage 1 frozen
     model = meta_model(ResTV2, arch, attn_impl=attn_impl, with_cp=grad,
                        frozen_stages=1 if grad else -1)

@@ -143,6 +143,8 @@ def configure(cfg, args: argparse.Namespace, data_root: str) -> None:
             for key in ('begin', 'end'):
                 if key in sched:
                     sched[key] = min(args.iters, round(sched[key] * args.iters / old))
+            if 'end' in sched:  # each scheduler still spans at least one iteration
+                sched['end'] = max(sched['end'], sched.get('begin', 0) + 1)
         cfg.default_hooks.checkpoint.interval = args.iters
     if args.val_interval is not None:
         cfg.train_cfg.val_interval = args.val_interval

@@ -112,5 +112,7 @@ print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, numpy {numpy
   # only the modules that mark tests for the matrix: the others may import what these
   # environments do not have (onnx, mmcv's ops)
   mapfile -t files < <(grep -l -E 'pytest\.mark\.(stack|ops)' tests/test_*.py)
-  "$py" -m pytest "${files[@]}" -m "$marks" -p no:cacheprovider
+  # every parameter value of each test on every stack, not every combination (the
+  # pinned stack runs them all)
+  "$py" -m pytest "${files[@]}" -m "$marks" --each-value-once -p no:cacheprovider
 fi
